@@ -1,0 +1,241 @@
+"""`ryla`: generate images, run workflows, serve the API and manage models, locally."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ryla import catalogue
+
+log = logging.getLogger("ryla")
+
+
+class CliError(Exception):
+    """A one-line, user-facing failure: printed as `error: ...`, exit status 1."""
+
+
+def add_param(parser: argparse.ArgumentParser, param: catalogue.Param, *, flag: str | None = None,
+              default=None, required: bool = False) -> None:
+    """A command-line option whose type, default, choices and help come from the catalogue."""
+    flag = flag or "--" + param.name.replace("_", "-")
+    default = param.default if default is None else default
+    bounds = []
+    if param.min is not None and param.type is not str:
+        bounds.append(f"min {param.min:g}")
+    if param.max is not None and param.type is not str:
+        bounds.append(f"max {param.max:g}")
+    if param.multiple_of:
+        bounds.append(f"multiple of {param.multiple_of}")
+    help_text = param.description + (f" ({', '.join(bounds)})" if bounds else "")
+    if default is not None and not required:
+        help_text += f" [default: {default}]"
+    parser.add_argument(flag, dest=param.name, type=param.type, default=None if required else default,
+                        choices=param.choices, required=required, help=help_text,
+                        metavar=None if param.choices else param.name.upper())
+
+
+def setup_logging(verbose: bool) -> None:
+    """Logs go to stderr (stdout carries results): rich on a terminal, plain lines otherwise."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=verbose)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
+    for noisy in ("httpx", "httpcore", "diffusers", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def progress_reporter():
+    """A rich progress bar driven by the executor's (node, step, total) callbacks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        transient=True)
+    tasks: dict[str, int] = {}
+
+    def on_progress(node_id: str, value: int, total: int) -> None:
+        if node_id not in tasks:
+            tasks[node_id] = progress.add_task(node_id, total=total)
+        progress.update(tasks[node_id], completed=value, total=total)
+
+    return progress, on_progress
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from ryla import imaging
+    from ryla.runtime import Runtime, check_params, random_seed
+    from ryla.workflows import FLUX_DEV
+
+    values = {name: getattr(args, name) for name in
+              ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "cfg", "seed", "batch_size",
+               "quality")}
+    if not args.prompt.strip():
+        raise CliError("prompt must not be empty")
+    problems = check_params(values, {p.name: p for p in _GENERATE_PARAMS})
+    if problems:
+        raise CliError("; ".join(problems))
+    seed = args.seed if args.seed is not None else random_seed()
+    fmt = args.format or _format_from_suffix(args.output)
+    runtime = Runtime.open(args.models_dir)
+    graph = FLUX_DEV.fill(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
+                          height=args.height, steps=args.steps, guidance=args.guidance, cfg=args.cfg, seed=seed,
+                          batch_size=args.batch_size, checkpoint=args.checkpoint)
+    result = _run_with_progress(runtime, graph)
+    paths = _numbered_paths(Path(args.output), len(result.images))
+    for image, path in zip(result.images, paths):
+        _write_atomic(path, imaging.encode(image, fmt, args.quality))
+    print(f"seed {seed}  {result.seconds:.2f}s  -> {', '.join(str(p) for p in paths)}")
+
+
+def cmd_run_workflow(args: argparse.Namespace) -> None:
+    from ryla import imaging
+    from ryla.runtime import Runtime
+
+    try:
+        graph = json.loads(Path(args.workflow).read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read workflow {args.workflow}: {exc.strerror if isinstance(exc, OSError) else exc}")
+    except json.JSONDecodeError as exc:
+        raise CliError(f"workflow {args.workflow} is not valid JSON: {exc}")
+    if isinstance(graph, dict) and isinstance(graph.get("prompt"), dict):
+        graph = graph["prompt"]  # the body of ComfyUI's POST /prompt
+    runtime = Runtime.open(args.models_dir)
+    result = _run_with_progress(runtime, graph)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    counters: dict[str, int] = {}
+    for image, prefix in zip(result.images, result.prefixes):
+        counters[prefix] = counters.get(prefix, 0) + 1
+        path = out_dir / f"{Path(prefix).name}_{counters[prefix]:05d}.{imaging.extension(args.format)}"
+        _write_atomic(path, imaging.encode(image, args.format, args.quality))
+        written.append(str(path))
+    print(f"{len(written)} image(s) in {result.seconds:.2f}s -> {', '.join(written)}")
+
+
+def cmd_models_make_tiny(args: argparse.Namespace) -> None:
+    from ryla.models.store import default_tiny_dir
+    from ryla.models.tiny import make_tiny_models
+
+    store = make_tiny_models(args.models_dir or default_tiny_dir())
+    print(f"tiny FLUX.1-dev model set written to {store.root}")
+
+
+def cmd_models_list(args: argparse.Namespace) -> None:
+    from ryla.models.store import ModelStore, default_models_dir
+
+    store = ModelStore(args.models_dir or default_models_dir())
+    print(f"model store: {store.root}" + ("" if store.has_flux_weights() else "  (no FLUX weights: tiny model is used)"))
+    for kind, names in store.inventory().items():
+        print(f"  {kind}/: {', '.join(names) if names else '-'}")
+
+
+def _run_with_progress(runtime, graph):
+    from ryla.graph.executor import ExecutionError, GraphValidationError
+
+    progress, on_progress = progress_reporter()
+    try:
+        runtime.validate(graph)
+        with progress:
+            return runtime.run(graph, runtime.context(on_progress=on_progress))
+    except GraphValidationError as exc:
+        raise CliError(f"invalid workflow: {exc.summary()}")
+    except ExecutionError as exc:
+        raise CliError(str(exc.user_error or exc))
+
+
+def _format_from_suffix(path: str) -> str:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}.get(suffix, "jpeg")
+
+
+def _numbered_paths(path: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i + 1}{path.suffix}") for i in range(count)]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write beside the target and rename: an interrupted run leaves no half-written image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------- parser
+
+_GENERATE_PARAMS = (catalogue.NEGATIVE_PROMPT, catalogue.WIDTH, catalogue.HEIGHT, catalogue.STEPS,
+                    catalogue.GUIDANCE, catalogue.CFG, catalogue.SEED, catalogue.BATCH_SIZE, catalogue.QUALITY)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ryla", description="FLUX.1-dev image generation: locally, or as an HTTP API (`ryla serve`).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log loading and timing details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, handler: Callable, models_dir: bool = True):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        if models_dir:
+            p.add_argument("--models-dir", default=None,
+                           help="model store folder [default: $RYLA_MODELS_DIR or ~/.cache/ryla/models]")
+        return p
+
+    gen = command("generate", "Generate images from a prompt with FLUX.1-dev.", cmd_generate)
+    add_param(gen, catalogue.PROMPT, required=True)
+    for param in _GENERATE_PARAMS:
+        add_param(gen, param)
+    gen.add_argument("--output", "-o", default="ryla.jpg", help="image file to write; batches get _1, _2... "
+                     "[default: ryla.jpg]")
+    gen.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default=None,
+                     help="image format [default: from the --output suffix, else jpeg]")
+    gen.add_argument("--checkpoint", default=None, help="checkpoint in checkpoints/ [default: flux1-dev-fp8.safetensors]")
+
+    run = command("run-workflow", "Run a ComfyUI API-format workflow JSON file.", cmd_run_workflow)
+    run.add_argument("workflow", help="workflow file (API format, or a /prompt body)")
+    run.add_argument("--output-dir", default="output", help="folder for the images [default: output]")
+    run.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default="png", help="[default: png]")
+    add_param(run, catalogue.QUALITY)
+
+    models = sub.add_parser("models", help="Inspect and prepare the model store.")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    tiny = models_sub.add_parser("make-tiny", help="Write the tiny random-weight FLUX model set (deterministic).")
+    tiny.add_argument("--models-dir", default=None, help="where to write it [default: ~/.cache/ryla/tiny-models]")
+    tiny.set_defaults(handler=cmd_models_make_tiny)
+    lst = models_sub.add_parser("list", help="List the files in the model store, by folder.")
+    lst.add_argument("--models-dir", default=None)
+    lst.set_defaults(handler=cmd_models_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args.handler(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

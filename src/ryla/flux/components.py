@@ -1,0 +1,75 @@
+"""The values that flow between graph nodes: loaded models and conditioning.
+
+They are immutable handles. A node that changes a model (a shift, a LoRA, an identity
+adapter) returns a new handle that shares the loaded weights, as ComfyUI clones its
+ModelPatcher; nothing is written into a shared module, so two requests with different
+patches cannot see each other's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraPatch:
+    """One LoRA applied to a model or text encoder, by name and strength."""
+
+    name: str
+    path: str
+    strength: float
+
+
+@dataclass(frozen=True)
+class FluxModel:
+    """MODEL: the FLUX transformer plus per-run patches."""
+
+    name: str
+    transformer: Any  # diffusers FluxTransformer2DModel
+    shift: float | None = None  # ModelSamplingFlux shift; None means the model's default (1.15)
+    loras: tuple[LoraPatch, ...] = ()
+    identity: Any = None  # set by ApplyInstantID (ryla.identity)
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """CLIP: CLIP-L (pooled vector) and T5-XXL (token sequence), with their tokenizers."""
+
+    name: str
+    clip: Any
+    clip_tokenizer: Any
+    t5: Any
+    t5_tokenizer: Any
+    loras: tuple[LoraPatch, ...] = ()
+
+
+@dataclass(frozen=True)
+class Vae:
+    name: str
+    vae: Any  # diffusers AutoencoderKL
+
+
+@dataclass(frozen=True)
+class Cond:
+    """One CONDITIONING entry: T5 tokens, the CLIP pooled vector, and per-entry options
+    (FluxGuidance's value; ControlNet hints added by later issues)."""
+
+    t5: torch.Tensor  # [1, seq, d_t5]
+    pooled: torch.Tensor  # [1, d_clip]
+    guidance: float | None = None
+    extras: tuple[tuple[str, Any], ...] = field(default=())
+
+    def with_options(self, **options) -> Cond:
+        extras = dict(self.extras)
+        guidance = options.pop("guidance", self.guidance)
+        extras.update(options)
+        return Cond(self.t5, self.pooled, guidance, tuple(sorted(extras.items())))
+
+    def option(self, name: str, default=None):
+        return dict(self.extras).get(name, default)
+
+
+Conditioning = tuple[Cond, ...]

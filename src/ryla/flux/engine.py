@@ -1,0 +1,244 @@
+"""The FLUX.1-dev engine: loads components once, encodes prompts, samples, decodes.
+
+It knows nothing of HTTP or graphs; the graph nodes call it. Loaded models stay in memory
+between runs (keyed by file and options), and prompt encodings are kept in a bounded LRU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ryla.flux import loading, sampling
+from ryla.flux.components import Cond, Conditioning, FluxModel, TextEncoder, Vae
+from ryla.models import formats
+from ryla.models.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+CLIP_MAX_LENGTH = 77
+T5_MAX_LENGTH = 512  # diffusers' FluxPipeline default for FLUX.1-dev
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class Cancelled(Exception):
+    """The caller gave up (client disconnected, time limit): stop sampling at the next step."""
+
+
+@dataclass
+class EngineStats:
+    loads: int = 0
+    load_seconds: float = 0.0
+    prompt_cache_hits: int = 0
+    prompt_cache_misses: int = 0
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 is FLUX's native precision on GPUs; CPUs run float32 (bf16 matmuls are slow there).
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class FluxEngine:
+    def __init__(self, store: ModelStore, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, prompt_cache_size: int = 64):
+        self.store = store
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.stats = EngineStats()
+        self._models: dict[tuple, object] = {}
+        self._load_lock = threading.Lock()
+        self._prompt_cache: OrderedDict[tuple, Cond] = OrderedDict()
+        self._prompt_cache_size = prompt_cache_size
+        self._prompt_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+
+    def _cached(self, key: tuple, build: Callable[[], object]):
+        with self._load_lock:
+            if key not in self._models:
+                start = time.perf_counter()
+                self._models[key] = build()
+                elapsed = time.perf_counter() - start
+                self.stats.loads += 1
+                self.stats.load_seconds += elapsed
+                log.info("loaded %s %s in %.2fs", key[0], key[1], elapsed)
+            return self._models[key]
+
+    def loaded_models(self) -> list[str]:
+        return sorted(f"{key[0]}:{key[1]}" for key in self._models)
+
+    def load_checkpoint(self, name: str) -> tuple[FluxModel, TextEncoder, Vae]:
+        """CheckpointLoaderSimple: an all-in-one file (transformer, CLIP-L, T5-XXL, VAE)."""
+        path = self.store.resolve("checkpoints", name)
+        p = formats.CHECKPOINT_PREFIXES
+
+        def part(component: str, build):
+            def load():
+                tensors, meta = loading.read_tensors(path, p[component])
+                if not tensors:
+                    raise loading.ModelFormatError(f"{name} has no {component} tensors (prefix {p[component]!r})")
+                return build(tensors, meta, self.dtype, self.device, what=f"{name} ({component})")
+            return self._cached((component, str(path)), load)
+
+        transformer = part("transformer", loading.build_transformer)
+        clip = part("clip_l", loading.build_clip)
+        t5 = part("t5xxl", loading.build_t5)
+        vae = part("vae", loading.build_vae)
+        return (FluxModel(name, transformer), self._text_encoder(name, clip, t5), Vae(name, vae))
+
+    def load_diffusion_model(self, name: str, weight_dtype: str = "default") -> FluxModel:
+        """UNETLoader: a transformer-only file (BFL keys)."""
+        path = self.store.resolve("diffusion_models", name)
+
+        def load():
+            tensors, meta = loading.read_tensors(path)
+            model = loading.build_transformer(tensors, meta, self.dtype, self.device, what=name)
+            if weight_dtype.startswith("fp8"):
+                # Keep weights in fp8 in memory and upcast layer by layer for compute, as
+                # ComfyUI's fp8 weight_dtype does: half the memory of bf16.
+                storage = torch.float8_e5m2 if weight_dtype == "fp8_e5m2" else torch.float8_e4m3fn
+                model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=self.dtype)
+            return model
+
+        return FluxModel(name, self._cached(("transformer", str(path), weight_dtype), load))
+
+    def load_text_encoders(self, name1: str, name2: str) -> TextEncoder:
+        """DualCLIPLoader (type flux): a CLIP-L and a T5-XXL file, in either order."""
+        paths = {}
+        for name in (name1, name2):
+            path = self.store.resolve("text_encoders", name)
+            paths[loading.detect_text_encoder(path)] = (name, path)
+        if set(paths) != {"clip_l", "t5xxl"}:
+            raise loading.ModelFormatError(f"FLUX needs one CLIP-L and one T5 file, got {name1!r} and {name2!r}")
+        builders = {"clip_l": loading.build_clip, "t5xxl": loading.build_t5}
+        loaded = {}
+        for component, (name, path) in paths.items():
+            def load(path=path, name=name, build=builders[component]):
+                tensors, meta = loading.read_tensors(path)
+                return build(tensors, meta, self.dtype, self.device, what=name)
+            loaded[component] = self._cached((component, str(path)), load)
+        return self._text_encoder(f"{paths['clip_l'][0]}+{paths['t5xxl'][0]}", loaded["clip_l"], loaded["t5xxl"])
+
+    def load_vae(self, name: str) -> Vae:
+        path = self.store.resolve("vae", name)
+
+        def load():
+            tensors, meta = loading.read_tensors(path)
+            return loading.build_vae(tensors, meta, self.dtype, self.device, what=name)
+
+        return Vae(name, self._cached(("vae", str(path)), load))
+
+    def _text_encoder(self, name: str, clip, t5) -> TextEncoder:
+        folder = self.store.folder("tokenizers")
+        clip_tok = self._cached(("tokenizer", str(folder / "clip_l")), lambda: loading.load_tokenizer(folder / "clip_l"))
+        t5_tok = self._cached(("tokenizer", str(folder / "t5xxl")), lambda: loading.load_tokenizer(folder / "t5xxl"))
+        return TextEncoder(name, clip, clip_tok, t5, t5_tok)
+
+    # ------------------------------------------------------------------ text
+
+    @torch.inference_mode()
+    def encode(self, encoder: TextEncoder, text: str) -> Cond:
+        """CLIPTextEncode for FLUX: CLIP-L pooled vector + T5 token sequence (as diffusers'
+        FluxPipeline.encode_prompt), cached by encoder and text."""
+        key = (id(encoder.clip), id(encoder.t5), encoder.loras, text)
+        with self._prompt_lock:
+            if key in self._prompt_cache:
+                self._prompt_cache.move_to_end(key)
+                self.stats.prompt_cache_hits += 1
+                return self._prompt_cache[key]
+        self.stats.prompt_cache_misses += 1
+        clip_ids = encoder.clip_tokenizer([text], padding="max_length", max_length=CLIP_MAX_LENGTH,
+                                          truncation=True, return_tensors="pt").input_ids
+        pooled = encoder.clip(clip_ids.to(self.device), output_hidden_states=False).pooler_output
+        t5_ids = encoder.t5_tokenizer([text], padding="max_length", max_length=T5_MAX_LENGTH,
+                                      truncation=True, return_tensors="pt").input_ids
+        t5 = encoder.t5(t5_ids.to(self.device), output_hidden_states=False)[0]
+        cond = Cond(t5=t5.to(self.dtype), pooled=pooled.to(self.dtype))
+        with self._prompt_lock:
+            self._prompt_cache[key] = cond
+            while len(self._prompt_cache) > self._prompt_cache_size:
+                self._prompt_cache.popitem(last=False)
+        return cond
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.inference_mode()
+    def sample(self, model: FluxModel, positive: Conditioning, negative: Conditioning | None,
+               latent: torch.Tensor, noise: torch.Tensor | None, sigmas: torch.Tensor, cfg: float,
+               callback: ProgressCallback | None = None, cancel: threading.Event | None = None) -> torch.Tensor:
+        """Run the sampler. `latent` and the result are in VAE latent space ([B,16,H/8,W/8]),
+        as ComfyUI's LATENT; `noise` is ComfyUI's seeded noise (None: start from `latent`)."""
+        if len(sigmas) < 2:
+            return latent
+        x0 = (latent.float() - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE
+        sigma0 = float(sigmas[0])
+        x = sigma0 * noise.float() + (1.0 - sigma0) * x0 if noise is not None else x0
+        x = x.to(self.device)
+        use_cfg = negative is not None and not _isclose(cfg, 1.0)
+        predict = self._velocity_fn(model, x.shape)
+
+        def velocity(x_t: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            v_cond = predict(x_t, sigma, positive, step, len(sigmas) - 1)
+            if not use_cfg:
+                return v_cond
+            v_uncond = predict(x_t, sigma, negative, step, len(sigmas) - 1)
+            return v_uncond + cfg * (v_cond - v_uncond)
+
+        x = sampling.euler(velocity, x, sigmas, callback)
+        return (x / sampling.LATENT_SCALE + sampling.LATENT_SHIFT).cpu()
+
+    def _velocity_fn(self, model: FluxModel, shape: torch.Size):
+        batch, channels, h, w = shape
+        transformer = model.transformer
+        img_ids = sampling.latent_image_ids(h, w, self.device, self.dtype)
+
+        def predict(x: torch.Tensor, sigma: float, conds: Conditioning, step: int, total: int) -> torch.Tensor:
+            packed = sampling.pack_latents(x).to(self.device, self.dtype)
+            timestep = torch.full((batch,), sigma, device=self.device, dtype=self.dtype)
+            outputs = []
+            for cond in conds:
+                txt_ids = torch.zeros(cond.t5.shape[1], 3, device=self.device, dtype=self.dtype)
+                guidance = cond.guidance if cond.guidance is not None else 3.5  # ComfyUI's default
+                kwargs = dict(
+                    hidden_states=packed,
+                    encoder_hidden_states=cond.t5.to(self.device).expand(batch, -1, -1),
+                    pooled_projections=cond.pooled.to(self.device).expand(batch, -1),
+                    timestep=timestep,
+                    img_ids=img_ids,
+                    txt_ids=txt_ids,
+                    guidance=torch.full((batch,), guidance, device=self.device, dtype=self.dtype)
+                    if transformer.config.guidance_embeds else None,
+                    return_dict=False,
+                )
+                out = transformer(**kwargs)[0]
+                outputs.append(out.float())
+            v = torch.stack(outputs).mean(0) if len(outputs) > 1 else outputs[0]
+            return sampling.unpack_latents(v, h, w)
+
+        return predict
+
+    # ------------------------------------------------------------------ decoding
+
+    @torch.inference_mode()
+    def decode(self, vae: Vae, latent: torch.Tensor) -> torch.Tensor:
+        """VAEDecode: LATENT -> IMAGE, ComfyUI's [B, H, W, 3] float in 0..1."""
+        pixels = vae.vae.decode(latent.to(self.device, vae.vae.dtype), return_dict=False)[0]
+        return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def _isclose(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0)

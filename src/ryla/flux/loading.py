@@ -1,0 +1,164 @@
+"""Single-file loaders for FLUX.1-dev components, with configs bundled (no network).
+
+One loader per component reads the real files' layouts (see ryla.models.formats) and builds
+the diffusers / transformers module. The modules are built on the meta device and the file's
+tensors are assigned into them, so a 12B transformer is never initialised twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ryla.models import formats
+from ryla.models.tiny import METADATA_KEY
+
+log = logging.getLogger(__name__)
+
+BUNDLED_CONFIGS = {
+    "transformer": "flux1-dev-transformer.json",
+    "vae": "flux1-vae.json",
+    "clip_l": "clip-l-text.json",
+    "t5xxl": "t5-xxl-encoder.json",
+}
+# Tensors some published text-encoder files carry that the encoder does not use.
+_IGNORED_TEXT_KEYS = ("text_model.embeddings.position_ids", "text_projection.weight", "logit_scale")
+
+
+class ModelFormatError(ValueError):
+    """A file that is not the component it was loaded as (wrong keys or shapes)."""
+
+
+def read_tensors(path: Path, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors whose key starts with `prefix` (prefix removed), and the parsed ryla metadata."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ModelFormatError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+    ryla_meta = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+    return tensors, ryla_meta
+
+
+def component_config(component: str, ryla_meta: dict) -> dict:
+    """The file's own config (tiny files carry one), else the bundled FLUX.1-dev config."""
+    configs = ryla_meta.get("configs", {})
+    if component in configs:
+        return dict(configs[component])
+    text = resources.files("ryla.models").joinpath("configs", BUNDLED_CONFIGS[component]).read_text()
+    return json.loads(text)
+
+
+def _public(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _assign(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str,
+            dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Load tensors into a meta-initialised module, strictly, cast to dtype on device."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{what}: keys do not match the architecture "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+    for key, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ModelFormatError(f"{what}: {key} has shape {tuple(tensor.shape)}, "
+                                   f"expected {tuple(expected[key].shape)}")
+    cast = {k: v.to(device=device, dtype=dtype if v.dtype.is_floating_point else v.dtype)
+            for k, v in state_dict.items()}
+    module.load_state_dict(cast, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def _empty(factory):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on meta; buffers (rope tables, ids) real
+        return factory()
+
+
+def build_transformer(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dtype,
+                      device: torch.device, what: str = "transformer"):
+    from diffusers import FluxTransformer2DModel
+
+    config = component_config("transformer", ryla_meta)
+    try:
+        converted = formats.flux_transformer_from_bfl(tensors)
+    except KeyError as exc:
+        raise ModelFormatError(f"{what} is not a FLUX transformer: {exc}") from exc
+    model = _empty(lambda: FluxTransformer2DModel.from_config(_public(config)))
+    return _assign(model, converted, what, dtype, device)
+
+
+def build_vae(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dtype, device: torch.device,
+              what: str = "vae"):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    config = component_config("vae", ryla_meta)
+    converted = convert_ldm_vae_checkpoint(tensors, config)
+    model = _empty(lambda: AutoencoderKL.from_config(_public(config)))
+    return _assign(model, converted, what, dtype, device)
+
+
+def build_clip(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dtype, device: torch.device,
+               what: str = "clip_l"):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(**_public(component_config("clip_l", ryla_meta)))
+    tensors = {k: v for k, v in tensors.items() if k not in _IGNORED_TEXT_KEYS}
+    model = _empty(lambda: CLIPTextModel(config))
+    if not any(k.startswith("text_model.") for k in model.state_dict()):
+        # Published files say `text_model.encoder...`; transformers 5 names it `encoder...`.
+        tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+    return _assign(model, tensors, what, dtype, device)
+
+
+def build_t5(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dtype, device: torch.device,
+             what: str = "t5xxl"):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(**_public(component_config("t5xxl", ryla_meta)))
+    model = _empty(lambda: T5EncoderModel(config))
+    tensors = dict(tensors)
+    expected = model.state_dict()
+    # The encoder's token embedding is tied to `shared`; files store only one of the two.
+    if "encoder.embed_tokens.weight" in expected and "encoder.embed_tokens.weight" not in tensors:
+        if "shared.weight" in tensors:
+            tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"]
+    if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:
+        tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
+    return _assign(model, tensors, what, dtype, device)
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not (folder / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"tokenizer files missing in {folder}; run `ryla models download --preset flux-dev`")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def detect_text_encoder(path: Path) -> str:
+    """'clip_l' or 't5xxl' from the file's keys, as ComfyUI's DualCLIPLoader tells them apart."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:
+        raise ModelFormatError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+    if any(k.startswith("text_model.") for k in keys):
+        return "clip_l"
+    if any(k.startswith("encoder.block.") for k in keys):
+        return "t5xxl"
+    raise ModelFormatError(f"{path.name} is neither a CLIP-L nor a T5 text encoder")

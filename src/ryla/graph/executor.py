@@ -1,0 +1,346 @@
+"""Validate and run ComfyUI API-format workflows.
+
+A workflow is `{node_id: {"class_type": str, "inputs": {...}}}`; an input that is a
+`[node_id, output_index]` pair is a link. The whole graph is validated before anything runs,
+and failures are reported in ComfyUI's /prompt error shape (FACTS.md section 2), so clients
+written against ComfyUI parse them unchanged:
+
+    {"error": {"type", "message", "details", "extra_info"},
+     "node_errors": {node_id: {"errors": [...], "dependent_outputs": [...], "class_type": ...}}}
+
+Only output nodes (SaveImage, PreviewImage) and their ancestors run; each node runs once per
+run and its outputs are reused by every consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ryla.graph.registry import InputSpec, Node, NodeRegistry
+
+log = logging.getLogger(__name__)
+
+
+def error_entry(type_: str, message: str, details: str = "", extra_info: dict | None = None) -> dict:
+    return {"type": type_, "message": message, "details": details, "extra_info": extra_info or {}}
+
+
+class GraphValidationError(Exception):
+    """The workflow is invalid; `body` is ComfyUI's 400 response body."""
+
+    def __init__(self, error: dict, node_errors: dict | None = None):
+        self.body = {"error": error, "node_errors": node_errors or {}}
+        super().__init__(error["message"] + (f": {error['details']}" if error.get("details") else ""))
+
+    def summary(self) -> str:
+        """One line naming every failing node and input, for a terminal."""
+        parts = []
+        for node_id, entry in self.body["node_errors"].items():
+            for err in entry["errors"]:
+                parts.append(f"node {node_id} ({entry['class_type']}): {err['message']}"
+                             + (f" [{err['details']}]" if err.get("details") else ""))
+        return "; ".join(parts) or str(self)
+
+
+class NodeUserError(Exception):
+    """A node refused its input for a reason the client can fix (no face in the photo, an
+    unknown LoRA...). Carries an error type and an HTTP status for the API."""
+
+    def __init__(self, type_: str, message: str, status: int = 422, details: dict | None = None):
+        self.type, self.message, self.status, self.details = type_, message, status, details or {}
+        super().__init__(message)
+
+
+class ExecutionError(Exception):
+    """A node failed while running. `user_error` is set when the client can fix it."""
+
+    def __init__(self, node_id: str, class_type: str, cause: BaseException):
+        self.node_id, self.class_type, self.cause = node_id, class_type, cause
+        self.user_error = cause if isinstance(cause, NodeUserError) else None
+        super().__init__(f"node {node_id} ({class_type}) failed: {cause}")
+
+
+@dataclass(frozen=True)
+class Link:
+    node_id: str
+    output_index: int
+
+
+@dataclass
+class SavedImages:
+    node_id: str
+    filename_prefix: str
+    images: Any  # IMAGE tensor [B, H, W, 3] in 0..1
+
+
+@dataclass
+class RunContext:
+    """What nodes may use during one run: the engine, the request's uploaded images,
+    progress and cancellation. Nothing here is shared between runs except the engine."""
+
+    engine: Any
+    request_images: dict[str, bytes] = field(default_factory=dict)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    on_progress: Callable[[str, int, int], None] | None = None
+    request_id: str = "-"
+    outputs: list[SavedImages] = field(default_factory=list)
+    # Response annotations a node wants the API to pass on (e.g. faces found).
+    annotations: dict[str, Any] = field(default_factory=dict)
+    current_node: str = ""
+    node_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def store(self):
+        return self.engine.store
+
+    def progress(self, value: int, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.current_node, value, total)
+
+
+@dataclass
+class ValidatedGraph:
+    nodes: dict[str, tuple[type[Node], dict[str, Any]]]  # id -> (class, inputs: literal | Link)
+    outputs: list[str]
+
+
+class Executor:
+    def __init__(self, registry: NodeRegistry):
+        self.registry = registry
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self, prompt: Any, context: RunContext) -> ValidatedGraph:
+        if not isinstance(prompt, dict) or not prompt:
+            raise GraphValidationError(error_entry(
+                "invalid_prompt", "Workflow must be a non-empty object of nodes in ComfyUI API format"))
+        prompt = {str(k): v for k, v in prompt.items()}
+        for node_id, entry in prompt.items():
+            if not isinstance(entry, dict) or "class_type" not in entry:
+                raise GraphValidationError(error_entry(
+                    "invalid_prompt", "Cannot execute because a node is missing the class_type property.",
+                    f"Node ID '#{node_id}'"))
+            if entry["class_type"] not in self.registry:
+                raise GraphValidationError(error_entry(
+                    "invalid_prompt", f"Cannot execute because node {entry['class_type']} does not exist.",
+                    f"Node ID '#{node_id}'"))
+        outputs = sorted((nid for nid, e in prompt.items() if self.registry.get(e["class_type"]).output_node),
+                         key=_id_order)
+        if not outputs:
+            raise GraphValidationError(error_entry("prompt_no_outputs", "Prompt has no outputs"))
+
+        state = _Validation(prompt, self.registry, context)
+        for output_id in outputs:
+            state.visit(output_id, output_id, ())
+        if state.node_errors:
+            raise GraphValidationError(
+                error_entry("prompt_outputs_failed_validation", "Prompt outputs failed validation"),
+                state.node_errors)
+        return ValidatedGraph(state.resolved, outputs)
+
+    # ------------------------------------------------------------------ execution
+
+    def run(self, prompt: Any, context: RunContext) -> list[SavedImages]:
+        graph = self.validate(prompt, context)
+        return self.execute(graph, context)
+
+    def execute(self, graph: ValidatedGraph, context: RunContext) -> list[SavedImages]:
+        results: dict[str, tuple] = {}
+        for node_id in _execution_order(graph):
+            cls, inputs = graph.nodes[node_id]
+            values = {name: results[v.node_id][v.output_index] if isinstance(v, Link) else v
+                      for name, v in inputs.items()}
+            context.current_node = node_id
+            start = time.perf_counter()
+            try:
+                out = cls().run(context, **values)
+            except ExecutionError:
+                raise
+            except Exception as exc:
+                raise ExecutionError(node_id, cls.class_type, exc) from exc
+            context.node_seconds[node_id] = time.perf_counter() - start
+            results[node_id] = tuple(out) if out is not None else ()
+        return context.outputs
+
+
+def _id_order(node_id: str):
+    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+
+
+def _execution_order(graph: ValidatedGraph) -> list[str]:
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(node_id: str) -> None:
+        if node_id in seen:
+            return
+        seen.add(node_id)
+        for value in graph.nodes[node_id][1].values():
+            if isinstance(value, Link):
+                visit(value.node_id)
+        order.append(node_id)
+
+    for output_id in graph.outputs:
+        visit(output_id)
+    return order
+
+
+class _Validation:
+    """One pass of ComfyUI's validate_inputs over the ancestors of each output."""
+
+    def __init__(self, prompt: dict, registry: NodeRegistry, context: RunContext):
+        self.prompt, self.registry, self.context = prompt, registry, context
+        self.resolved: dict[str, tuple[type[Node], dict[str, Any]]] = {}
+        self.valid: dict[str, bool] = {}
+        self.node_errors: dict[str, dict] = {}
+
+    def fail(self, node_id: str, output_id: str, err: dict) -> None:
+        entry = self.node_errors.setdefault(node_id, {
+            "errors": [], "dependent_outputs": [], "class_type": self.prompt[node_id]["class_type"]})
+        if err not in entry["errors"]:
+            entry["errors"].append(err)
+        if output_id not in entry["dependent_outputs"]:
+            entry["dependent_outputs"].append(output_id)
+
+    def visit(self, node_id: str, output_id: str, path: tuple[str, ...]) -> bool:
+        if node_id in path:
+            for member in path[path.index(node_id):]:
+                self.fail(member, output_id, error_entry(
+                    "dependency_cycle", "Dependency cycle detected", f"Node ID '#{member}' links back to itself",
+                    {"cycle": list(path[path.index(node_id):]) + [node_id]}))
+            return False
+        if node_id in self.valid:
+            if not self.valid[node_id] and node_id in self.node_errors:
+                entry = self.node_errors[node_id]
+                if output_id not in entry["dependent_outputs"]:
+                    entry["dependent_outputs"].append(output_id)
+            return self.valid[node_id]
+        path = path + (node_id,)
+        entry = self.prompt[node_id]
+        cls = self.registry.get(entry["class_type"])
+        raw_inputs = entry.get("inputs", {})
+        ok = True
+        if not isinstance(raw_inputs, dict):
+            self.fail(node_id, output_id, error_entry("invalid_input_type", "inputs must be an object"))
+            raw_inputs, ok = {}, False
+        resolved: dict[str, Any] = {}
+        literals: dict[str, Any] = {}
+        for spec in cls.inputs:
+            if spec.name not in raw_inputs or raw_inputs[spec.name] is None:
+                if spec.optional:
+                    resolved[spec.name] = spec.default
+                    continue
+                self.fail(node_id, output_id, error_entry(
+                    "required_input_missing", "Required input is missing", spec.name, {"input_name": spec.name}))
+                ok = False
+                continue
+            value = raw_inputs[spec.name]
+            if isinstance(value, dict) and set(value) == {"__value__"}:
+                value = value["__value__"]  # ComfyUI wraps array literals this way
+            elif isinstance(value, list):
+                link_ok, link = self.check_link(node_id, output_id, spec, value, path)
+                ok &= link_ok
+                if link_ok:
+                    resolved[spec.name] = link
+                continue
+            err, converted = self.check_literal(spec, value)
+            if err is not None:
+                self.fail(node_id, output_id, err)
+                ok = False
+            else:
+                resolved[spec.name] = literals[spec.name] = converted
+        if ok:
+            message = cls().validate(self.context, **literals)
+            if message:
+                self.fail(node_id, output_id, error_entry(
+                    "custom_validation_failed", "Custom validation failed for node", message))
+                ok = False
+        self.valid[node_id] = ok
+        if ok:
+            self.resolved[node_id] = (cls, resolved)
+        return ok
+
+    def check_link(self, node_id: str, output_id: str, spec: InputSpec, value: list, path) -> tuple[bool, Link | None]:
+        if len(value) != 2 or not isinstance(value[1], int) or isinstance(value[1], bool):
+            self.fail(node_id, output_id, error_entry(
+                "bad_linked_input", "Bad linked input, must be a length-2 list of [string, int]", spec.name,
+                {"input_name": spec.name, "input_config": spec.type, "received_value": value}))
+            return False, None
+        source_id = str(value[0])
+        if source_id not in self.prompt:
+            self.fail(node_id, output_id, error_entry(
+                "bad_linked_input", f"Bad linked input, node {source_id} does not exist", spec.name,
+                {"input_name": spec.name, "received_value": value}))
+            return False, None
+        source_cls = self.registry.get(self.prompt[source_id]["class_type"])
+        if not 0 <= value[1] < len(source_cls.outputs):
+            self.fail(node_id, output_id, error_entry(
+                "bad_linked_input", f"Bad linked input, node {source_id} has no output {value[1]}", spec.name,
+                {"input_name": spec.name, "received_value": value}))
+            return False, None
+        received = source_cls.outputs[value[1]].type
+        if received != spec.type and not (spec.type == "COMBO" and received == "STRING"):
+            self.fail(node_id, output_id, error_entry(
+                "return_type_mismatch", "Return type mismatch between linked nodes",
+                f"{spec.name}, received_type({received}) mismatch input_type({spec.type})",
+                {"input_name": spec.name, "input_config": spec.type, "received_type": received,
+                 "linked_node": value}))
+            return False, None
+        if not self.visit(source_id, output_id, path):
+            return False, None
+        return True, Link(source_id, value[1])
+
+    def check_literal(self, spec: InputSpec, value: Any) -> tuple[dict | None, Any]:
+        extra = {"input_name": spec.name, "input_config": spec.type, "received_value": value}
+        if not spec.is_widget:
+            return error_entry("invalid_input_type", f"Input {spec.name} must be a link to a {spec.type} output",
+                               spec.name, extra), None
+        if spec.type == "COMBO":
+            options = spec.options(self.context)
+            if not isinstance(value, str) or value not in options:
+                return error_entry("value_not_in_list", "Value not in list",
+                                   f"{spec.name}: '{value}' not in {options}", extra), None
+            return None, value
+        try:
+            if spec.type == "INT":
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(value)
+                converted: Any = int(value)
+            elif spec.type == "FLOAT":
+                converted = float(value)
+                if not math.isfinite(converted):
+                    raise ValueError(value)
+            elif spec.type == "BOOLEAN":
+                if not isinstance(value, bool):
+                    raise ValueError(value)
+                converted = value
+            else:
+                if not isinstance(value, (str, int, float)):
+                    raise ValueError(value)
+                converted = str(value)
+        except (TypeError, ValueError):
+            return error_entry("invalid_input_type", f"Failed to convert an input value to a {spec.type} value",
+                               f"{spec.name}, {value!r}", extra), None
+        if spec.type == "STRING":
+            if spec.max is not None and len(converted) > spec.max:
+                return error_entry("value_bigger_than_max", f"Value is longer than the max of {spec.max:g} characters",
+                                   f"{spec.name}, length {len(converted)}", extra), None
+            return None, converted
+        if spec.type in ("INT", "FLOAT"):
+            if spec.min is not None and converted < spec.min:
+                return error_entry("value_smaller_than_min", f"Value {converted} smaller than min of {spec.min:g}",
+                                   f"{spec.name}", extra), None
+            if spec.max is not None and converted > spec.max:
+                return error_entry("value_bigger_than_max", f"Value {converted} bigger than max of {spec.max:g}",
+                                   f"{spec.name}", extra), None
+            if spec.multiple_of and converted % spec.multiple_of:
+                return error_entry("custom_validation_failed",
+                                   f"Value {converted} is not a multiple of {spec.multiple_of}",
+                                   f"{spec.name}", extra), None
+        return None, converted

@@ -1,0 +1,15 @@
+"""The supported ComfyUI nodes, one module per family."""
+
+from __future__ import annotations
+
+from ryla.graph.nodes import conditioning, image, latent, loaders, sampling
+from ryla.graph.registry import NodeRegistry
+
+NODE_MODULES = (loaders, conditioning, latent, sampling, image)
+
+
+def default_registry() -> NodeRegistry:
+    registry = NodeRegistry()
+    for module in NODE_MODULES:
+        registry.register_all(module.NODES)
+    return registry

@@ -1,0 +1,213 @@
+"""Key layouts of the real FLUX.1-dev files and their conversion to diffusers modules.
+
+The files users download (and ComfyUI reads) use Black Forest Labs' key names for the
+transformer (`double_blocks.0.img_attn.qkv.weight`, ...), the LDM layout for the VAE
+(`encoder.down.0.block.0.conv1.weight`, ...) and Hugging Face transformers' names for CLIP-L
+and T5-XXL. An all-in-one checkpoint such as `flux1-dev-fp8.safetensors` carries all four
+under the prefixes below.
+
+diffusers ships `convert_flux_transformer_checkpoint_to_diffusers`, but it hard-codes the
+3072-wide FLUX.1-dev hidden size, so it cannot load any other width (our tiny model, or a
+narrower InfuseNet-style ControlNet stored in the same layout). The transformer mapping is
+therefore written here once, as a rule table used in both directions; the test suite checks it
+against diffusers' own converter at full size on meta tensors. The VAE uses diffusers'
+converter directly; only its inverse (used to write tiny files) is written here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+# Prefixes of the components inside a ComfyUI all-in-one Flux checkpoint.
+CHECKPOINT_PREFIXES = {
+    "transformer": "model.diffusion_model.",
+    "vae": "vae.",
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "t5xxl": "text_encoders.t5xxl.transformer.",
+}
+
+
+def split_checkpoint(state_dict: dict[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:
+    """The tensors of one component of an all-in-one checkpoint, prefix removed."""
+    prefix = CHECKPOINT_PREFIXES[component]
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def strip_known_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Split files sometimes keep the checkpoint prefix (`model.diffusion_model.` in
+    transformer-only exports); ComfyUI strips it, so do we."""
+    for prefix in ("model.diffusion_model.", "diffusion_model."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer: BFL <-> diffusers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One BFL module and the diffusers module(s) it becomes.
+
+    kind: "same" (renamed), "qkv" (split in three equal parts), "linear1" (q, k, v and the
+    MLP input of a single-stream block, split as h, h, h, rest), "swap" (BFL stores the
+    final adaLN as shift, scale; diffusers as scale, shift).
+    """
+
+    bfl: str
+    diffusers: tuple[str, ...]
+    kind: str = "same"
+
+
+def _transformer_rules(num_double: int, num_single: int, has_guidance: bool = True) -> list[_Rule]:
+    rules = [
+        _Rule("img_in", ("x_embedder",)),
+        _Rule("txt_in", ("context_embedder",)),
+        _Rule("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
+        _Rule("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
+        _Rule("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
+        _Rule("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
+        _Rule("final_layer.linear", ("proj_out",)),
+        _Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
+    ]
+    if has_guidance:
+        rules += [
+            _Rule("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
+            _Rule("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
+        ]
+    for i in range(num_double):
+        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        rules += [
+            _Rule(b + "img_mod.lin", (d + "norm1.linear",)),
+            _Rule(b + "txt_mod.lin", (d + "norm1_context.linear",)),
+            _Rule(b + "img_attn.qkv", (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"), "qkv"),
+            _Rule(b + "txt_attn.qkv", (d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"), "qkv"),
+            _Rule(b + "img_attn.norm.query_norm", (d + "attn.norm_q",)),
+            _Rule(b + "img_attn.norm.key_norm", (d + "attn.norm_k",)),
+            _Rule(b + "txt_attn.norm.query_norm", (d + "attn.norm_added_q",)),
+            _Rule(b + "txt_attn.norm.key_norm", (d + "attn.norm_added_k",)),
+            _Rule(b + "img_attn.proj", (d + "attn.to_out.0",)),
+            _Rule(b + "txt_attn.proj", (d + "attn.to_add_out",)),
+            _Rule(b + "img_mlp.0", (d + "ff.net.0.proj",)),
+            _Rule(b + "img_mlp.2", (d + "ff.net.2",)),
+            _Rule(b + "txt_mlp.0", (d + "ff_context.net.0.proj",)),
+            _Rule(b + "txt_mlp.2", (d + "ff_context.net.2",)),
+        ]
+    for i in range(num_single):
+        b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        rules += [
+            _Rule(b + "modulation.lin", (d + "norm.linear",)),
+            _Rule(b + "linear1", (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"), "linear1"),
+            _Rule(b + "linear2", (d + "proj_out",)),
+            _Rule(b + "norm.query_norm", (d + "attn.norm_q",)),
+            _Rule(b + "norm.key_norm", (d + "attn.norm_k",)),
+        ]
+    return rules
+
+
+def _block_counts(keys, double: str, single: str) -> tuple[int, int]:
+    def count(prefix: str) -> int:
+        pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+        indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+        return max(indices) + 1 if indices else 0
+
+    return count(double), count(single)
+
+
+# BFL names the RMSNorm weight "scale"; diffusers calls it "weight".
+_PARAM_NAMES = {"weight": "weight", "bias": "bias", "scale": "weight"}
+
+
+def flux_transformer_from_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BFL/ComfyUI transformer keys -> diffusers FluxTransformer2DModel keys (any width).
+
+    Raises KeyError naming the first tensor that is neither converted nor expected, so a
+    file of another architecture is refused instead of half-loaded.
+    """
+    sd = dict(strip_known_prefix(state_dict))
+    num_double, num_single = _block_counts(sd, "double_blocks", "single_blocks")
+    has_guidance = any(k.startswith("guidance_in.") for k in sd)
+    hidden = sd["img_in.weight"].shape[0]
+    out: dict[str, torch.Tensor] = {}
+    for rule in _transformer_rules(num_double, num_single, has_guidance):
+        for bfl_param, diffusers_param in _PARAM_NAMES.items():
+            key = f"{rule.bfl}.{bfl_param}"
+            if key not in sd:
+                continue
+            tensor = sd.pop(key)
+            for name, part in zip(rule.diffusers, _split(rule, tensor, hidden)):
+                out[f"{name}.{diffusers_param}"] = part
+    if sd:
+        raise KeyError(f"unexpected tensors in a FLUX transformer file: {sorted(sd)[:5]}")
+    return out
+
+
+def _split(rule: _Rule, tensor: torch.Tensor, hidden: int) -> list[torch.Tensor]:
+    if rule.kind == "same":
+        return [tensor]
+    if rule.kind == "swap":
+        shift, scale = tensor.chunk(2, dim=0)
+        return [torch.cat([scale, shift], dim=0)]
+    if rule.kind == "qkv":
+        return list(torch.chunk(tensor, 3, dim=0))
+    # linear1 stacks q, k, v (h rows each) and the MLP input (the rest) along dim 0.
+    h = hidden
+    return list(torch.split(tensor, (h, h, h, tensor.shape[0] - 3 * h), dim=0))
+
+
+def flux_transformer_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers FluxTransformer2DModel keys -> BFL keys: the inverse of the above, used to
+    write files in the layout of the released flux1-dev.safetensors."""
+    sd = dict(state_dict)
+    num_double, num_single = _block_counts(sd, "transformer_blocks", "single_transformer_blocks")
+    has_guidance = any(k.startswith("time_text_embed.guidance_embedder.") for k in sd)
+    out: dict[str, torch.Tensor] = {}
+    for rule in _transformer_rules(num_double, num_single, has_guidance):
+        for bfl_param, diffusers_param in _PARAM_NAMES.items():
+            keys = [f"{name}.{diffusers_param}" for name in rule.diffusers]
+            if not all(k in sd for k in keys):
+                continue
+            is_norm = rule.bfl.endswith("_norm")
+            if (bfl_param == "scale") != is_norm:
+                continue
+            parts = [sd.pop(k) for k in keys]
+            if rule.kind == "swap":
+                scale, shift = parts[0].chunk(2, dim=0)
+                parts = [torch.cat([shift, scale], dim=0)]
+            out[f"{rule.bfl}.{bfl_param}"] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    if sd:
+        raise KeyError(f"diffusers tensors with no BFL name: {sorted(sd)[:5]}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# VAE: diffusers -> LDM (the inverse of diffusers' convert_ldm_vae_checkpoint)
+# --------------------------------------------------------------------------------------------
+
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_to_ldm(state_dict: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in state_dict.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
+                     lambda m: f"decoder.up.{num_blocks - 1 - int(m.group(1))}.block.", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                     lambda m: f"decoder.up.{num_blocks - 1 - int(m.group(1))}.upsample.", new)
+        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", new)
+        if ".mid_block.attentions.0." in new:
+            prefix, _, rest = new.partition(".mid_block.attentions.0.")
+            module, _, param = rest.rpartition(".")
+            new = f"{prefix}.mid.attn_1.{_VAE_ATTENTION[module]}.{param}"
+            if tensor.ndim == 2:  # LDM stores these projections as 1x1 convolutions
+                tensor = tensor[:, :, None, None]
+        out[new] = tensor
+    return out

@@ -1,0 +1,152 @@
+"""The model store: a ComfyUI-style folder tree and ComfyUI's name resolution.
+
+Workflow graphs name files the way ComfyUI does: a path relative to a model folder, such as
+`flux1-dev-fp8.safetensors` or `flux/my-lora.safetensors`. ComfyUI users can point
+`RYLA_MODELS_DIR` at their own `ComfyUI/models` folder and the names keep working; the legacy
+folder names ComfyUI still reads (`unet/` for diffusion models, `clip/` for text encoders)
+are read here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# kind -> folders searched, first one is where new files go.
+FOLDERS: dict[str, tuple[str, ...]] = {
+    "checkpoints": ("checkpoints",),
+    "diffusion_models": ("diffusion_models", "unet"),
+    "text_encoders": ("text_encoders", "clip"),
+    "vae": ("vae",),
+    "loras": ("loras",),
+    "controlnet": ("controlnet",),
+    "instantid": ("instantid",),
+    "insightface": ("insightface",),
+    "tokenizers": ("tokenizers",),
+}
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+
+# The files the FLUX.1-dev templates name (the spec's file list).
+FLUX_CHECKPOINT = "flux1-dev-fp8.safetensors"
+FLUX_TRANSFORMER = "flux1-dev.safetensors"
+CLIP_L = "clip_l.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
+
+
+class ModelNotFoundError(LookupError):
+    """A named model file is not in the store."""
+
+    def __init__(self, kind: str, name: str, available: list[str]):
+        self.kind, self.name, self.available = kind, name, available
+        shown = ", ".join(available[:10]) or "none"
+        super().__init__(f"{kind} file {name!r} not found (available: {shown})")
+
+
+class UnsafeNameError(ValueError):
+    """A model name that would leave the store (absolute, '..', or through a link outside)."""
+
+
+def default_models_dir() -> Path:
+    if env := os.environ.get("RYLA_MODELS_DIR"):
+        return Path(env).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "ryla" / "models"
+
+
+def default_tiny_dir() -> Path:
+    if env := os.environ.get("RYLA_TINY_MODELS_DIR"):
+        return Path(env).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "ryla" / "tiny-models"
+
+
+class ModelStore:
+    def __init__(self, root: Path | str, *, tiny: bool = False):
+        self.root = Path(root).expanduser().resolve()
+        self.tiny = tiny
+
+    def __repr__(self) -> str:
+        return f"ModelStore({str(self.root)!r}, tiny={self.tiny})"
+
+    def folder(self, kind: str) -> Path:
+        return self.root / FOLDERS[kind][0]
+
+    def ensure_layout(self) -> None:
+        for kind in FOLDERS:
+            self.folder(kind).mkdir(parents=True, exist_ok=True)
+
+    def list(self, kind: str) -> list[str]:
+        """Model files of one kind, as the names a workflow uses (POSIX separators)."""
+        names: set[str] = set()
+        for folder_name in FOLDERS[kind]:
+            folder = self.root / folder_name
+            if not folder.is_dir():
+                continue
+            for path in folder.rglob("*"):
+                if path.suffix.lower() in MODEL_EXTENSIONS and path.is_file() and not path.name.startswith("."):
+                    names.add(path.relative_to(folder).as_posix())
+        return sorted(names)
+
+    def resolve(self, kind: str, name: str) -> Path:
+        """The file a workflow's model name refers to; refuses names that escape the tree."""
+        parts = _safe_parts(name)
+        for folder_name in FOLDERS[kind]:
+            folder = (self.root / folder_name).resolve()
+            candidate = (folder / Path(*parts)).resolve()
+            if not candidate.is_relative_to(folder):
+                raise UnsafeNameError(f"model name {name!r} leaves the model folder")
+            if candidate.is_file():
+                return candidate
+        raise ModelNotFoundError(kind, name, self.list(kind))
+
+    def path_for_new(self, kind: str, name: str) -> Path:
+        """Where a new file of this kind and name goes (downloads, LoRA uploads)."""
+        return self.folder(kind).joinpath(*_safe_parts(name))
+
+    def has_flux_weights(self) -> bool:
+        """True when FLUX weights are present, either as a checkpoint or as the split files."""
+        if FLUX_CHECKPOINT in self.list("checkpoints"):
+            return True
+        split = self.list("diffusion_models"), self.list("text_encoders"), self.list("vae")
+        return FLUX_TRANSFORMER in split[0] and {CLIP_L, T5XXL} <= set(split[1]) and FLUX_VAE in split[2]
+
+    def inventory(self) -> dict[str, list[str]]:
+        return {kind: self.list(kind) for kind in FOLDERS if kind != "tokenizers"}
+
+
+def _safe_parts(name: str) -> tuple[str, ...]:
+    """Path parts of a relative model name; refuses absolute names, '..' and NUL bytes."""
+    if not name or "\x00" in name or name.startswith(("/", "\\")) or Path(name).is_absolute():
+        raise UnsafeNameError(f"invalid model name {name!r}")
+    parts = Path(name.replace("\\", "/")).parts
+    if ".." in parts or (parts and ":" in parts[0]):
+        raise UnsafeNameError(f"model name {name!r} leaves the model folder")
+    return parts
+
+
+_announced_tiny = False
+
+
+def open_store(models_dir: Path | str | None = None) -> ModelStore:
+    """The store to serve from: the configured one when it holds FLUX weights, otherwise the
+    embedded tiny random-weight model set (generated on first use), announced once."""
+    global _announced_tiny
+    store = ModelStore(models_dir or default_models_dir())
+    if store.has_flux_weights():
+        return store
+    from ryla.models.tiny import ensure_tiny_models
+
+    tiny = ensure_tiny_models(default_tiny_dir())
+    if not _announced_tiny:
+        _announced_tiny = True
+        log.warning(
+            "No FLUX.1-dev weights in %s: using the embedded TINY random-weight model from %s. "
+            "Images will be noise. For real images run `ryla models download --preset flux-dev` "
+            "or point RYLA_MODELS_DIR/--models-dir at a folder that has them.",
+            store.root, tiny.root,
+        )
+    return tiny

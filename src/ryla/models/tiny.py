@@ -1,0 +1,303 @@
+"""A tiny random-weight FLUX.1-dev model set, written in the real files' formats.
+
+Real weights cannot be downloaded everywhere (CI, offline machines). This writes the same
+architecture family at toy width (one double- and one single-stream block, guidance
+embedding, CLIP-L-like and T5-like encoders, a 16-channel VAE), with locally generated
+tokenizers, under the real file names and key layouts:
+
+    checkpoints/flux1-dev-fp8.safetensors   all-in-one, transformer in float8_e4m3fn
+    diffusion_models/flux1-dev.safetensors  BFL keys, bf16
+    text_encoders/clip_l.safetensors        transformers keys, fp16
+    text_encoders/t5xxl_fp16.safetensors    transformers keys, fp16
+    vae/ae.safetensors                      LDM keys, bf16
+    tokenizers/clip_l, tokenizers/t5xxl     tokenizer files as in FLUX.1-dev's repo
+
+so everything downstream goes through exactly the loaders real weights use. The one thing a
+real file lacks is the model's size; tiny files carry their config in the safetensors
+metadata (key `ryla`), and the loaders fall back to the bundled FLUX.1-dev
+configs when it is absent. Output is deterministic: same bytes on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ryla.models import formats
+from ryla.models.store import CLIP_L, FLUX_CHECKPOINT, FLUX_TRANSFORMER, FLUX_VAE, T5XXL, ModelStore
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "ryla"
+TINY_VERSION = "1"  # bump when the tiny architecture changes, so stale sets are rewritten
+
+TINY_TRANSFORMER = {
+    "_class_name": "FluxTransformer2DModel",
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": True,
+    "axes_dims_rope": [4, 6, 6],
+}
+TINY_VAE = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 8, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "latent_channels": 16,
+    "sample_size": 64,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+    "act_fn": "silu",
+}
+TINY_CLIP = {
+    "model_type": "clip_text_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 32,
+    "bos_token_id": 0,
+    "eos_token_id": 2,  # as in FLUX.1-dev's config: pool at the highest token id (the end token)
+    "pad_token_id": 1,
+}
+TINY_T5 = {
+    "model_type": "t5",
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 32,
+    "feed_forward_proj": "gated-gelu",
+    "is_gated_act": True,
+    "dense_act_fn": "gelu_new",
+    "layer_norm_epsilon": 1e-6,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
+
+
+def ensure_tiny_models(root: Path | str) -> ModelStore:
+    """Write the tiny set into `root` unless an up-to-date one is there already."""
+    store = ModelStore(root, tiny=True)
+    marker = store.root / "TINY_MODELS"
+    if not (marker.is_file() and marker.read_text().strip() == TINY_VERSION and store.has_flux_weights()):
+        make_tiny_models(store.root)
+    return store
+
+
+def make_tiny_models(root: Path | str) -> ModelStore:
+    store = ModelStore(root, tiny=True)
+    store.ensure_layout()
+    tokenizer_sizes = _write_tokenizers(store)
+    transformer = _transformer_state_dict()
+    vae = _vae_state_dict()
+    clip = _clip_state_dict(vocab_size=tokenizer_sizes["clip_l"])
+    t5 = _t5_state_dict(vocab_size=tokenizer_sizes["t5xxl"])
+    configs = {
+        "transformer": TINY_TRANSFORMER,
+        "vae": TINY_VAE,
+        "clip_l": {**TINY_CLIP, "vocab_size": tokenizer_sizes["clip_l"]},
+        "t5xxl": {**TINY_T5, "vocab_size": tokenizer_sizes["t5xxl"]},
+    }
+
+    def meta(*components: str) -> dict[str, str]:
+        # One metadata key: safetensors writes its metadata map in hash order, so several keys
+        # would make the bytes differ from run to run.
+        return {METADATA_KEY: json.dumps({"tiny": TINY_VERSION, "configs": {c: configs[c] for c in components}},
+                                         sort_keys=True)}
+
+    bf16 = {k: v.to(torch.bfloat16) for k, v in transformer.items()}
+    _save(store.folder("diffusion_models") / FLUX_TRANSFORMER, bf16, meta("transformer"))
+    _save(store.folder("text_encoders") / CLIP_L, _half(clip), meta("clip_l"))
+    _save(store.folder("text_encoders") / T5XXL, _half(t5), meta("t5xxl"))
+    _save(store.folder("vae") / FLUX_VAE, {k: v.to(torch.bfloat16) for k, v in vae.items()}, meta("vae"))
+
+    # All-in-one, as ComfyUI's flux1-dev-fp8: the transformer's weight matrices in fp8,
+    # its norms and biases (which real fp8 exports also keep wider) in bf16.
+    checkpoint: dict[str, torch.Tensor] = {}
+    for key, value in transformer.items():
+        dtype = torch.float8_e4m3fn if value.ndim == 2 else torch.bfloat16
+        checkpoint[formats.CHECKPOINT_PREFIXES["transformer"] + key] = value.to(dtype)
+    for component, sd, cast in (("vae", vae, torch.bfloat16), ("clip_l", clip, torch.float16),
+                                ("t5xxl", t5, torch.float16)):
+        for key, value in sd.items():
+            checkpoint[formats.CHECKPOINT_PREFIXES[component] + key] = value.to(cast)
+    _save(store.folder("checkpoints") / FLUX_CHECKPOINT, checkpoint, meta("transformer", "vae", "clip_l", "t5xxl"))
+    (store.root / "TINY_MODELS").write_text(TINY_VERSION + "\n")
+    log.info("wrote the tiny FLUX.1-dev model set to %s", store.root)
+    return store
+
+
+def _half(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(torch.float16) for k, v in sd.items()}
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomic write: a reader never sees a half-written model file under its final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fill_deterministically(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded values for every tensor, in sorted-name order: independent of the libraries'
+    own init code, so the files stay byte-identical across versions. Matrices get
+    1/sqrt(fan_in)-scaled normals, norms ones, biases zeros (a conventional, stable init)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, tensor in sorted(module.state_dict().items()):
+        if tensor.ndim >= 2:
+            fan_in = math.prod(tensor.shape[1:])
+            std = 0.02 if "embed" in name or "shared" in name else 1.0 / math.sqrt(fan_in)
+            value = torch.randn(tensor.shape, generator=generator) * std
+        elif name.endswith("bias"):
+            value = torch.zeros(tensor.shape)
+        elif tensor.dtype.is_floating_point:
+            value = torch.ones(tensor.shape)
+        else:
+            value = tensor.clone()
+        out[name] = value.float() if value.dtype.is_floating_point else value
+    return out
+
+
+def _transformer_state_dict() -> dict[str, torch.Tensor]:
+    from diffusers import FluxTransformer2DModel
+
+    config = {k: v for k, v in TINY_TRANSFORMER.items() if not k.startswith("_")}
+    model = FluxTransformer2DModel(**config)
+    return formats.flux_transformer_to_bfl(_fill_deterministically(model, seed=1))
+
+
+def _vae_state_dict() -> dict[str, torch.Tensor]:
+    from diffusers import AutoencoderKL
+
+    config = {k: v for k, v in TINY_VAE.items() if not k.startswith("_")}
+    model = AutoencoderKL(**config)
+    return formats.vae_to_ldm(_fill_deterministically(model, seed=2), len(config["block_out_channels"]))
+
+
+def _clip_state_dict(vocab_size: int) -> dict[str, torch.Tensor]:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "vocab_size": vocab_size}))
+    sd = _fill_deterministically(model, seed=3)
+    # Written as published clip_l files are: `text_model.` keys, no position_ids buffer.
+    sd = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()}
+    sd.pop("text_model.embeddings.position_ids", None)
+    return sd
+
+
+def _t5_state_dict(vocab_size: int) -> dict[str, torch.Tensor]:
+    from transformers import T5Config, T5EncoderModel
+
+    model = T5EncoderModel(T5Config(**{**TINY_T5, "vocab_size": vocab_size}))
+    sd = _fill_deterministically(model, seed=4)
+    sd.pop("encoder.embed_tokens.weight", None)  # tied to `shared`, as in t5xxl_fp16.safetensors
+    return sd
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers, generated: a byte-level BPE in CLIP's file format, a Unigram model in T5's.
+# --------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+_WORDS = ("a", "an", "the", "of", "in", "on", "red", "fox", "snow", "cat", "dog", "portrait", "photo",
+          "woman", "man", "face", "light", "city", "night", "forest", "blue", "green", "smiling")
+
+
+def _write_tokenizers(store: ModelStore) -> dict[str, int]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    clip_dir = store.folder("tokenizers") / "clip_l"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+    for ch in _bytes_to_unicode().values():
+        vocab[ch] = len(vocab)
+    for ch in _bytes_to_unicode().values():
+        vocab[ch + "</w>"] = len(vocab)
+    merges = []
+    for word in _WORDS:  # whole-word merges for a few common words, built left to right
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merge = (pieces[0], pieces[1])
+            if f"{merge[0]} {merge[1]}" not in merges:
+                merges.append(f"{merge[0]} {merge[1]}")
+                vocab.setdefault(merge[0] + merge[1], len(vocab))
+            pieces = [merge[0] + merge[1]] + pieces[2:]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)  # highest id: CLIP pools at the end token
+    _write_json(clip_dir / "vocab.json", vocab)
+    (clip_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    _write_json(clip_dir / "tokenizer_config.json", {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+    })
+
+    t5_dir = store.folder("tokenizers") / "t5xxl"
+    t5_dir.mkdir(parents=True, exist_ok=True)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in _WORDS]
+    pieces += [(c, -4.0) for c in alphabet] + [("▁" + c, -3.5) for c in alphabet]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    tokenizer.save(str(t5_dir / "tokenizer.json"), pretty=True)
+    _write_json(t5_dir / "tokenizer_config.json", {
+        "tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 0,
+        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+    })
+    return {"clip_l": len(vocab), "t5xxl": len(pieces)}
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

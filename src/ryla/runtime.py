@@ -1,0 +1,77 @@
+"""The runtime shared by `ryla generate`, `ryla serve` and the Modal app: one store, one
+engine, one node registry, and the function that runs a workflow and returns images."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ryla import catalogue, imaging
+from ryla.flux.engine import FluxEngine
+from ryla.graph.executor import Executor, RunContext
+from ryla.graph.nodes import default_registry
+from ryla.models.store import ModelStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+def random_seed() -> int:
+    # Below 2**53 so the seed survives JSON clients that parse numbers as doubles.
+    return secrets.randbelow(2**53)
+
+
+@dataclass
+class RunResult:
+    images: list[Image.Image]
+    seconds: float
+    node_seconds: dict[str, float] = field(default_factory=dict)
+    annotations: dict[str, Any] = field(default_factory=dict)
+    prefixes: list[str] = field(default_factory=list)
+
+
+class Runtime:
+    def __init__(self, store: ModelStore, engine: FluxEngine | None = None):
+        self.store = store
+        self.engine = engine or FluxEngine(store)
+        self.registry = default_registry()
+        self.executor = Executor(self.registry)
+
+    @classmethod
+    def open(cls, models_dir: Path | str | None = None, **engine_options) -> Runtime:
+        store = open_store(models_dir)
+        return cls(store, FluxEngine(store, **engine_options))
+
+    def context(self, **kwargs) -> RunContext:
+        return RunContext(engine=self.engine, **kwargs)
+
+    def validate(self, graph: dict, context: RunContext | None = None):
+        return self.executor.validate(graph, context or self.context())
+
+    def run(self, graph: dict, context: RunContext | None = None) -> RunResult:
+        context = context or self.context()
+        start = time.perf_counter()
+        outputs = self.executor.run(graph, context)
+        images, prefixes = [], []
+        for saved in outputs:
+            for image in imaging.to_pil(saved.images):
+                images.append(image)
+                prefixes.append(saved.filename_prefix)
+        seconds = time.perf_counter() - start
+        log.info("[%s] workflow done: %d image(s) in %.2fs", context.request_id, len(images), seconds)
+        return RunResult(images, seconds, dict(context.node_seconds), dict(context.annotations), prefixes)
+
+
+def check_params(values: dict[str, Any], params: dict[str, catalogue.Param]) -> list[str]:
+    """Catalogue bound checks for values given on a command line."""
+    problems = []
+    for name, value in values.items():
+        param = params.get(name)
+        if param is not None and value is not None and (msg := param.check(value)):
+            problems.append(msg)
+    return problems

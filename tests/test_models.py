@@ -1,0 +1,166 @@
+"""Model store, tiny model set, and the file-format converters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ryla.models import formats
+from ryla.models.store import ModelNotFoundError, ModelStore, UnsafeNameError
+from ryla.models.tiny import make_tiny_models
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_make_tiny_is_deterministic(tiny_dir, tmp_path):
+    again = make_tiny_models(tmp_path / "again").root
+    assert _digest(again) == _digest(tiny_dir)
+
+
+def test_tiny_files_use_the_real_names_layouts_and_dtypes(tiny_store):
+    inventory = tiny_store.inventory()
+    assert inventory["checkpoints"] == ["flux1-dev-fp8.safetensors"]
+    assert inventory["diffusion_models"] == ["flux1-dev.safetensors"]
+    assert inventory["text_encoders"] == ["clip_l.safetensors", "t5xxl_fp16.safetensors"]
+    assert inventory["vae"] == ["ae.safetensors"]
+    with safe_open(str(tiny_store.resolve("checkpoints", "flux1-dev-fp8.safetensors")), "pt") as f:
+        keys = set(f.keys())
+        qkv = f.get_tensor("model.diffusion_model.double_blocks.0.img_attn.qkv.weight")
+        assert qkv.dtype == torch.float8_e4m3fn
+    for expected in ("model.diffusion_model.single_blocks.0.linear1.weight",
+                     "model.diffusion_model.guidance_in.in_layer.weight",
+                     "vae.decoder.conv_in.weight", "vae.encoder.mid.attn_1.q.weight",
+                     "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight",
+                     "text_encoders.t5xxl.transformer.shared.weight",
+                     "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"):
+        assert expected in keys
+    with safe_open(str(tiny_store.resolve("diffusion_models", "flux1-dev.safetensors")), "pt") as f:
+        assert f.get_tensor("img_in.weight").dtype == torch.bfloat16
+
+
+def test_tiny_set_loads_through_the_real_loaders(runtime):
+    engine = runtime.engine
+    model, text, vae = engine.load_checkpoint("flux1-dev-fp8.safetensors")
+    assert type(model.transformer).__name__ == "FluxTransformer2DModel"
+    assert model.transformer.config.guidance_embeds
+    assert len(model.transformer.transformer_blocks) == 1 and len(model.transformer.single_transformer_blocks) == 1
+    assert type(vae.vae).__name__ == "AutoencoderKL" and vae.vae.config.latent_channels == 16
+    assert type(text.clip).__name__ == "CLIPTextModel" and type(text.t5).__name__ == "T5EncoderModel"
+    assert all(p.device.type != "meta" for p in model.transformer.parameters())
+    split = engine.load_diffusion_model("flux1-dev.safetensors")
+    # Two files, one architecture: same weights up to the fp8 rounding of the checkpoint.
+    a = dict(split.transformer.named_parameters())["x_embedder.weight"]
+    b = dict(model.transformer.named_parameters())["x_embedder.weight"]
+    assert torch.allclose(a, b, atol=0.1 * a.abs().max().item())
+    engine.load_text_encoders("t5xxl_fp16.safetensors", "clip_l.safetensors")  # either order
+    engine.load_vae("ae.safetensors")
+
+
+def test_transformer_converter_agrees_with_diffusers_at_full_size():
+    """Our width-agnostic BFL converter against diffusers' own (which only knows 3072),
+    on the full FLUX.1-dev architecture, using meta tensors so nothing is allocated."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from ryla.flux.loading import component_config
+
+    config = {k: v for k, v in component_config("transformer", {}).items() if not k.startswith("_")}
+    with init_empty_weights():
+        model = FluxTransformer2DModel(**config)
+    diffusers_sd = dict(model.state_dict())
+    bfl = formats.flux_transformer_to_bfl(diffusers_sd)
+    assert bfl["single_blocks.37.linear1.weight"].shape == (3 * 3072 + 4 * 3072, 3072)
+    theirs = convert_flux_transformer_checkpoint_to_diffusers({"model.diffusion_model." + k: v for k, v in bfl.items()})
+    ours = formats.flux_transformer_from_bfl(bfl)
+    assert set(ours) == set(theirs) == set(diffusers_sd)
+    assert all(ours[k].shape == theirs[k].shape == diffusers_sd[k].shape for k in ours)
+
+
+def test_transformer_converter_roundtrips_values():
+    sd = {}
+    from ryla.models.tiny import _transformer_state_dict
+
+    bfl = _transformer_state_dict()
+    diffusers_sd = formats.flux_transformer_from_bfl(bfl)
+    back = formats.flux_transformer_to_bfl(diffusers_sd)
+    assert set(back) == set(bfl) and all(torch.equal(back[k], bfl[k]) for k in bfl)
+    # The final adaLN is stored (shift, scale) by BFL and (scale, shift) by diffusers.
+    shift, scale = bfl["final_layer.adaLN_modulation.1.weight"].chunk(2)
+    assert torch.equal(diffusers_sd["norm_out.linear.weight"], torch.cat([scale, shift]))
+    assert sd == {}
+
+
+def test_vae_inverse_matches_diffusers_converter():
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from ryla.flux.loading import component_config
+    from ryla.models.tiny import TINY_VAE, _vae_state_dict
+
+    ldm = _vae_state_dict()
+    assert ldm["encoder.mid.attn_1.q.weight"].ndim == 4
+    converted = convert_ldm_vae_checkpoint(ldm, TINY_VAE)
+    from diffusers import AutoencoderKL
+
+    model = AutoencoderKL(**{k: v for k, v in TINY_VAE.items() if not k.startswith("_")})
+    assert set(converted) == set(model.state_dict())
+    assert component_config("vae", {})["latent_channels"] == 16
+
+
+def test_a_file_of_the_wrong_architecture_is_refused(tiny_store, tmp_path):
+    from safetensors.torch import save_file
+
+    from ryla.flux.loading import ModelFormatError, build_transformer, read_tensors
+
+    tensors, meta = read_tensors(tiny_store.resolve("diffusion_models", "flux1-dev.safetensors"))
+    tensors["img_in.weight"] = torch.zeros(5, 5)
+    with pytest.raises(ModelFormatError, match="img_in|x_embedder"):
+        build_transformer(tensors, meta, torch.float32, torch.device("cpu"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(ModelFormatError, match="not a readable safetensors"):
+        read_tensors(bad)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelFormatError):
+        build_transformer(*read_tensors(tmp_path / "other.safetensors"), torch.float32, torch.device("cpu"))
+
+
+def test_store_resolves_like_comfyui_and_refuses_escapes(tmp_path):
+    store = ModelStore(tmp_path)
+    (tmp_path / "loras" / "people").mkdir(parents=True)
+    (tmp_path / "loras" / "people" / "anna.safetensors").write_bytes(b"x")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "legacy.safetensors").write_bytes(b"x")
+    (tmp_path / "secret.safetensors").write_bytes(b"x")
+    assert store.list("loras") == ["people/anna.safetensors"]
+    assert store.resolve("loras", "people/anna.safetensors").name == "anna.safetensors"
+    assert store.resolve("diffusion_models", "legacy.safetensors").parent.name == "unet"
+    for name in ("../secret.safetensors", "/etc/passwd", "people/../../secret.safetensors", "", "a\x00b"):
+        with pytest.raises(UnsafeNameError):
+            store.resolve("loras", name)
+    (tmp_path / "loras" / "link.safetensors").symlink_to(tmp_path / "secret.safetensors")
+    with pytest.raises(UnsafeNameError):
+        store.resolve("loras", "link.safetensors")
+    with pytest.raises(ModelNotFoundError, match="people/anna.safetensors"):
+        store.resolve("loras", "nobody.safetensors")
+
+
+def test_open_store_falls_back_to_tiny_once(tmp_path, monkeypatch, tiny_dir, caplog):
+    from ryla.models import store as store_module
+
+    monkeypatch.setenv("RYLA_TINY_MODELS_DIR", str(tiny_dir))
+    monkeypatch.setattr(store_module, "_announced_tiny", False)
+    with caplog.at_level("WARNING"):
+        first = store_module.open_store(tmp_path / "empty")
+        second = store_module.open_store(tmp_path / "empty")
+    assert first.tiny and second.root == tiny_dir.resolve()
+    assert sum("TINY random-weight" in r.message for r in caplog.records) == 1
+    assert json.loads(json.dumps(first.inventory()))["checkpoints"] == ["flux1-dev-fp8.safetensors"]

@@ -1,0 +1,96 @@
+"""Sigmas and noise match ComfyUI (and diffusers where the two agree)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ryla.flux import sampling
+
+
+def comfy_reference_sigmas(shift: float, steps: int, scheduler: str) -> np.ndarray:
+    """ComfyUI's schedules written out in float64 from comfy/model_sampling.py and
+    comfy/samplers.py, independently of ryla's implementation."""
+    t = np.arange(1, 10001) / 10000.0
+    table = math.exp(shift) / (math.exp(shift) + (1 / t - 1))
+
+    def sigma(x):
+        return math.exp(shift) / (math.exp(shift) + (1 / x - 1))
+
+    if scheduler == "simple":
+        stride = 10000 / steps
+        return np.array([table[-(1 + int(x * stride))] for x in range(steps)] + [0.0])
+    # normal: timesteps linspace(sigma_max, sigma_min), and sigma() applied to them again
+    ts = np.linspace(table[-1], table[0], steps)
+    return np.array([sigma(x) for x in ts] + [0.0])
+
+
+@pytest.mark.parametrize("width,height", [(1024, 1024), (768, 1344)])
+@pytest.mark.parametrize("scheduler", ["simple", "normal"])
+@pytest.mark.parametrize("with_model_sampling_flux", [True, False])
+def test_sigmas_match_comfyui(width, height, scheduler, with_model_sampling_flux):
+    shift = sampling.resolution_shift(width, height) if with_model_sampling_flux else sampling.DEFAULT_SHIFT
+    ours = sampling.calculate_sigmas(sampling.FluxModelSampling(shift), scheduler, 28).numpy()
+    expected = comfy_reference_sigmas(shift, 28, scheduler)
+    assert ours.shape == (29,)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-6)
+
+
+def test_model_sampling_flux_shift_formula():
+    # ComfyUI: 256 patches -> base_shift, 4096 patches (1024x1024) -> max_shift.
+    assert sampling.resolution_shift(1024, 1024) == pytest.approx(1.15)
+    assert sampling.resolution_shift(256, 256) == pytest.approx(0.5)
+    assert sampling.resolution_shift(768, 1344) == pytest.approx(0.5 + 0.65 * (4032 - 256) / 3840)
+
+
+@pytest.mark.parametrize("width,height", [(1024, 1024), (768, 1344)])
+def test_simple_schedule_matches_diffusers_with_dynamic_shift(width, height):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    steps = 28
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    mu = sampling.resolution_shift(width, height)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    ours = sampling.calculate_sigmas(sampling.FluxModelSampling(mu), "simple", steps)
+    # ComfyUI reads a 10000-entry table, diffusers evaluates exactly: equal to 1e-3.
+    np.testing.assert_allclose(ours.numpy(), scheduler.sigmas.numpy(), atol=1e-3)
+
+
+def test_denoise_takes_the_tail_of_a_longer_schedule():
+    ms = sampling.FluxModelSampling()
+    full = sampling.calculate_sigmas(ms, "simple", 20)
+    partial = sampling.ksampler_sigmas(ms, "simple", 10, 0.5)
+    assert torch.equal(partial, full[-11:])
+    assert len(sampling.ksampler_sigmas(ms, "simple", 10, 0.0)) == 0
+
+
+def test_noise_is_comfyui_prepare_noise():
+    shape = (2, 16, 32, 24)
+    noise = sampling.prepare_noise(shape, 1234)
+    generator = torch.manual_seed(1234)
+    expected = torch.randn(shape, dtype=torch.float32, generator=generator, device="cpu")
+    assert noise.dtype == torch.float32 and noise.device.type == "cpu"
+    assert torch.equal(noise, expected)
+    # One draw for the whole batch: the second image does not restart the generator.
+    assert not torch.equal(noise[0], noise[1])
+    assert torch.equal(sampling.prepare_noise((1, 16, 32, 24), 1234)[0], noise[0])
+
+
+def test_pack_unpack_roundtrip():
+    x = torch.randn(2, 16, 8, 12)
+    tokens = sampling.pack_latents(x)
+    assert tokens.shape == (2, 24, 64)
+    assert torch.equal(sampling.unpack_latents(tokens, 8, 12), x)
+    ids = sampling.latent_image_ids(8, 12, "cpu", torch.float32)
+    assert ids.shape == (24, 3) and ids[7].tolist() == [0.0, 1.0, 1.0]
+
+
+def test_euler_step_is_flow_matching():
+    sigmas = torch.tensor([1.0, 0.5, 0.0])
+    x = torch.ones(1)
+    out = sampling.euler(lambda x, s, i: torch.full_like(x, 2.0), x, sigmas)
+    assert out.item() == pytest.approx(1.0 + (-0.5) * 2 + (-0.5) * 2)
