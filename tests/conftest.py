@@ -39,3 +39,80 @@ def cli_env(tiny_dir, tmp_path) -> dict[str, str]:
     env["RYLA_TINY_MODELS_DIR"] = str(tiny_dir)
     env.pop("RYLA_API_KEY", None)
     return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `ryla serve` subprocess on a free port, stopped at the end of the test(s)."""
+
+    def __init__(self, env: dict[str, str], *args: str, log_path: Path):
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ryla.cli.main", "serve", "--port", str(self.port), *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except Exception:
+            self.process.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def server_env(tiny_dir, tmp_path_factory) -> dict[str, str]:
+    env = dict(os.environ)
+    env["RYLA_MODELS_DIR"] = str(tmp_path_factory.mktemp("server-store"))
+    env["RYLA_TINY_MODELS_DIR"] = str(tiny_dir)
+    env.pop("RYLA_API_KEY", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def server(server_env, tmp_path_factory):
+    """The default server: no auth, default limits."""
+    srv = Server(server_env, log_path=tmp_path_factory.mktemp("logs") / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def strict_server(server_env, tmp_path_factory):
+    """A server with an API key, a queue of one, a 2 s time limit and a 64 KiB body limit."""
+    env = {**server_env, "RYLA_API_KEY": "s3cret-key"}
+    srv = Server(env, "--max-queue", "1", "--timeout", "2", "--max-body-mb", "0.0625",
+                 log_path=tmp_path_factory.mktemp("logs") / "strict.log")
+    yield srv
+    srv.stop()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ryla import catalogue, imaging
 from ryla.flux.engine import FluxEngine
-from ryla.graph.executor import Executor, RunContext
+from ryla.graph.executor import Executor, RunContext, ValidatedGraph
 from ryla.graph.nodes import default_registry
 from ryla.models.store import ModelStore, open_store
 
@@ -55,8 +55,11 @@ class Runtime:
 
     def run(self, graph: dict, context: RunContext | None = None) -> RunResult:
         context = context or self.context()
+        return self.execute(self.executor.validate(graph, context), context)
+
+    def execute(self, validated: ValidatedGraph, context: RunContext) -> RunResult:
         start = time.perf_counter()
-        outputs = self.executor.run(graph, context)
+        outputs = self.executor.execute(validated, context)
         images, prefixes = [], []
         for saved in outputs:
             for image in imaging.to_pil(saved.images):

@@ -1,8 +1,177 @@
-"""`ryla-client`: talk to a running ryla server (filled in by the API issue)."""
+"""`ryla-client`: drive a ryla server (local `ryla serve` or the Modal deployment) from a
+terminal. The spec's `ryla_client.py`.
 
+    ryla-client flux-dev --prompt "a red fox in the snow" --output fox.jpg
+    ryla-client workflow my_graph.json --output-dir out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ryla import catalogue
+from ryla.cli.common import CliError, add_param, numbered_paths, write_atomic
+
+DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def main(argv=None) -> int:
-    print("ryla-client: not available in this build", file=sys.stderr)
-    return 2
+class Client:
+    """A thin HTTP client; every request asks for JSON so seeds and timings come back."""
+
+    def __init__(self, url: str, api_key: str | None, timeout: float):
+        import httpx
+
+        headers = {"Accept": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        import httpx
+
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise CliError(f"no answer from {self.url} within {self.http.timeout.read:g}s (--timeout)")
+        except httpx.HTTPError as exc:
+            raise CliError(f"cannot reach the server at {self.url}: {exc}")
+        if response.status_code >= 400:
+            raise CliError(_error_message(response))
+        return response.json() if "json" in response.headers.get("content-type", "") else response.content
+
+
+def _error_message(response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    message = f"{error.get('message', 'request failed')} (HTTP {response.status_code}, {error.get('type', 'error')})"
+    for node_id, entry in (body.get("node_errors") or {}).items():
+        for err in entry.get("errors", []):
+            message += f"\n  node {node_id} ({entry.get('class_type')}): {err.get('message')} {err.get('details', '')}"
+    if response.status_code == 429 and response.headers.get("retry-after"):
+        message += f"; retry after {response.headers['retry-after']}s"
+    return message
+
+
+def with_spinner(text: str, fn: Callable[[], Any]) -> Any:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return fn()
+    with console.status(text, spinner="dots"):
+        return fn()
+
+
+def save_images(body: dict, output: str) -> list[Path]:
+    images = body.get("images", [])
+    paths = numbered_paths(Path(output), len(images))
+    for image, path in zip(images, paths):
+        write_atomic(path, base64.b64decode(image["data"]))
+    return paths
+
+
+def report(body: dict, paths: list[Path]) -> None:
+    seeds = sorted({str(i["seed"]) for i in body["images"] if i.get("seed") is not None})
+    timings = body.get("timings", {})
+    seed_text = f"seed {', '.join(seeds)}  " if seeds else ""
+    print(f"{seed_text}{timings.get('generation_s', 0):.2f}s generation, {timings.get('total_s', 0):.2f}s total  "
+          f"-> {', '.join(str(p) for p in paths)}  (request {body.get('request_id')})")
+
+
+# ---------------------------------------------------------------------------------- commands
+
+FLUX_FIELDS = (catalogue.NEGATIVE_PROMPT, catalogue.WIDTH, catalogue.HEIGHT, catalogue.STEPS, catalogue.GUIDANCE,
+               catalogue.CFG, catalogue.SEED, catalogue.NUM_IMAGES, catalogue.OUTPUT_FORMAT, catalogue.QUALITY)
+
+
+def flux_body(args: argparse.Namespace, fields=FLUX_FIELDS) -> dict:
+    body = {"prompt": args.prompt}
+    for param in fields:
+        value = getattr(args, param.name)
+        if value is not None:
+            body[param.name] = value
+    return body
+
+
+def cmd_flux_dev(client: Client, args: argparse.Namespace) -> None:
+    body = with_spinner("generating...", lambda: client.request("POST", "/flux-dev", json=flux_body(args)))
+    report(body, save_images(body, args.output))
+
+
+def cmd_workflow(client: Client, args: argparse.Namespace) -> None:
+    try:
+        graph = json.loads(Path(args.workflow).read_text())
+    except OSError as exc:
+        raise CliError(f"cannot read workflow {args.workflow}: {exc.strerror}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"workflow {args.workflow} is not valid JSON: {exc}")
+    params = {"output_format": args.format}
+    body = with_spinner("running workflow...",
+                        lambda: client.request("POST", "/workflow", json=graph, params=params))
+    out = Path(args.output_dir)
+    report(body, save_images(body, str(out / f"workflow.{'jpg' if args.format == 'jpeg' else args.format}")))
+
+
+def cmd_health(client: Client, args: argparse.Namespace) -> None:
+    print(json.dumps(client.request("GET", "/health"), indent=2))
+
+
+def add_flux_options(parser: argparse.ArgumentParser) -> None:
+    add_param(parser, catalogue.PROMPT, required=True)
+    for param in FLUX_FIELDS:
+        add_param(parser, param, omit_default=True)  # not given: not sent, the server's default applies
+    parser.add_argument("--output", "-o", default="ryla.jpg",
+                        help="image file; several images get _1, _2... [default: ryla.jpg]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ryla-client", description="Call a ryla image API server.")
+    parser.add_argument("--url", default=os.environ.get("RYLA_URL", DEFAULT_URL),
+                        help=f"server URL [default: $RYLA_URL or {DEFAULT_URL}]")
+    parser.add_argument("--api-key", default=os.environ.get("RYLA_API_KEY"),
+                        help="API key sent as a Bearer token [default: $RYLA_API_KEY]")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer [default: 600]")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    flux = sub.add_parser("flux-dev", help="Text-to-image with FLUX.1-dev.", description="Text-to-image with FLUX.1-dev.")
+    add_flux_options(flux)
+    flux.set_defaults(handler=cmd_flux_dev)
+
+    wf = sub.add_parser("workflow", help="Run a ComfyUI API-format workflow JSON file.")
+    wf.add_argument("workflow", help="workflow file (API format, or a /prompt body)")
+    wf.add_argument("--output-dir", default="output", help="[default: output]")
+    wf.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default="png", help="[default: png]")
+    wf.set_defaults(handler=cmd_workflow)
+
+    health = sub.add_parser("health", help="Show the server's health: model set, loaded models, queue.")
+    health.set_defaults(handler=cmd_health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        client = Client(args.url, args.api_key, args.timeout)
+        args.handler(client, args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,32 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ryla import catalogue
+from ryla.cli.common import CliError, add_param, numbered_paths, write_atomic
 
 log = logging.getLogger("ryla")
-
-
-class CliError(Exception):
-    """A one-line, user-facing failure: printed as `error: ...`, exit status 1."""
-
-
-def add_param(parser: argparse.ArgumentParser, param: catalogue.Param, *, flag: str | None = None,
-              default=None, required: bool = False) -> None:
-    """A command-line option whose type, default, choices and help come from the catalogue."""
-    flag = flag or "--" + param.name.replace("_", "-")
-    default = param.default if default is None else default
-    bounds = []
-    if param.min is not None and param.type is not str:
-        bounds.append(f"min {param.min:g}")
-    if param.max is not None and param.type is not str:
-        bounds.append(f"max {param.max:g}")
-    if param.multiple_of:
-        bounds.append(f"multiple of {param.multiple_of}")
-    help_text = param.description + (f" ({', '.join(bounds)})" if bounds else "")
-    if default is not None and not required:
-        help_text += f" [default: {default}]"
-    parser.add_argument(flag, dest=param.name, type=param.type, default=None if required else default,
-                        choices=param.choices, required=required, help=help_text,
-                        metavar=None if param.choices else param.name.upper())
 
 
 def setup_logging(verbose: bool) -> None:
@@ -48,7 +25,10 @@ def setup_logging(verbose: bool) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
+    from ryla.logs import RequestIdFilter
+
+    handler.addFilter(RequestIdFilter())
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
     for noisy in ("httpx", "httpcore", "diffusers", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -93,9 +73,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
                           height=args.height, steps=args.steps, guidance=args.guidance, cfg=args.cfg, seed=seed,
                           batch_size=args.batch_size, checkpoint=args.checkpoint)
     result = _run_with_progress(runtime, graph)
-    paths = _numbered_paths(Path(args.output), len(result.images))
+    paths = numbered_paths(Path(args.output), len(result.images))
     for image, path in zip(result.images, paths):
-        _write_atomic(path, imaging.encode(image, fmt, args.quality))
+        write_atomic(path, imaging.encode(image, fmt, args.quality))
     print(f"seed {seed}  {result.seconds:.2f}s  -> {', '.join(str(p) for p in paths)}")
 
 
@@ -120,9 +100,25 @@ def cmd_run_workflow(args: argparse.Namespace) -> None:
     for image, prefix in zip(result.images, result.prefixes):
         counters[prefix] = counters.get(prefix, 0) + 1
         path = out_dir / f"{Path(prefix).name}_{counters[prefix]:05d}.{imaging.extension(args.format)}"
-        _write_atomic(path, imaging.encode(image, args.format, args.quality))
+        write_atomic(path, imaging.encode(image, args.format, args.quality))
         written.append(str(path))
     print(f"{len(written)} image(s) in {result.seconds:.2f}s -> {', '.join(written)}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from ryla.api.app import ServerSettings, create_app
+    from ryla.runtime import Runtime
+
+    settings = ServerSettings.from_env(max_queue=args.max_queue, request_timeout_s=args.timeout,
+                                       max_body_bytes=int(args.max_body_mb * 1024 * 1024) if args.max_body_mb else None)
+    logging.getLogger("ryla").setLevel(logging.INFO)  # a server logs its requests
+    runtime = Runtime.open(args.models_dir)
+    log.warning("serving %s model set from %s on http://%s:%d (auth %s)", "TINY" if runtime.store.tiny else "real",
+                runtime.store.root, args.host, args.port, "on" if settings.api_key else "off")
+    uvicorn.run(create_app(runtime, settings), host=args.host, port=args.port, log_config=None,
+                timeout_graceful_shutdown=5)
 
 
 def cmd_models_make_tiny(args: argparse.Namespace) -> None:
@@ -161,20 +157,6 @@ def _format_from_suffix(path: str) -> str:
     return {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}.get(suffix, "jpeg")
 
 
-def _numbered_paths(path: Path, count: int) -> list[Path]:
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}_{i + 1}{path.suffix}") for i in range(count)]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write beside the target and rename: an interrupted run leaves no half-written image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------------------------- parser
 
 _GENERATE_PARAMS = (catalogue.NEGATIVE_PROMPT, catalogue.WIDTH, catalogue.HEIGHT, catalogue.STEPS,
@@ -204,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default=None,
                      help="image format [default: from the --output suffix, else jpeg]")
     gen.add_argument("--checkpoint", default=None, help="checkpoint in checkpoints/ [default: flux1-dev-fp8.safetensors]")
+
+    serve = command("serve", "Serve the HTTP API (OpenAPI docs at /docs).", cmd_serve)
+    serve.add_argument("--host", default="127.0.0.1", help="[default: 127.0.0.1]")
+    serve.add_argument("--port", type=int, default=8000, help="[default: 8000]")
+    serve.add_argument("--max-queue", type=int, default=None,
+                       help="requests that may wait for the GPU; more get 429 [default: 8, env RYLA_MAX_QUEUE]")
+    serve.add_argument("--timeout", type=float, default=None,
+                       help="per-request time limit in seconds; then 504 [default: 300, env RYLA_REQUEST_TIMEOUT]")
+    serve.add_argument("--max-body-mb", type=float, default=None, help="largest request body [default: 32]")
 
     run = command("run-workflow", "Run a ComfyUI API-format workflow JSON file.", cmd_run_workflow)
     run.add_argument("workflow", help="workflow file (API format, or a /prompt body)")

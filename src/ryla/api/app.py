@@ -1,0 +1,244 @@
+"""The HTTP API: `create_app(runtime, settings)` builds the FastAPI app served by `ryla serve`
+and by the Modal deployment.
+
+Typed endpoints are thin: validate the request, fill a workflow template, and hand the graph
+to the same executor as /workflow, through the GPU work queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Body, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from ryla import catalogue, imaging
+from ryla.api import errors
+from ryla.api.errors import ApiError
+from ryla.api.metrics import Metrics
+from ryla.api.middleware import GuardMiddleware
+from ryla.api.schemas import ErrorResponse, FluxDevRequest, HealthResponse, ImagesResponse
+from ryla.api.work_queue import QueueFull, WorkQueue
+from ryla.flux.engine import Cancelled
+from ryla.graph.executor import ExecutionError, RunContext
+from ryla.runtime import RunResult, Runtime, random_seed
+from ryla.workflows import FLUX_DEV
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    api_key: str | None = None
+    max_queue: int = 8  # requests waiting for the GPU beyond the one running
+    request_timeout_s: float = 300.0
+    max_body_bytes: int = 32 * MB
+    preload: bool = True
+
+    @classmethod
+    def from_env(cls, **overrides) -> ServerSettings:
+        values: dict[str, Any] = {"api_key": os.environ.get("RYLA_API_KEY") or None}
+        for name, env, cast in (("max_queue", "RYLA_MAX_QUEUE", int),
+                                ("request_timeout_s", "RYLA_REQUEST_TIMEOUT", float),
+                                ("max_body_bytes", "RYLA_MAX_BODY_BYTES", int)):
+            if os.environ.get(env):
+                values[name] = cast(os.environ[env])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass
+class Timings:
+    queue: float = 0.0
+    generation: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"queue_s": round(self.queue, 4), "generation_s": round(self.generation, 4),
+                "total_s": round(self.queue + self.generation, 4), **self.extra}
+
+
+class Service:
+    """What the routes share: the runtime, the queue and the metrics."""
+
+    def __init__(self, runtime: Runtime, settings: ServerSettings, metrics: Metrics):
+        self.runtime, self.settings, self.metrics = runtime, settings, metrics
+        self.queue = WorkQueue(max_waiting=settings.max_queue)
+
+    async def run_graph(self, request: Request, graph: dict, endpoint: str,
+                        request_images: dict[str, bytes] | None = None) -> tuple[RunResult, Timings]:
+        """Validate now (a bad graph gets its 400 without waiting in line), then run on the GPU
+        worker; cancel if the client leaves or the time limit passes."""
+        request_id = request.state.request_id
+        context = self.runtime.context(request_id=request_id, request_images=request_images or {})
+        validated = self.runtime.validate(graph, context)
+
+        def work(cancel: threading.Event) -> RunResult:
+            context.cancel = cancel
+            return self.runtime.execute(validated, context)
+
+        try:
+            job = self.queue.submit(work, request_id)
+        except QueueFull as full:
+            raise ApiError(429, "queue_full", "the server is busy: too many requests waiting for the GPU",
+                           {"queue_depth": self.queue.depth}, headers={"Retry-After": str(full.retry_after)})
+        self.metrics.queue_depth.set(self.queue.depth)
+        try:
+            result = await self._wait(request, job)
+        except Cancelled:
+            raise ApiError(504, "timeout", f"generation did not finish within {self.settings.request_timeout_s:g}s")
+        except ExecutionError as exc:
+            if exc.user_error is not None:
+                err = exc.user_error
+                raise ApiError(err.status, err.type, err.message, err.details or None)
+            if isinstance(exc.cause, Cancelled):
+                raise ApiError(504, "timeout",
+                               f"generation did not finish within {self.settings.request_timeout_s:g}s")
+            raise
+        finally:
+            self.metrics.queue_depth.set(self.queue.depth)
+        self.metrics.queue_wait_seconds.observe(job.wait_seconds)
+        self.metrics.generation_seconds.labels(endpoint=endpoint).observe(job.run_seconds)
+        return result, Timings(queue=job.wait_seconds, generation=job.run_seconds)
+
+    async def _wait(self, request: Request, job):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self.queue.abandon(job)
+                raise Cancelled()
+            done, _ = await asyncio.wait({job.future}, timeout=min(0.2, remaining))
+            if done:
+                try:
+                    return job.future.result()
+                except asyncio.CancelledError:
+                    raise Cancelled()
+            if await request.is_disconnected():
+                self.queue.abandon(job)
+                log.info("[%s] client disconnected; generation cancelled", job.request_id)
+                raise ApiError(499, "client_closed_request", "the client closed the connection")
+
+
+def image_response(request: Request, images, *, seeds: list[int | None], fmt: str, quality: int,
+                   timings: Timings, headers: dict[str, str] | None = None) -> Response:
+    """One image as bytes; several, or `Accept: application/json`, as JSON with base64."""
+    headers = dict(headers or {})
+    headers["X-Generation-Time"] = f"{timings.generation:.3f}"
+    headers["X-Queue-Time"] = f"{timings.queue:.3f}"
+    encoded = [imaging.encode(image, fmt, quality) for image in images]
+    wants_json = "application/json" in request.headers.get("accept", "").lower() or len(encoded) != 1
+    if seeds and seeds[0] is not None:
+        headers["X-Seed"] = str(seeds[0])
+    if not wants_json:
+        return Response(encoded[0], media_type=imaging.media_type(fmt), headers=headers)
+    body = ImagesResponse(
+        images=[{"data": base64.b64encode(data).decode(), "seed": seed, "width": image.width,
+                 "height": image.height, "format": fmt}
+                for data, image, seed in zip(encoded, images, seeds)],
+        request_id=request.state.request_id,
+        timings=timings.as_dict(),
+    )
+    return JSONResponse(body.model_dump(), headers=headers)
+
+
+IMAGE_RESPONSES = {
+    200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {},
+                      "application/json": {"schema": ImagesResponse.model_json_schema()}},
+          "description": "The image (default), or JSON with base64 images (Accept: application/json, "
+                         "or more than one image)."},
+    422: {"model": ErrorResponse, "description": "An invalid field; the message names it."},
+    429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds."},
+    504: {"model": ErrorResponse, "description": "Generation exceeded the server's time limit."},
+}
+
+
+def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings.from_env()
+    metrics = Metrics()
+    service = Service(runtime, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        default_checkpoint = FLUX_DEV.graph["1"]["inputs"]["ckpt_name"]
+        if settings.preload and default_checkpoint in runtime.store.list("checkpoints"):
+            # Load the default model before serving, so the first request does not pay for it
+            # and /health reports it. A broken file stops the server here, not at a request.
+            await asyncio.to_thread(runtime.engine.load_checkpoint, default_checkpoint)
+        yield
+        service.queue.close()
+
+    app = FastAPI(
+        title="ryla",
+        summary="FLUX.1-dev image generation API: text-to-image, identity, LoRAs and ComfyUI workflows.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    errors.install(app)
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key,
+                       metrics=metrics)
+
+    @app.post("/flux-dev", responses=IMAGE_RESPONSES, response_class=Response, tags=["generate"],
+              summary="Text-to-image with FLUX.1-dev")
+    async def flux_dev(body: FluxDevRequest, request: Request) -> Response:
+        seed = body.seed if body.seed is not None else random_seed()
+        graph = FLUX_DEV.fill(**body.template_params(seed))
+        result, timings = await service.run_graph(request, graph, "flux-dev")
+        return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
+                              quality=body.quality, timings=timings)
+
+    @app.post("/workflow", responses={**IMAGE_RESPONSES, 400: {"description": "ComfyUI's validation error shape: "
+                                                                              "{error, node_errors}."}},
+              response_class=Response, tags=["generate"], summary="Run a ComfyUI API-format workflow")
+    async def workflow(request: Request,
+                       body: dict[str, Any] = Body(..., description="The workflow graph, bare or as ComfyUI's "
+                                                   "/prompt body {\"prompt\": {...}}."),
+                       output_format: str = Query("png", pattern="^(jpeg|png|webp)$",
+                                                  description=catalogue.OUTPUT_FORMAT.description),
+                       quality: int = Query(catalogue.QUALITY.default, ge=catalogue.QUALITY.min,
+                                            le=catalogue.QUALITY.max)) -> Response:
+        graph = body["prompt"] if isinstance(body.get("prompt"), dict) else body
+        result, timings = await service.run_graph(request, graph, "workflow")
+        if not result.images:
+            raise ApiError(422, "no_images", "the workflow ran but its output nodes produced no images")
+        return image_response(request, result.images, seeds=[None] * len(result.images), fmt=output_format,
+                              quality=quality, timings=timings)
+
+    @app.get("/health", response_model=HealthResponse, tags=["service"])
+    async def health() -> dict:
+        return {"status": "ok", "model_set": "tiny" if runtime.store.tiny else "real",
+                "models_dir": str(runtime.store.root), "loaded_models": runtime.engine.loaded_models(),
+                "queue_depth": service.queue.depth, "device": str(runtime.engine.device)}
+
+    @app.get("/models", tags=["service"], summary="Model files in the store, by folder")
+    async def models() -> dict:
+        return {"models_dir": str(runtime.store.root), "tiny": runtime.store.tiny,
+                "folders": runtime.store.inventory()}
+
+    @app.get("/object_info", tags=["service"], summary="Supported nodes, in ComfyUI's /object_info shape")
+    async def object_info() -> dict:
+        return runtime.registry.object_info(RunContext(engine=runtime.engine))
+
+    @app.get("/object_info/{node_class}", tags=["service"])
+    async def object_info_node(node_class: str) -> dict:
+        if node_class not in runtime.registry:
+            raise ApiError(404, "not_found", f"no node class {node_class!r}")
+        return {node_class: runtime.registry.object_info(RunContext(engine=runtime.engine))[node_class]}
+
+    @app.get("/metrics", tags=["service"], summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        metrics.queue_depth.set(service.queue.depth)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

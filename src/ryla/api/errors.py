@@ -1,0 +1,79 @@
+"""One error shape for every failure: `{"error": {"type", "message", "details"}}`.
+
+Workflow validation failures are the exception: they keep ComfyUI's /prompt shape (with
+`node_errors`), because that is what ComfyUI clients parse. Bad input never becomes a 500;
+an unexpected exception is logged with its traceback and the client gets a generic message
+with the request id to quote.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ryla.graph.executor import GraphValidationError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, type_: str, message: str, details: Any = None,
+                 headers: dict[str, str] | None = None):
+        self.status, self.type, self.message, self.details = status, type_, message, details
+        self.headers = headers or {}
+        super().__init__(message)
+
+
+def error_response(status: int, type_: str, message: str, details: Any = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message, "details": details}},
+                        status_code=status, headers=headers)
+
+
+_HTTP_TYPES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+               413: "payload_too_large", 415: "unsupported_media_type", 429: "queue_full"}
+
+
+def _field_name(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        errors = [{"field": _field_name(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid"),
+                   "type": e.get("type", "invalid")} for e in exc.errors()]
+        first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+        message = f"{first['field']}: {first['message']}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more)"
+        return error_response(422, "invalid_request", message, {"errors": errors})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        type_ = _HTTP_TYPES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else type_.replace("_", " ")
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(exc.status_code, type_, message, None, getattr(exc, "headers", None))
+
+    @app.exception_handler(GraphValidationError)
+    async def invalid_graph(request: Request, exc: GraphValidationError):
+        return JSONResponse(exc.body, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        request_id = getattr(request.state, "request_id", "-")
+        log.error("[%s] unhandled error", request_id, exc_info=exc)
+        return error_response(500, "internal_error",
+                              f"internal server error; the server log has the details under request id {request_id}")

@@ -1,0 +1,112 @@
+"""ASGI middleware: request ids, body size limit, API-key auth, metrics and access logs.
+
+Written as plain ASGI (not BaseHTTPMiddleware) so the body limit also holds for chunked
+uploads that send no Content-Length, and so responses pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+
+from ryla.api.metrics import Metrics
+from ryla.logs import request_id_var
+
+log = logging.getLogger("ryla.access")
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _json_error(status: int, type_: str, message: str, extra_headers: list | None = None):
+    body = json.dumps({"error": {"type": type_, "message": message, "details": None}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return status, headers + (extra_headers or []), body
+
+
+class GuardMiddleware:
+    def __init__(self, app, *, max_body_bytes: int, api_key: str | None, metrics: Metrics,
+                 public_paths: tuple[str, ...] = ("/health",)):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.api_key = api_key.encode() if api_key else None
+        self.metrics = metrics
+        self.public_paths = public_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        given = headers.get("x-request-id", "")
+        request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex[:16]
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        path, method = scope.get("path", ""), scope.get("method", "")
+        start = time.perf_counter()
+        status_holder = {"status": 500, "started": False}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["started"] = True
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        async def reply(status, headers, body):
+            await send_with_id({"type": "http.response.start", "status": status, "headers": headers})
+            await send_with_id({"type": "http.response.body", "body": body})
+
+        try:
+            if self.api_key is not None and path not in self.public_paths:
+                auth = headers.get("authorization", "")
+                scheme, _, key = auth.partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key):
+                    return await reply(*_json_error(401, "unauthorized", "missing or wrong API key: send "
+                                                    "'Authorization: Bearer <key>'",
+                                                    [(b"www-authenticate", b"Bearer")]))
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                return await reply(*_json_error(413, "payload_too_large",
+                                                f"request body over the limit of {self.max_body_bytes} bytes"))
+            # Read the body here, up to the limit, then replay it: FastAPI turns any error raised
+            # while it reads into a 400, so the limit must be enforced before the app reads.
+            chunks, size, more = [], 0, scope.get("method") in ("POST", "PUT", "PATCH")
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    return await reply(*_json_error(413, "payload_too_large",
+                                                    f"request body over the limit of {self.max_body_bytes} bytes"))
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            replayed = False
+
+            async def replay_receive():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return await receive()  # afterwards: disconnect detection
+
+            await self.app(scope, replay_receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = _route_label(scope)
+            self.metrics.requests.labels(route=route, method=method, status=str(status_holder["status"])).inc()
+            log.info("%s %s -> %s in %.3fs", method, path, status_holder["status"], elapsed)
+            request_id_var.reset(token)
+
+
+def _route_label(scope) -> str:
+    """The route template, not the raw path, so metrics stay bounded (no label per LoRA id)."""
+    route = scope.get("route")
+    if route is not None and getattr(route, "path", None):
+        return route.path
+    return "unmatched"

@@ -1,0 +1,93 @@
+"""Typed request and response bodies. Every bound comes from ryla.catalogue."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from ryla import catalogue
+
+
+_CATALOGUE_DEFAULT = object()
+
+
+def field(param: catalogue.Param, default: Any = _CATALOGUE_DEFAULT, **overrides) -> Any:
+    """A pydantic Field with the catalogue's default, bounds and description
+    (pass default=... for a required field)."""
+    options: dict[str, Any] = {"description": param.description}
+    if param.type in (int, float):
+        if param.min is not None:
+            options["ge"] = param.min
+        if param.max is not None:
+            options["le"] = param.max
+        if param.multiple_of:
+            options["multiple_of"] = param.multiple_of
+    elif param.type is str:
+        if param.max is not None:
+            options["max_length"] = int(param.max)
+        if param.min is not None:
+            options["min_length"] = int(param.min)
+    options.update(overrides)
+    return Field(param.default if default is _CATALOGUE_DEFAULT else default, **options)
+
+
+Prompt = Annotated[str, StringConstraints(strip_whitespace=False, min_length=1, max_length=int(catalogue.PROMPT.max))]
+
+
+class StrictModel(BaseModel):
+    # Unknown fields are an error naming the field, not silently ignored: a typo such as
+    # "setps" must not quietly give the default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class FluxDevRequest(StrictModel):
+    prompt: Prompt = field(catalogue.PROMPT, default=..., examples=["a red fox in the snow, golden hour"])
+    negative_prompt: str = field(catalogue.NEGATIVE_PROMPT)
+    width: int = field(catalogue.WIDTH)
+    height: int = field(catalogue.HEIGHT)
+    steps: int = field(catalogue.STEPS)
+    guidance: float = field(catalogue.GUIDANCE)
+    cfg: float = field(catalogue.CFG)
+    seed: int | None = field(catalogue.SEED)
+    num_images: int = field(catalogue.NUM_IMAGES)
+    output_format: Literal["jpeg", "png", "webp"] = field(catalogue.OUTPUT_FORMAT)
+    quality: int = field(catalogue.QUALITY)
+
+    def template_params(self, seed: int) -> dict[str, Any]:
+        """The FLUX_DEV template's parameters for this request."""
+        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, width=self.width, height=self.height,
+                    steps=self.steps, guidance=self.guidance, cfg=self.cfg, seed=seed, batch_size=self.num_images)
+
+
+class ImageOut(BaseModel):
+    data: str = Field(description="base64 of the encoded image")
+    seed: int | None = Field(description="seed of this image's batch (null for workflows)")
+    width: int
+    height: int
+    format: str
+
+
+class ImagesResponse(BaseModel):
+    images: list[ImageOut]
+    request_id: str
+    timings: dict[str, float] = Field(description="seconds: queue wait, generation, total")
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    model_set: Literal["real", "tiny"]
+    models_dir: str
+    loaded_models: list[str]
+    queue_depth: int
+    device: str
