@@ -110,8 +110,9 @@ def server(server_env, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def strict_server(server_env, tmp_path_factory):
-    """A server with an API key, a queue of one, a 2 s time limit and a 64 KiB body limit."""
-    env = {**server_env, "RYLA_API_KEY": "s3cret-key"}
+    """A server with an API key, a queue of one, a 2 s time limit, a 64 KiB body limit and a
+    200 kB LoRA upload limit."""
+    env = {**server_env, "RYLA_API_KEY": "s3cret-key", "RYLA_MAX_LORA_BYTES": "200000"}
     srv = Server(env, "--max-queue", "1", "--timeout", "2", "--max-body-mb", "0.0625",
                  log_path=tmp_path_factory.mktemp("logs") / "strict.log")
     yield srv

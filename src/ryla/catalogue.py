@@ -79,3 +79,6 @@ BASE_SHIFT = Param("base_shift", float, 0.5, "ModelSamplingFlux shift at 256 ima
 LORA_STRENGTH = Param("lora_strength", float, 1.0, "How strongly the LoRA is applied; 0 gives the base model.",
                       min=-4.0, max=4.0)
 FILENAME_PREFIX = Param("filename_prefix", str, "ryla", "Prefix for saved image names.", max=200)
+LORA_ID = Param("lora_id", str, None, "Id of a LoRA in the store (see GET /loras).", min=1, max=128)
+TRIGGER_WORD = Param("trigger_word", str, None, "Word that activates the LoRA; put into the prompt once. "
+                     "Defaults to the one stored with the LoRA.", max=100)

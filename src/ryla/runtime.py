@@ -16,6 +16,7 @@ from ryla import catalogue, imaging
 from ryla.flux.engine import FluxEngine
 from ryla.graph.executor import Executor, RunContext, ValidatedGraph
 from ryla.graph.nodes import default_registry
+from ryla.models.loras import LoraStore
 from ryla.models.store import ModelStore, open_store
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Runtime:
         self.engine = engine or FluxEngine(store)
         self.registry = default_registry()
         self.executor = Executor(self.registry)
+        self.loras = LoraStore(store.folder("loras"), self.engine.lora_target_shapes)
 
     @classmethod
     def open(cls, models_dir: Path | str | None = None, **engine_options) -> Runtime:

@@ -24,12 +24,15 @@ from ryla.api import errors
 from ryla.api.errors import ApiError
 from ryla.api.metrics import Metrics
 from ryla.api.middleware import GuardMiddleware
-from ryla.api.schemas import ErrorResponse, FluxDevRequest, HealthResponse, ImagesResponse
+from ryla.api.schemas import (ErrorResponse, FluxDevRequest, FluxLoraRequest, HealthResponse, ImagesResponse,
+                              LoraInfo, LoraList)
 from ryla.api.work_queue import QueueFull, WorkQueue
 from ryla.flux.engine import Cancelled
 from ryla.graph.executor import ExecutionError, RunContext
 from ryla.runtime import RunResult, Runtime, random_seed
-from ryla.workflows import FLUX_DEV
+from ryla.flux.lora import LoraFormatError
+from ryla.models.loras import InvalidLoraId, LoraExists, LoraNotFound, check_id, id_from_filename
+from ryla.workflows import FLUX_DEV, flux_lora_graph, with_trigger_words
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class ServerSettings:
     max_queue: int = 8  # requests waiting for the GPU beyond the one running
     request_timeout_s: float = 300.0
     max_body_bytes: int = 32 * MB
+    max_lora_bytes: int = 2048 * MB  # a rank-128 FLUX LoRA is ~1.3 GB
     preload: bool = True
 
     @classmethod
@@ -49,7 +53,8 @@ class ServerSettings:
         values: dict[str, Any] = {"api_key": os.environ.get("RYLA_API_KEY") or None}
         for name, env, cast in (("max_queue", "RYLA_MAX_QUEUE", int),
                                 ("request_timeout_s", "RYLA_REQUEST_TIMEOUT", float),
-                                ("max_body_bytes", "RYLA_MAX_BODY_BYTES", int)):
+                                ("max_body_bytes", "RYLA_MAX_BODY_BYTES", int),
+                                ("max_lora_bytes", "RYLA_MAX_LORA_BYTES", int)):
             if os.environ.get(env):
                 values[name] = cast(os.environ[env])
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -130,6 +135,11 @@ class Service:
                 raise ApiError(499, "client_closed_request", "the client closed the connection")
 
 
+def _ascii(text: str) -> str:
+    """A header-safe rendering (HTTP headers are latin-1)."""
+    return text.encode("ascii", "backslashreplace").decode()[:1000]
+
+
 def image_response(request: Request, images, *, seeds: list[int | None], fmt: str, quality: int,
                    timings: Timings, headers: dict[str, str] | None = None) -> Response:
     """One image as bytes; several, or `Accept: application/json`, as JSON with base64."""
@@ -187,7 +197,7 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
     app.state.service = service
     errors.install(app)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key,
-                       metrics=metrics)
+                       metrics=metrics, upload_paths={"/loras": settings.max_lora_bytes})
 
     @app.post("/flux-dev", responses=IMAGE_RESPONSES, response_class=Response, tags=["generate"],
               summary="Text-to-image with FLUX.1-dev")
@@ -214,6 +224,91 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
             raise ApiError(422, "no_images", "the workflow ran but its output nodes produced no images")
         return image_response(request, result.images, seeds=[None] * len(result.images), fmt=output_format,
                               quality=quality, timings=timings)
+
+    def lora_entry(lora_id: str) -> dict:
+        try:
+            return runtime.loras.get(lora_id)
+        except InvalidLoraId as exc:
+            raise ApiError(422, "invalid_lora_id", str(exc))
+        except LoraNotFound as exc:
+            raise ApiError(404, "lora_not_found", str(exc), {"lora_id": lora_id})
+
+    @app.post("/flux-lora", responses={**IMAGE_RESPONSES, 404: {"model": ErrorResponse,
+                                                                "description": "lora_not_found"}},
+              response_class=Response, tags=["generate"], summary="Text-to-image with one or more character LoRAs")
+    async def flux_lora(body: FluxLoraRequest, request: Request) -> Response:
+        refs = [(body.lora_id, body.lora_strength)] + [(ref.id, ref.strength) for ref in body.loras]
+        entries = [lora_entry(lora_id) for lora_id, _ in refs]
+        if body.trigger_word is not None:
+            words = [body.trigger_word] + [e.get("trigger_word") for e in entries[1:]]
+        else:
+            words = [e.get("trigger_word") for e in entries]
+        seed = body.seed if body.seed is not None else random_seed()
+        params = body.template_params(seed)
+        params["prompt"] = with_trigger_words(body.prompt, [w for w in words if w])
+        graph = flux_lora_graph([(e["file"], strength) for e, (_, strength) in zip(entries, refs)], **params)
+        result, timings = await service.run_graph(request, graph, "flux-lora")
+        return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
+                              quality=body.quality, timings=timings, headers={"X-Prompt": _ascii(params["prompt"])})
+
+    @app.get("/loras", response_model=LoraList, tags=["loras"], summary="LoRAs in the store")
+    async def list_loras() -> dict:
+        return {"loras": await asyncio.to_thread(runtime.loras.list)}
+
+    @app.post("/loras", status_code=201, response_model=LoraInfo, tags=["loras"],
+              summary="Upload a LoRA (.safetensors, multipart field 'file'; optional 'id', 'trigger_word')",
+              responses={413: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
+                         422: {"model": ErrorResponse, "description": "not a FLUX LoRA, or a bad id"}})
+    async def upload_lora(request: Request) -> dict:
+        from starlette.requests import ClientDisconnect
+
+        from ryla.api.middleware import BodyTooLarge
+
+        try:
+            form = await request.form(max_files=1, max_fields=4)
+        except BodyTooLarge:
+            raise ApiError(413, "payload_too_large", f"LoRA upload over the limit of {settings.max_lora_bytes} bytes")
+        except ClientDisconnect:
+            raise ApiError(400, "upload_incomplete", "the upload was cut off; nothing was stored")
+        except Exception as exc:  # malformed multipart bodies
+            raise ApiError(422, "invalid_request", f"expected a multipart/form-data upload: {exc}")
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(422, "invalid_request", "file: a .safetensors file is required (multipart field 'file')",
+                           {"errors": [{"field": "file", "message": "required"}]})
+        raw_id = form.get("id")
+        trigger = form.get("trigger_word")
+        try:
+            lora_id = check_id(raw_id) if isinstance(raw_id, str) and raw_id else id_from_filename(upload.filename or "")
+        except InvalidLoraId as exc:
+            raise ApiError(422, "invalid_lora_id", str(exc), {"errors": [{"field": "id", "message": str(exc)}]})
+        if isinstance(trigger, str) and len(trigger) > 100:
+            raise ApiError(422, "invalid_request", "trigger_word: at most 100 characters")
+
+        def chunks():
+            upload.file.seek(0)
+            while chunk := upload.file.read(1 << 20):
+                yield chunk
+
+        try:
+            return await asyncio.to_thread(runtime.loras.add_chunks, chunks(), lora_id,
+                                           trigger if isinstance(trigger, str) else None)
+        except LoraExists as exc:
+            raise ApiError(409, "lora_exists", str(exc))
+        except LoraFormatError as exc:
+            raise ApiError(422, "invalid_lora", f"not a FLUX LoRA for this model: {exc}")
+        finally:
+            await upload.close()
+
+    @app.delete("/loras/{lora_id}", status_code=204, tags=["loras"], response_class=Response)
+    async def delete_lora(lora_id: str) -> Response:
+        try:
+            await asyncio.to_thread(runtime.loras.remove, lora_id)
+        except InvalidLoraId as exc:
+            raise ApiError(422, "invalid_lora_id", str(exc))
+        except LoraNotFound as exc:
+            raise ApiError(404, "lora_not_found", str(exc), {"lora_id": lora_id})
+        return Response(status_code=204)
 
     @app.get("/health", response_model=HealthResponse, tags=["service"])
     async def health() -> dict:

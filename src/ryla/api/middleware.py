@@ -21,6 +21,10 @@ log = logging.getLogger("ryla.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+class BodyTooLarge(Exception):
+    """Raised from receive() when an upload passes its limit; the upload route lets it pass."""
+
+
 def _json_error(status: int, type_: str, message: str, extra_headers: list | None = None):
     body = json.dumps({"error": {"type": type_, "message": message, "details": None}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -29,9 +33,12 @@ def _json_error(status: int, type_: str, message: str, extra_headers: list | Non
 
 class GuardMiddleware:
     def __init__(self, app, *, max_body_bytes: int, api_key: str | None, metrics: Metrics,
-                 public_paths: tuple[str, ...] = ("/health",)):
+                 public_paths: tuple[str, ...] = ("/health",), upload_paths: dict[str, int] | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Uploads (LoRA files) stream to disk under their own, larger limit instead of being
+        # buffered here.
+        self.upload_paths = upload_paths or {}
         self.api_key = api_key.encode() if api_key else None
         self.metrics = metrics
         self.public_paths = public_paths
@@ -68,10 +75,28 @@ class GuardMiddleware:
                     return await reply(*_json_error(401, "unauthorized", "missing or wrong API key: send "
                                                     "'Authorization: Bearer <key>'",
                                                     [(b"www-authenticate", b"Bearer")]))
+            limit = self.upload_paths.get(path, self.max_body_bytes) if method == "POST" else self.max_body_bytes
+            too_large = _json_error(413, "payload_too_large", f"request body over the limit of {limit} bytes")
             length = headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                return await reply(*_json_error(413, "payload_too_large",
-                                                f"request body over the limit of {self.max_body_bytes} bytes"))
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                return await reply(*too_large)
+            if method == "POST" and path in self.upload_paths:
+                received = 0
+
+                async def counted_receive():
+                    nonlocal received
+                    message = await receive()
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise BodyTooLarge()
+                    return message
+
+                try:
+                    return await self.app(scope, counted_receive, send_with_id)
+                except BodyTooLarge:
+                    if not status_holder["started"]:
+                        await reply(*too_large)
+                    return
             # Read the body here, up to the limit, then replay it: FastAPI turns any error raised
             # while it reads into a 400, so the limit must be enforced before the app reads.
             chunks, size, more = [], 0, scope.get("method") in ("POST", "PUT", "PATCH")
@@ -81,9 +106,8 @@ class GuardMiddleware:
                     return
                 chunk = message.get("body", b"")
                 size += len(chunk)
-                if size > self.max_body_bytes:
-                    return await reply(*_json_error(413, "payload_too_large",
-                                                    f"request body over the limit of {self.max_body_bytes} bytes"))
+                if size > limit:
+                    return await reply(*too_large)
                 chunks.append(chunk)
                 more = message.get("more_body", False)
             replayed = False

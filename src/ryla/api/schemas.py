@@ -60,6 +60,34 @@ class FluxDevRequest(StrictModel):
                     steps=self.steps, guidance=self.guidance, cfg=self.cfg, seed=seed, batch_size=self.num_images)
 
 
+LoraId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")]
+
+
+class LoraRef(StrictModel):
+    id: LoraId = Field(description=catalogue.LORA_ID.description)
+    strength: float = field(catalogue.LORA_STRENGTH)
+
+
+class FluxLoraRequest(FluxDevRequest):
+    lora_id: LoraId = field(catalogue.LORA_ID, default=..., examples=["anna-v2"])
+    lora_strength: float = field(catalogue.LORA_STRENGTH)
+    trigger_word: str | None = field(catalogue.TRIGGER_WORD)
+    loras: list[LoraRef] = Field(default_factory=list, max_length=3,
+                                 description="More LoRAs stacked after lora_id, each with its own strength.")
+
+
+class LoraInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    file: str
+    trigger_word: str | None = None
+    size: int
+
+
+class LoraList(BaseModel):
+    loras: list[LoraInfo]
+
+
 class ImageOut(BaseModel):
     data: str = Field(description="base64 of the encoded image")
     seed: int | None = Field(description="seed of this image's batch (null for workflows)")

@@ -109,6 +109,45 @@ def cmd_flux_dev(client: Client, args: argparse.Namespace) -> None:
     report(body, save_images(body, args.output))
 
 
+def cmd_flux_lora(client: Client, args: argparse.Namespace) -> None:
+    body = flux_body(args)
+    body["lora_id"] = args.lora_id
+    for name in ("lora_strength", "trigger_word"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    if args.also:
+        body["loras"] = [_lora_ref(text) for text in args.also]
+    result = with_spinner("generating...", lambda: client.request("POST", "/flux-lora", json=body))
+    report(result, save_images(result, args.output))
+
+
+def _lora_ref(text: str) -> dict:
+    lora_id, _, strength = text.partition(":")
+    try:
+        return {"id": lora_id, "strength": float(strength) if strength else 1.0}
+    except ValueError:
+        raise CliError(f"--also expects ID or ID:STRENGTH, got {text!r}")
+
+
+def cmd_loras(client: Client, args: argparse.Namespace) -> None:
+    if args.loras_command == "list":
+        for e in client.request("GET", "/loras")["loras"]:
+            print(f"{e['id']:<32} {e.get('format', '?'):<8} rank {str(e.get('rank', '?')):<4} "
+                  f"{e['size'] / 1e6:8.1f} MB  trigger: {e.get('trigger_word') or '-'}")
+    elif args.loras_command == "add":
+        path = Path(args.file)
+        if not path.is_file():
+            raise CliError(f"no such file: {args.file}")
+        fields = {k: v for k, v in (("id", args.id), ("trigger_word", args.trigger_word)) if v}
+        with open(path, "rb") as f:
+            meta = with_spinner("uploading...", lambda: client.request(
+                "POST", "/loras", data=fields, files={"file": (path.name, f, "application/octet-stream")}))
+        print(f"added {meta['id']} ({meta['format']}, rank {meta['rank']})")
+    else:
+        client.request("DELETE", f"/loras/{args.id}")
+        print(f"removed {args.id}")
+
+
 def cmd_workflow(client: Client, args: argparse.Namespace) -> None:
     try:
         graph = json.loads(Path(args.workflow).read_text())
@@ -147,6 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     flux = sub.add_parser("flux-dev", help="Text-to-image with FLUX.1-dev.", description="Text-to-image with FLUX.1-dev.")
     add_flux_options(flux)
     flux.set_defaults(handler=cmd_flux_dev)
+
+    lora = sub.add_parser("flux-lora", help="Text-to-image with a character LoRA from the server's store.",
+                          description="Text-to-image with a character LoRA from the server's store.")
+    add_flux_options(lora)
+    add_param(lora, catalogue.LORA_ID, required=True)
+    add_param(lora, catalogue.LORA_STRENGTH, omit_default=True)
+    add_param(lora, catalogue.TRIGGER_WORD, omit_default=True)
+    lora.add_argument("--also", action="append", metavar="ID[:STRENGTH]", help="stack another LoRA (repeatable)")
+    lora.set_defaults(handler=cmd_flux_lora)
+
+    loras = sub.add_parser("loras", help="List, upload or remove LoRAs on the server.")
+    loras_sub = loras.add_subparsers(dest="loras_command", required=True, metavar="ACTION")
+    loras_sub.add_parser("list", help="List the server's LoRAs.").set_defaults(handler=cmd_loras)
+    add = loras_sub.add_parser("add", help="Upload a .safetensors LoRA.")
+    add.add_argument("file")
+    add.add_argument("--id", default=None, help="[default: from the file name]")
+    add.add_argument("--trigger-word", default=None)
+    add.set_defaults(handler=cmd_loras)
+    rm = loras_sub.add_parser("remove", help="Remove a LoRA.")
+    rm.add_argument("id")
+    rm.set_defaults(handler=cmd_loras)
 
     wf = sub.add_parser("workflow", help="Run a ComfyUI API-format workflow JSON file.")
     wf.add_argument("workflow", help="workflow file (API format, or a /prompt body)")

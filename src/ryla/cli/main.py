@@ -138,6 +138,47 @@ def cmd_models_list(args: argparse.Namespace) -> None:
         print(f"  {kind}/: {', '.join(names) if names else '-'}")
 
 
+def _lora_store(args):
+    from ryla.flux.engine import FluxEngine
+    from ryla.models.loras import LoraStore
+    from ryla.models.store import open_store
+
+    store = open_store(args.models_dir)
+    return LoraStore(store.folder("loras"), FluxEngine(store, device="cpu").lora_target_shapes)
+
+
+def cmd_loras(args: argparse.Namespace) -> None:
+    from ryla.flux.lora import LoraFormatError
+    from ryla.models.loras import InvalidLoraId, LoraExists, LoraNotFound
+
+    loras = _lora_store(args)
+    try:
+        if args.loras_command == "add":
+            if not Path(args.file).is_file():
+                raise CliError(f"no such file: {args.file}")
+            meta = loras.add_file(Path(args.file), args.id, args.trigger_word)
+            print(f"added {meta['id']} ({meta['format']}, rank {meta['rank']}, {meta['targets']} layers"
+                  f"{', trigger ' + repr(meta['trigger_word']) if meta['trigger_word'] else ''})")
+        elif args.loras_command == "list":
+            entries = loras.list()
+            if args.json:
+                print(json.dumps(entries, indent=2))
+            elif not entries:
+                print(f"no LoRAs in {loras.folder}")
+            for e in entries if not args.json else []:
+                print(f"{e['id']:<32} {e.get('format', '?'):<8} rank {str(e.get('rank', '?')):<4} "
+                      f"{e['size'] / 1e6:8.1f} MB  trigger: {e.get('trigger_word') or '-'}")
+        else:
+            loras.remove(args.id)
+            print(f"removed {args.id}")
+    except (InvalidLoraId, LoraNotFound) as exc:
+        raise CliError(str(exc))
+    except LoraExists as exc:
+        raise CliError(f"{exc} (already exists)")
+    except LoraFormatError as exc:
+        raise CliError(f"not a FLUX LoRA for this model: {exc}")
+
+
 def _run_with_progress(runtime, graph):
     from ryla.graph.executor import ExecutionError, GraphValidationError
 
@@ -210,6 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     lst = models_sub.add_parser("list", help="List the files in the model store, by folder.")
     lst.add_argument("--models-dir", default=None)
     lst.set_defaults(handler=cmd_models_list)
+
+    loras = sub.add_parser("loras", help="Manage the LoRA store (the model store's loras/ folder).")
+    loras_sub = loras.add_subparsers(dest="loras_command", required=True, metavar="ACTION")
+    add = loras_sub.add_parser("add", help="Validate a .safetensors LoRA and add it to the store.")
+    add.add_argument("file", help="LoRA file (PEFT/ai-toolkit, kohya or ComfyUI keys)")
+    add.add_argument("--id", default=None, help="id to store it under [default: from the file name]")
+    add.add_argument("--trigger-word", default=None, help="word that activates it; added to prompts once")
+    lst2 = loras_sub.add_parser("list", help="List stored LoRAs.")
+    lst2.add_argument("--json", action="store_true", help="print JSON")
+    rm = loras_sub.add_parser("remove", help="Remove a LoRA.")
+    rm.add_argument("id")
+    for p in (add, lst2, rm):
+        p.add_argument("--models-dir", default=None)
+        p.set_defaults(handler=cmd_loras)
     return parser
 
 

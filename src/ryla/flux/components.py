@@ -16,11 +16,14 @@ import torch
 
 @dataclass(frozen=True)
 class LoraPatch:
-    """One LoRA applied to a model or text encoder, by name and strength."""
+    """One LoRA applied to a model or text encoder. Compared by file, version and strength;
+    the converted weights ride along."""
 
     name: str
     path: str
+    version: int  # the file's mtime_ns: a replaced file is a different patch
     strength: float
+    weights: Any = field(default=None, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)

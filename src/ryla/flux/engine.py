@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ryla.flux import loading, sampling
-from ryla.flux.components import Cond, Conditioning, FluxModel, TextEncoder, Vae
+from ryla.flux.components import Cond, Conditioning, FluxModel, LoraPatch, TextEncoder, Vae
+from ryla.flux.lora import LoraWeights, WeightPatcher, convert, linear_shapes
 from ryla.models import formats
 from ryla.models.store import ModelStore
 
@@ -62,6 +63,13 @@ class FluxEngine:
         self._prompt_cache: OrderedDict[tuple, Cond] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
         self._prompt_lock = threading.Lock()
+        # Held while a module's weights are patched and used: LoRA application and the model
+        # calls of one request never interleave with another's.
+        self._use_lock = threading.RLock()
+        self._patchers: dict[int, WeightPatcher] = {}
+        self._loras: OrderedDict[tuple, LoraWeights] = OrderedDict()
+        self.lora_cache_size = 8
+        self._target_shapes: tuple[dict, dict] | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -146,6 +154,53 @@ class FluxEngine:
         t5_tok = self._cached(("tokenizer", str(folder / "t5xxl")), lambda: loading.load_tokenizer(folder / "t5xxl"))
         return TextEncoder(name, clip, clip_tok, t5, t5_tok)
 
+    # ------------------------------------------------------------------ LoRA
+
+    def load_lora(self, name: str, strength_model: float, model: FluxModel,
+                  strength_clip: float = 0.0, clip: TextEncoder | None = None) -> tuple[FluxModel, TextEncoder | None]:
+        """LoraLoader: new handles with the LoRA added. The file is converted once per base
+        model and kept in a bounded LRU, so switching among recent LoRAs reads no disk."""
+        import dataclasses
+
+        path = self.store.resolve("loras", name)
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size, id(model.transformer), id(clip.clip) if clip else None)
+        with self._load_lock:
+            weights = self._loras.get(key)
+            if weights is not None:
+                self._loras.move_to_end(key)
+        if weights is None:
+            tensors, _ = loading.read_tensors(path)
+            weights = convert(tensors, linear_shapes(model.transformer),
+                              linear_shapes(clip.clip) if clip is not None else None).to(self.device)
+            with self._load_lock:
+                self._loras[key] = weights
+                while len(self._loras) > self.lora_cache_size:
+                    self._loras.popitem(last=False)
+        model = dataclasses.replace(model, loras=model.loras + (
+            LoraPatch(name, str(path), stat.st_mtime_ns, strength_model, weights.transformer),))
+        if clip is not None and weights.text_encoder:
+            clip = dataclasses.replace(clip, loras=clip.loras + (
+                LoraPatch(name, str(path), stat.st_mtime_ns, strength_clip, weights.text_encoder),))
+        return model, clip
+
+    def lora_target_shapes(self) -> tuple[dict, dict]:
+        """Linear-layer shapes of the store's transformer and CLIP-L, from their configs on
+        the meta device (no weights): what an uploaded LoRA is checked against."""
+        if self._target_shapes is None:
+            self._target_shapes = loading.architecture_shapes(self.store)
+        return self._target_shapes
+
+    def _patch(self, module: torch.nn.Module, patches: tuple[LoraPatch, ...]) -> None:
+        """Make `module` carry exactly these patches (call with _use_lock held)."""
+        patcher = self._patchers.get(id(module))
+        if patcher is None:
+            if not patches:
+                return
+            patcher = self._patchers[id(module)] = WeightPatcher(module)
+        patcher.apply(tuple((p.path, p.version, p.strength) for p in patches),
+                      [(p.weights, p.strength) for p in patches])
+
     # ------------------------------------------------------------------ text
 
     @torch.inference_mode()
@@ -161,10 +216,12 @@ class FluxEngine:
         self.stats.prompt_cache_misses += 1
         clip_ids = encoder.clip_tokenizer([text], padding="max_length", max_length=CLIP_MAX_LENGTH,
                                           truncation=True, return_tensors="pt").input_ids
-        pooled = encoder.clip(clip_ids.to(self.device), output_hidden_states=False).pooler_output
         t5_ids = encoder.t5_tokenizer([text], padding="max_length", max_length=T5_MAX_LENGTH,
                                       truncation=True, return_tensors="pt").input_ids
-        t5 = encoder.t5(t5_ids.to(self.device), output_hidden_states=False)[0]
+        with self._use_lock:
+            self._patch(encoder.clip, encoder.loras)
+            pooled = encoder.clip(clip_ids.to(self.device), output_hidden_states=False).pooler_output
+            t5 = encoder.t5(t5_ids.to(self.device), output_hidden_states=False)[0]
         cond = Cond(t5=t5.to(self.dtype), pooled=pooled.to(self.dtype))
         with self._prompt_lock:
             self._prompt_cache[key] = cond
@@ -198,7 +255,9 @@ class FluxEngine:
             v_uncond = predict(x_t, sigma, negative, step, len(sigmas) - 1)
             return v_uncond + cfg * (v_cond - v_uncond)
 
-        x = sampling.euler(velocity, x, sigmas, callback)
+        with self._use_lock:
+            self._patch(model.transformer, model.loras)
+            x = sampling.euler(velocity, x, sigmas, callback)
         return (x / sampling.LATENT_SCALE + sampling.LATENT_SHIFT).cpu()
 
     def _velocity_fn(self, model: FluxModel, shape: torch.Size):

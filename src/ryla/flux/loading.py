@@ -162,3 +162,27 @@ def detect_text_encoder(path: Path) -> str:
     if any(k.startswith("encoder.block.") for k in keys):
         return "t5xxl"
     raise ModelFormatError(f"{path.name} is neither a CLIP-L nor a T5 text encoder")
+
+
+def architecture_shapes(store) -> tuple[dict, dict]:
+    """Linear shapes of the store's FLUX transformer and CLIP-L, built on the meta device
+    from the configs their files carry (or the bundled FLUX.1-dev ones)."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ryla.flux.lora import linear_shapes
+    from ryla.models.store import CLIP_L, FLUX_CHECKPOINT, FLUX_TRANSFORMER
+
+    meta: dict = {}
+    for kind, name in (("checkpoints", FLUX_CHECKPOINT), ("diffusion_models", FLUX_TRANSFORMER),
+                       ("text_encoders", CLIP_L)):
+        if name in store.list(kind):
+            with safe_open(str(store.resolve(kind, name)), framework="pt") as f:
+                file_meta = f.metadata() or {}
+            if METADATA_KEY in file_meta:
+                configs = json.loads(file_meta[METADATA_KEY]).get("configs", {})
+                meta.setdefault("configs", {}).update({k: v for k, v in configs.items()
+                                                       if k not in meta.get("configs", {})})
+    transformer = _empty(lambda: FluxTransformer2DModel.from_config(_public(component_config("transformer", meta))))
+    clip = _empty(lambda: CLIPTextModel(CLIPTextConfig(**_public(component_config("clip_l", meta)))))
+    return linear_shapes(transformer), linear_shapes(clip)

@@ -51,7 +51,7 @@ def strip_known_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 @dataclass(frozen=True)
-class _Rule:
+class Rule:
     """One BFL module and the diffusers module(s) it becomes.
 
     kind: "same" (renamed), "qkv" (split in three equal parts), "linear1" (q, k, v and the
@@ -64,48 +64,48 @@ class _Rule:
     kind: str = "same"
 
 
-def _transformer_rules(num_double: int, num_single: int, has_guidance: bool = True) -> list[_Rule]:
+def transformer_rules(num_double: int, num_single: int, has_guidance: bool = True) -> list[Rule]:
     rules = [
-        _Rule("img_in", ("x_embedder",)),
-        _Rule("txt_in", ("context_embedder",)),
-        _Rule("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
-        _Rule("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
-        _Rule("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
-        _Rule("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
-        _Rule("final_layer.linear", ("proj_out",)),
-        _Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
+        Rule("img_in", ("x_embedder",)),
+        Rule("txt_in", ("context_embedder",)),
+        Rule("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
+        Rule("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
+        Rule("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
+        Rule("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
+        Rule("final_layer.linear", ("proj_out",)),
+        Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
     ]
     if has_guidance:
         rules += [
-            _Rule("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
-            _Rule("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
+            Rule("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
+            Rule("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
         ]
     for i in range(num_double):
         b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         rules += [
-            _Rule(b + "img_mod.lin", (d + "norm1.linear",)),
-            _Rule(b + "txt_mod.lin", (d + "norm1_context.linear",)),
-            _Rule(b + "img_attn.qkv", (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"), "qkv"),
-            _Rule(b + "txt_attn.qkv", (d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"), "qkv"),
-            _Rule(b + "img_attn.norm.query_norm", (d + "attn.norm_q",)),
-            _Rule(b + "img_attn.norm.key_norm", (d + "attn.norm_k",)),
-            _Rule(b + "txt_attn.norm.query_norm", (d + "attn.norm_added_q",)),
-            _Rule(b + "txt_attn.norm.key_norm", (d + "attn.norm_added_k",)),
-            _Rule(b + "img_attn.proj", (d + "attn.to_out.0",)),
-            _Rule(b + "txt_attn.proj", (d + "attn.to_add_out",)),
-            _Rule(b + "img_mlp.0", (d + "ff.net.0.proj",)),
-            _Rule(b + "img_mlp.2", (d + "ff.net.2",)),
-            _Rule(b + "txt_mlp.0", (d + "ff_context.net.0.proj",)),
-            _Rule(b + "txt_mlp.2", (d + "ff_context.net.2",)),
+            Rule(b + "img_mod.lin", (d + "norm1.linear",)),
+            Rule(b + "txt_mod.lin", (d + "norm1_context.linear",)),
+            Rule(b + "img_attn.qkv", (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"), "qkv"),
+            Rule(b + "txt_attn.qkv", (d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"), "qkv"),
+            Rule(b + "img_attn.norm.query_norm", (d + "attn.norm_q",)),
+            Rule(b + "img_attn.norm.key_norm", (d + "attn.norm_k",)),
+            Rule(b + "txt_attn.norm.query_norm", (d + "attn.norm_added_q",)),
+            Rule(b + "txt_attn.norm.key_norm", (d + "attn.norm_added_k",)),
+            Rule(b + "img_attn.proj", (d + "attn.to_out.0",)),
+            Rule(b + "txt_attn.proj", (d + "attn.to_add_out",)),
+            Rule(b + "img_mlp.0", (d + "ff.net.0.proj",)),
+            Rule(b + "img_mlp.2", (d + "ff.net.2",)),
+            Rule(b + "txt_mlp.0", (d + "ff_context.net.0.proj",)),
+            Rule(b + "txt_mlp.2", (d + "ff_context.net.2",)),
         ]
     for i in range(num_single):
         b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         rules += [
-            _Rule(b + "modulation.lin", (d + "norm.linear",)),
-            _Rule(b + "linear1", (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"), "linear1"),
-            _Rule(b + "linear2", (d + "proj_out",)),
-            _Rule(b + "norm.query_norm", (d + "attn.norm_q",)),
-            _Rule(b + "norm.key_norm", (d + "attn.norm_k",)),
+            Rule(b + "modulation.lin", (d + "norm.linear",)),
+            Rule(b + "linear1", (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"), "linear1"),
+            Rule(b + "linear2", (d + "proj_out",)),
+            Rule(b + "norm.query_norm", (d + "attn.norm_q",)),
+            Rule(b + "norm.key_norm", (d + "attn.norm_k",)),
         ]
     return rules
 
@@ -134,20 +134,20 @@ def flux_transformer_from_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     has_guidance = any(k.startswith("guidance_in.") for k in sd)
     hidden = sd["img_in.weight"].shape[0]
     out: dict[str, torch.Tensor] = {}
-    for rule in _transformer_rules(num_double, num_single, has_guidance):
+    for rule in transformer_rules(num_double, num_single, has_guidance):
         for bfl_param, diffusers_param in _PARAM_NAMES.items():
             key = f"{rule.bfl}.{bfl_param}"
             if key not in sd:
                 continue
             tensor = sd.pop(key)
-            for name, part in zip(rule.diffusers, _split(rule, tensor, hidden)):
+            for name, part in zip(rule.diffusers, split_fused(rule, tensor, hidden)):
                 out[f"{name}.{diffusers_param}"] = part
     if sd:
         raise KeyError(f"unexpected tensors in a FLUX transformer file: {sorted(sd)[:5]}")
     return out
 
 
-def _split(rule: _Rule, tensor: torch.Tensor, hidden: int) -> list[torch.Tensor]:
+def split_fused(rule: Rule, tensor: torch.Tensor, hidden: int) -> list[torch.Tensor]:
     if rule.kind == "same":
         return [tensor]
     if rule.kind == "swap":
@@ -167,7 +167,7 @@ def flux_transformer_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     num_double, num_single = _block_counts(sd, "transformer_blocks", "single_transformer_blocks")
     has_guidance = any(k.startswith("time_text_embed.guidance_embedder.") for k in sd)
     out: dict[str, torch.Tensor] = {}
-    for rule in _transformer_rules(num_double, num_single, has_guidance):
+    for rule in transformer_rules(num_double, num_single, has_guidance):
         for bfl_param, diffusers_param in _PARAM_NAMES.items():
             keys = [f"{name}.{diffusers_param}" for name in rule.diffusers]
             if not all(k in sd for k in keys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -57,3 +58,35 @@ FLUX_DEV = Template("flux_dev", {
     "denoise": (("7", "denoise"),),
     "filename_prefix": (("9", "filename_prefix"),),
 })
+
+
+FLUX_LORA = Template("flux_lora", {
+    **FLUX_DEV.bindings,
+    "lora_name": (("10", "lora_name"),),
+    "lora_strength": (("10", "strength_model"), ("10", "strength_clip")),
+    "filename_prefix": (("9", "filename_prefix"),),
+})
+
+
+def flux_lora_graph(loras: list[tuple[str, float]], **params: Any) -> dict:
+    """The FLUX_LORA template with one LoraLoader per LoRA, chained in order (ComfyUI stacks
+    LoRAs the same way). `loras` is [(file name, strength), ...], at least one."""
+    (first_name, first_strength), *rest = loras
+    graph = FLUX_LORA.fill(lora_name=first_name, lora_strength=first_strength, **params)
+    last = "10"
+    for index, (name, strength) in enumerate(rest):
+        node_id = str(11 + index)
+        graph[node_id] = {"class_type": "LoraLoader", "inputs": {
+            "model": [last, 0], "clip": [last, 1], "lora_name": name,
+            "strength_model": strength, "strength_clip": strength}, "_meta": {"title": f"Load LoRA {index + 2}"}}
+        last = node_id
+    graph["2"]["inputs"]["clip"] = graph["4"]["inputs"]["clip"] = [last, 1]
+    graph["6"]["inputs"]["model"] = [last, 0]
+    return graph
+
+
+def with_trigger_words(prompt: str, words: list[str]) -> str:
+    """Put each trigger word into the prompt once: prepended unless already there."""
+    missing = [w for w in dict.fromkeys(w.strip() for w in words if w and w.strip())
+               if not re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", prompt, flags=re.IGNORECASE)]
+    return ", ".join(missing + [prompt]) if missing else prompt

@@ -1,0 +1,53 @@
+"""LoRA nodes: LoraLoader (model and CLIP) and LoraLoaderModelOnly."""
+
+from __future__ import annotations
+
+from ryla import catalogue
+from ryla.flux.lora import LoraFormatError
+from ryla.graph.executor import NodeUserError
+from ryla.graph.nodes.loaders import files
+from ryla.graph.registry import InputSpec, Node, Output, from_param, link, node
+
+
+def _load(context, lora_name, model, strength_model, clip=None, strength_clip=0.0):
+    try:
+        return context.engine.load_lora(lora_name, strength_model, model, strength_clip, clip)
+    except LoraFormatError as exc:
+        raise NodeUserError("invalid_lora", f"{lora_name}: {exc}") from exc
+
+
+@node
+class LoraLoader(Node):
+    class_type = "LoraLoader"
+    category = "loaders"
+    description = "Apply a LoRA from loras/ to the model and the text encoder."
+    inputs = (
+        link("model", "MODEL"),
+        link("clip", "CLIP"),
+        InputSpec("lora_name", "COMBO", choices=files("loras"), description="File in loras/."),
+        from_param(catalogue.LORA_STRENGTH, name="strength_model"),
+        from_param(catalogue.LORA_STRENGTH, name="strength_clip"),
+    )
+    outputs = (Output("MODEL", "MODEL"), Output("CLIP", "CLIP"))
+
+    def run(self, context, model, clip, lora_name, strength_model, strength_clip):
+        return _load(context, lora_name, model, strength_model, clip, strength_clip)
+
+
+@node
+class LoraLoaderModelOnly(Node):
+    class_type = "LoraLoaderModelOnly"
+    category = "loaders"
+    description = "Apply a LoRA from loras/ to the model only."
+    inputs = (
+        link("model", "MODEL"),
+        InputSpec("lora_name", "COMBO", choices=files("loras"), description="File in loras/."),
+        from_param(catalogue.LORA_STRENGTH, name="strength_model"),
+    )
+    outputs = (Output("MODEL", "MODEL"),)
+
+    def run(self, context, model, lora_name, strength_model):
+        return (_load(context, lora_name, model, strength_model)[0],)
+
+
+NODES = (LoraLoader, LoraLoaderModelOnly)

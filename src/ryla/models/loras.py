@@ -1,0 +1,189 @@
+"""The LoRA store: character LoRAs kept in the model store's loras/ folder.
+
+Each LoRA is `loras/<id>.safetensors` with `loras/<id>.json` beside it (trigger word, rank,
+format, targets, sha256, size, added_at). Ids are checked before any path is built. Writes
+are atomic: the file is validated under a hidden temporary name, fsynced and renamed, so a
+failed or cut-off upload never appears in the listing. On Modal, `on_change` commits the
+Volume and `on_miss` reloads it, so a LoRA uploaded through one container is found by others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ryla.flux.lora import LoraFormatError, convert
+
+log = logging.getLogger(__name__)
+
+# The documented id alphabet [A-Za-z0-9._-]{1,128}, less ids that start with a dot: that
+# excludes "." and ".." and hidden names, which the store uses for its temporary files.
+LORA_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+class InvalidLoraId(ValueError):
+    pass
+
+
+class LoraNotFound(LookupError):
+    def __init__(self, lora_id: str):
+        self.lora_id = lora_id
+        super().__init__(f"no LoRA with id {lora_id!r}")
+
+
+class LoraExists(ValueError):
+    pass
+
+
+def check_id(lora_id: str) -> str:
+    if not isinstance(lora_id, str) or not LORA_ID.match(lora_id):
+        raise InvalidLoraId(f"invalid LoRA id {lora_id!r}: use 1-128 of A-Z a-z 0-9 . _ - "
+                            "(not starting with a dot)")
+    return lora_id
+
+
+def id_from_filename(filename: str) -> str:
+    stem = Path(filename).stem
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-")[:128]
+    return check_id(cleaned or "lora")
+
+
+class LoraStore:
+    def __init__(self, folder: Path, target_shapes: Callable[[], tuple[dict, dict]],
+                 on_change: Callable[[], None] | None = None, on_miss: Callable[[], None] | None = None):
+        self.folder = Path(folder)
+        self.target_shapes = target_shapes  # () -> (transformer linear shapes, text encoder linear shapes)
+        self.on_change = on_change
+        self.on_miss = on_miss
+
+    def _paths(self, lora_id: str) -> tuple[Path, Path]:
+        check_id(lora_id)
+        return self.folder / f"{lora_id}.safetensors", self.folder / f"{lora_id}.json"
+
+    def list(self) -> list[dict]:
+        if not self.folder.is_dir():
+            return []
+        entries = []
+        for path in sorted(self.folder.glob("*.safetensors")):
+            if LORA_ID.match(path.stem):
+                entries.append(self._describe(path))
+        return entries
+
+    def _describe(self, path: Path) -> dict:
+        meta_path = path.with_suffix(".json")
+        if meta_path.is_file():
+            try:
+                return json.loads(meta_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                log.warning("unreadable LoRA metadata %s", meta_path)
+        # A file dropped in by hand: list it with what the file system says.
+        return {"id": path.stem, "file": path.name, "size": path.stat().st_size, "trigger_word": None}
+
+    def get(self, lora_id: str) -> dict:
+        path, _ = self._paths(lora_id)
+        if not path.is_file() and self.on_miss is not None:
+            self.on_miss()
+        if not path.is_file():
+            raise LoraNotFound(lora_id)
+        return self._describe(path)
+
+    def filename(self, lora_id: str) -> str:
+        """The name a LoraLoader node uses for this LoRA."""
+        return self.get(lora_id)["file"]
+
+    def add_chunks(self, chunks: Iterable[bytes], lora_id: str, trigger_word: str | None = None,
+                   overwrite: bool = False) -> dict:
+        """Validate and store a LoRA from a stream of bytes; nothing is visible unless it is
+        a valid FLUX LoRA for the base model."""
+        path, meta_path = self._paths(lora_id)
+        if path.exists() and not overwrite:
+            raise LoraExists(f"a LoRA with id {lora_id!r} exists; remove it first")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.folder, prefix=f".upload-{lora_id}-", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            digest, size = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            metadata = self._inspect(tmp)
+            metadata.update(id=lora_id, file=path.name, trigger_word=trigger_word or None,
+                            sha256=digest.hexdigest(), size=size,
+                            added_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            _write_atomic(meta_path, json.dumps(metadata, indent=2).encode())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+            _fsync_dir(self.folder)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        log.info("stored LoRA %s (%s, rank %s, %d bytes)", lora_id, metadata["format"], metadata["rank"], size)
+        if self.on_change is not None:
+            self.on_change()
+        return metadata
+
+    def add_file(self, source: Path, lora_id: str | None = None, trigger_word: str | None = None) -> dict:
+        source = Path(source)
+
+        def read():
+            with open(source, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        return self.add_chunks(read(), lora_id or id_from_filename(source.name), trigger_word)
+
+    def remove(self, lora_id: str) -> None:
+        path, meta_path = self._paths(lora_id)
+        if not path.is_file():
+            raise LoraNotFound(lora_id)
+        path.unlink()
+        meta_path.unlink(missing_ok=True)
+        if self.on_change is not None:
+            self.on_change()
+
+    def _inspect(self, path: Path) -> dict:
+        from ryla.flux.loading import ModelFormatError, read_tensors
+
+        try:
+            tensors, _ = read_tensors(path)
+        except ModelFormatError as exc:
+            raise LoraFormatError(str(exc).replace(path.name, "the upload")) from exc
+        transformer_shapes, text_shapes = self.target_shapes()
+        weights = convert(tensors, transformer_shapes, text_shapes)
+        layer_kinds = sorted({re.sub(r"^(single_transformer_blocks|transformer_blocks)\.\d+\.", "", t)
+                              for t in weights.transformer})
+        return {"format": weights.format, "rank": weights.rank, "targets": len(weights.targets()),
+                "target_layers": layer_kinds, "text_encoder": bool(weights.text_encoder)}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
