@@ -4,6 +4,7 @@ engine, one node registry, and the function that runs a workflow and returns ima
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -45,9 +46,19 @@ class Runtime:
         self.loras = LoraStore(store.folder("loras"), self.engine.lora_target_shapes)
 
     @classmethod
-    def open(cls, models_dir: Path | str | None = None, **engine_options) -> Runtime:
+    def open(cls, models_dir: Path | str | None = None, speed: str = "auto", **engine_options) -> Runtime:
+        """The runtime for a models folder. speed "auto" is "exact" on a GPU, "eager" on a CPU;
+        compiled kernels are cached beside the models (RYLA_COMPILE_CACHE overrides)."""
+        import torch
+
+        from ryla.flux.speed import configure_compile_cache
+
         store = open_store(models_dir)
-        return cls(store, FluxEngine(store, **engine_options))
+        if speed == "auto":
+            speed = "exact" if torch.cuda.is_available() else "eager"
+        if speed != "eager":
+            configure_compile_cache(os.environ.get("RYLA_COMPILE_CACHE") or store.root / ".compile-cache")
+        return cls(store, FluxEngine(store, speed=speed, **engine_options))
 
     def context(self, **kwargs) -> RunContext:
         return RunContext(engine=self.engine, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -114,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServerSettings.from_env(max_queue=args.max_queue, request_timeout_s=args.timeout,
                                        max_body_bytes=int(args.max_body_mb * 1024 * 1024) if args.max_body_mb else None)
     logging.getLogger("ryla").setLevel(logging.INFO)  # a server logs its requests
-    runtime = Runtime.open(args.models_dir)
+    runtime = Runtime.open(args.models_dir, speed=args.speed)
     log.warning("serving %s model set from %s on http://%s:%d (auth %s)", "TINY" if runtime.store.tiny else "real",
                 runtime.store.root, args.host, args.port, "on" if settings.api_key else "off")
     uvicorn.run(create_app(runtime, settings), host=args.host, port=args.port, log_config=None,
@@ -235,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests that may wait for the GPU; more get 429 [default: 8, env RYLA_MAX_QUEUE]")
     serve.add_argument("--timeout", type=float, default=None,
                        help="per-request time limit in seconds; then 504 [default: 300, env RYLA_REQUEST_TIMEOUT]")
+    serve.add_argument("--speed", choices=("auto", "eager", "exact", "fast", "turbo"),
+                       default=os.environ.get("RYLA_SPEED", "auto"),
+                       help="transformer speed mode: exact (lossless compile), fast (+fp8), turbo (+first-block "
+                            "cache); auto = exact on a GPU, eager on a CPU [default: auto, env RYLA_SPEED]")
     serve.add_argument("--max-body-mb", type=float, default=None, help="largest request body [default: 32]")
 
     run = command("run-workflow", "Run a ComfyUI API-format workflow JSON file.", cmd_run_workflow)

@@ -6,6 +6,7 @@ between runs (keyed by file and options), and prompt encodings are kept in a bou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ import torch
 from ryla.flux import loading, sampling
 from ryla.flux.components import Cond, Conditioning, FluxModel, LoraPatch, TextEncoder, Vae
 from ryla.flux.lora import LoraWeights, WeightPatcher, convert, linear_shapes
+from ryla.flux.speed import SPEED_MODES, optimize_transformer
 from ryla.models import formats
 from ryla.models.store import ModelStore
 
@@ -53,8 +55,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 class FluxEngine:
     def __init__(self, store: ModelStore, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, prompt_cache_size: int = 64):
+                 dtype: torch.dtype | None = None, prompt_cache_size: int = 64, speed: str = "eager"):
+        if speed not in SPEED_MODES:
+            raise ValueError(f"speed must be one of {', '.join(SPEED_MODES)}, got {speed!r}")
         self.store = store
+        self.speed = speed
+        self.speed_info: dict = {"speed": speed}
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.stats = EngineStats()
@@ -84,6 +90,10 @@ class FluxEngine:
                 log.info("loaded %s %s in %.2fs", key[0], key[1], elapsed)
             return self._models[key]
 
+    def _optimized(self, transformer):
+        self.speed_info = optimize_transformer(transformer, self.speed)
+        return transformer
+
     def loaded_models(self) -> list[str]:
         return sorted(f"{key[0]}:{key[1]}" for key in self._models)
 
@@ -100,7 +110,7 @@ class FluxEngine:
                 return build(tensors, meta, self.dtype, self.device, what=f"{name} ({component})")
             return self._cached((component, str(path)), load)
 
-        transformer = part("transformer", loading.build_transformer)
+        transformer = part("transformer", lambda *a, **k: self._optimized(loading.build_transformer(*a, **k)))
         clip = part("clip_l", loading.build_clip)
         t5 = part("t5xxl", loading.build_t5)
         vae = part("vae", loading.build_vae)
@@ -118,7 +128,7 @@ class FluxEngine:
                 # ComfyUI's fp8 weight_dtype does: half the memory of bf16.
                 storage = torch.float8_e5m2 if weight_dtype == "fp8_e5m2" else torch.float8_e4m3fn
                 model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=self.dtype)
-            return model
+            return self._optimized(model)
 
         return FluxModel(name, self._cached(("transformer", str(path), weight_dtype), load))
 
@@ -244,7 +254,7 @@ class FluxEngine:
         x = sigma0 * noise.float() + (1.0 - sigma0) * x0 if noise is not None else x0
         x = x.to(self.device)
         use_cfg = negative is not None and not _isclose(cfg, 1.0)
-        predict = self._velocity_fn(model, x.shape)
+        predict = self._velocity_fn(model, x.shape, positive)
 
         def velocity(x_t: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
             if cancel is not None and cancel.is_set():
@@ -260,7 +270,7 @@ class FluxEngine:
             x = sampling.euler(velocity, x, sigmas, callback)
         return (x / sampling.LATENT_SCALE + sampling.LATENT_SHIFT).cpu()
 
-    def _velocity_fn(self, model: FluxModel, shape: torch.Size):
+    def _velocity_fn(self, model: FluxModel, shape: torch.Size, positive_conds: Conditioning):
         batch, channels, h, w = shape
         transformer = model.transformer
         img_ids = sampling.latent_image_ids(h, w, self.device, self.dtype)
@@ -269,7 +279,7 @@ class FluxEngine:
             packed = sampling.pack_latents(x).to(self.device, self.dtype)
             timestep = torch.full((batch,), sigma, device=self.device, dtype=self.dtype)
             outputs = []
-            for cond in conds:
+            for index, cond in enumerate(conds):
                 txt_ids = torch.zeros(cond.t5.shape[1], 3, device=self.device, dtype=self.dtype)
                 guidance = cond.guidance if cond.guidance is not None else 3.5  # ComfyUI's default
                 kwargs = dict(
@@ -283,7 +293,9 @@ class FluxEngine:
                     if transformer.config.guidance_embeds else None,
                     return_dict=False,
                 )
-                out = transformer(**kwargs)[0]
+                # First-block caching (turbo) keeps one cache per conditioning stream.
+                with _cache_context(transformer, f"{'uncond' if conds is not positive_conds else 'cond'}{index}"):
+                    out = transformer(**kwargs)[0]
                 outputs.append(out.float())
             v = torch.stack(outputs).mean(0) if len(outputs) > 1 else outputs[0]
             return sampling.unpack_latents(v, h, w)
@@ -297,6 +309,12 @@ class FluxEngine:
         """VAEDecode: LATENT -> IMAGE, ComfyUI's [B, H, W, 3] float in 0..1."""
         pixels = vae.vae.decode(latent.to(self.device, vae.vae.dtype), return_dict=False)[0]
         return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def _cache_context(transformer, name: str):
+    if getattr(transformer, "is_cache_enabled", False):
+        return transformer.cache_context(name)
+    return contextlib.nullcontext()
 
 
 def _isclose(a: float, b: float) -> bool:

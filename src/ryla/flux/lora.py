@@ -169,6 +169,10 @@ def _check(name: str, down: torch.Tensor, up: torch.Tensor, shapes: dict[str, tu
             f"{in_features} -> {out_features} (a LoRA for another model?)")
 
 
+_FUSED = {"to_q": ("to_qkv", 0), "to_k": ("to_qkv", 1), "to_v": ("to_qkv", 2),
+          "add_q_proj": ("to_added_qkv", 0), "add_k_proj": ("to_added_qkv", 1), "add_v_proj": ("to_added_qkv", 2)}
+
+
 class WeightPatcher:
     """Applies a set of (LoraWeights, strength) to one module's layers, restoring exactly."""
 
@@ -177,6 +181,18 @@ class WeightPatcher:
         self.originals: dict[str, torch.Tensor] = {}
         self.applied_key: tuple = ()
         self.touched: set[str] = set()
+
+    def _target(self, name: str) -> tuple[torch.Tensor, slice]:
+        """The weight tensor holding layer `name`, and its rows. After diffusers'
+        fuse_qkv_projections, q/k/v live in rows of one to_qkv (or to_added_qkv) matrix."""
+        parent_name, _, leaf = name.rpartition(".")
+        parent = self.module.get_submodule(parent_name) if parent_name else self.module
+        if getattr(parent, "fused_projections", False) and leaf in _FUSED:
+            fused_name, index = _FUSED[leaf]
+            fused = getattr(parent, fused_name).weight
+            rows = fused.shape[0] // 3
+            return fused, slice(index * rows, (index + 1) * rows)
+        return self.module.get_submodule(name).weight, slice(None)
 
     @torch.no_grad()
     def apply(self, key: tuple, patches: list[tuple[dict, float]]) -> None:
@@ -189,17 +205,18 @@ class WeightPatcher:
             if strength == 0:
                 continue
             for name, (down, up, scale) in layers.items():
-                weight = self.module.get_submodule(name).weight
+                weight, rows = self._target(name)
                 if name not in self.originals:
-                    self.originals[name] = weight.detach().clone()
+                    self.originals[name] = weight[rows].detach().clone()
                 delta = (up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)) * (scale * strength)
-                weight.copy_((weight.float() + delta).to(weight.dtype))
+                weight[rows] = (weight[rows].float() + delta).to(weight.dtype)
                 self.touched.add(name)
         self.applied_key = key
 
     @torch.no_grad()
     def restore(self) -> None:
         for name in self.touched:
-            self.module.get_submodule(name).weight.copy_(self.originals[name])
+            weight, rows = self._target(name)
+            weight[rows] = self.originals[name]
         self.touched = set()
         self.applied_key = ()

@@ -1,0 +1,324 @@
+"""FLUX.1-dev serving speed on one GPU: stock diffusers vs ryla's engine in each speed mode.
+
+Builds the full-size FLUX.1-dev architecture (transformer, VAE, T5-XXL, CLIP-L) with random
+weights on the GPU (no downloads: speed does not depend on weight values), then, in one
+process and on the same prompt embeddings and seeded noise, at 1024x1024 and 28 steps:
+
+  * stock diffusers FluxPipeline, bf16, eager (the baseline), and once more with another
+    SDPA kernel to see how much two correct runs differ;
+  * ryla's engine in eager, exact, fast and turbo modes;
+  * per-request cost of switching among 3 rank-64 LoRAs on the compiled transformer, with
+    recompilation turned into an error.
+
+Reports the median of 3 timed runs after warm-up, the ratio to stock, peak GPU memory and the
+relative L2 difference of the final latents against stock; writes JSON and a markdown table.
+
+    python bench/flux_speed.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+WIDTH = HEIGHT = 1024
+STEPS = 28
+GUIDANCE = 3.5
+SEED = 0
+TIMED_RUNS = 3
+
+
+def sync_time(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def measure(fn, warmups=1, runs=TIMED_RUNS):
+    warm = [sync_time(fn)[0] for _ in range(warmups)]
+    torch.cuda.reset_peak_memory_stats()
+    times, out = [], None
+    for _ in range(runs):
+        t, out = sync_time(fn)
+        times.append(t)
+    return {"median_s": statistics.median(times), "runs_s": times, "warmup_s": warm,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}, out
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().flatten(), b.float().flatten()
+    return float((a - b).norm() / b.norm())
+
+
+def build_models(device):
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ryla.flux.loading import _public, component_config
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(**_public(component_config("transformer", {}))).to(torch.bfloat16)
+        vae = AutoencoderKL(**_public(component_config("vae", {}))).to(torch.bfloat16)
+        clip = CLIPTextModel(CLIPTextConfig(**_public(component_config("clip_l", {})))).to(torch.bfloat16)
+        t5 = T5EncoderModel(T5Config(**_public(component_config("t5xxl", {})))).to(torch.bfloat16)
+    for m in (transformer, vae, clip, t5):
+        m.eval().requires_grad_(False)
+    return transformer, vae, clip, t5
+
+
+@torch.inference_mode()
+def encode(clip, t5, device):
+    ids = torch.randint(0, 49407, (1, 77), generator=torch.Generator().manual_seed(1)).to(device)
+    pooled = clip(ids).pooler_output
+    t5_ids = torch.randint(0, 32127, (1, 512), generator=torch.Generator().manual_seed(2)).to(device)
+    return t5(t5_ids)[0], pooled
+
+
+def stock_pipeline(transformer, vae):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    # The same sigmas as ryla (ComfyUI's simple schedule with ModelSamplingFlux at 1024x1024),
+    # passed as they are: a scheduler with no shift of its own.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--modes", default="eager,exact,lora,fast,turbo")
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    from ryla.flux import sampling
+    from ryla.flux.components import Cond, FluxModel, Vae
+    from ryla.flux.engine import FluxEngine
+    from ryla.flux.speed import configure_compile_cache, optimize_transformer
+    from ryla.models.store import ModelStore
+
+    import diffusers
+    import transformers
+
+    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                     "size": f"{WIDTH}x{HEIGHT}", "steps": STEPS, "modes": {}}
+    t0 = time.perf_counter()
+    transformer, vae, clip, t5 = build_models(device)
+    t5_embeds, pooled = encode(clip, t5, device)
+    del clip, t5
+    torch.cuda.empty_cache()
+    results["build_s"] = time.perf_counter() - t0
+
+    sigmas = sampling.calculate_sigmas(sampling.FluxModelSampling(sampling.resolution_shift(WIDTH, HEIGHT)),
+                                       "simple", STEPS)
+    noise = sampling.prepare_noise((1, 16, HEIGHT // 8, WIDTH // 8), SEED)
+    packed_noise = sampling.pack_latents(noise).to(device, torch.bfloat16)
+
+    # ---------------------------------------------------------------- stock diffusers
+    pipe = stock_pipeline(transformer, vae)
+
+    def stock(output_type="pt"):
+        return pipe(prompt_embeds=t5_embeds, pooled_prompt_embeds=pooled, height=HEIGHT, width=WIDTH,
+                    num_inference_steps=STEPS, sigmas=sigmas[:-1].tolist(), guidance_scale=GUIDANCE,
+                    latents=packed_noise.clone(), output_type=output_type).images
+
+    with torch.inference_mode():
+        stats, _ = measure(stock)
+        stock_latents = stock("latent").float()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            other_kernel = stock("latent").float()
+    stats["rel_l2_vs_stock"] = 0.0
+    results["modes"]["stock-eager"] = stats
+    results["stock_vs_stock_other_kernel_rel_l2"] = rel_l2(other_kernel, stock_latents)
+    baseline = stats["median_s"]
+    print("stock", json.dumps(stats), flush=True)
+
+    # ---------------------------------------------------------------- ryla
+    store_dir = Path(tempfile.mkdtemp())
+    configure_compile_cache(store_dir / "compile-cache")
+    store = ModelStore(store_dir)
+    engine = FluxEngine(store, device=device, dtype=torch.bfloat16)
+    cond = Cond(t5=t5_embeds, pooled=pooled, guidance=GUIDANCE)
+    vae_handle = Vae("ae", vae)
+    latent = torch.zeros(1, 16, HEIGHT // 8, WIDTH // 8)
+
+    def ryla_image(model):
+        out = engine.sample(model, (cond,), None, latent, noise, sigmas, 1.0)
+        return out, engine.decode(vae_handle, out)
+
+    def packed_model_space(vae_space):
+        return sampling.pack_latents((vae_space - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE)
+
+    def run_mode(name, model):
+        stats, (out, _) = measure(lambda: ryla_image(model))
+        stats["ratio_vs_stock"] = stats["median_s"] / baseline
+        stats["rel_l2_vs_stock"] = rel_l2(packed_model_space(out).to(device), stock_latents)
+        stats["speed_info"] = engine.speed_info
+        results["modes"][name] = stats
+        print(name, json.dumps(stats, default=str), flush=True)
+
+    modes = args.modes.split(",")
+    model = FluxModel("flux1-dev", transformer)
+    if "eager" in modes:
+        run_mode("ryla-eager", model)
+    for mode in ("exact", "lora", "fast", "turbo"):
+        if mode not in modes:
+            continue
+        try:
+            if mode == "lora":
+                results["lora"] = lora_bench(engine, store, model, ryla_image, device)
+                print("lora", json.dumps(results["lora"]), flush=True)
+                continue
+            start = time.perf_counter()
+            if mode == "exact":
+                engine.speed_info = optimize_transformer(transformer, "exact")
+            elif mode == "fast":
+                torch._dynamo.reset()
+                from ryla.flux.speed import quantize_fp8
+
+                engine.speed_info = {**engine.speed_info, "speed": "fast",
+                                     "fp8_linear_layers": quantize_fp8(transformer)}
+            else:
+                from diffusers.hooks import FirstBlockCacheConfig
+
+                from ryla.flux.speed import FIRST_BLOCK_CACHE_THRESHOLD
+
+                torch._dynamo.reset()
+                transformer.enable_cache(FirstBlockCacheConfig(threshold=FIRST_BLOCK_CACHE_THRESHOLD))
+                engine.speed_info = {**engine.speed_info, "speed": "turbo",
+                                     "first_block_cache": FIRST_BLOCK_CACHE_THRESHOLD}
+            results.setdefault("setup_s", {})[mode] = time.perf_counter() - start
+            run_mode(f"ryla-{mode}", model)
+            if mode == "turbo":
+                results["modes"]["ryla-turbo"]["full_steps_per_image"] = count_full_steps(
+                    transformer, lambda: ryla_image(model))
+        except Exception as exc:
+            results["modes"][f"ryla-{mode}"] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+        (out_dir / "flux_speed.json").write_text(json.dumps(results, indent=2, default=str))
+
+    (out_dir / "flux_speed.json").write_text(json.dumps(results, indent=2, default=str))
+    (out_dir / "flux_speed.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def count_full_steps(transformer, run) -> int:
+    """Steps of one image on which the blocks after the first really ran: a hook on the
+    second block's attention fires only then. Counted in one extra run with compilation off,
+    so the hook is a plain Python call."""
+    calls = []
+    handle = transformer.transformer_blocks[1].attn.register_forward_pre_hook(lambda *a: calls.append(1))
+    previous = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        torch._dynamo.config.disable = previous
+        handle.remove()
+    return len(calls)
+
+
+def lora_bench(engine, store, model, ryla_image, device):
+    """Three rank-64 LoRAs on every linear layer of the blocks, in the PEFT/ai-toolkit format:
+    base requests vs requests that switch LoRA every time, on the compiled transformer."""
+    import torch._dynamo
+
+    from safetensors.torch import save_file
+
+    from ryla.flux.lora import linear_shapes
+
+    shapes = {k: v for k, v in linear_shapes(model.transformer).items()
+              if "transformer_blocks." in k and not k.endswith(("to_qkv", "to_added_qkv"))}
+    (store.root / "loras").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, rank in enumerate((64, 48, 32)):
+        g = torch.Generator(device="cpu").manual_seed(100 + i)
+        tensors = {}
+        for name, (out_f, in_f) in shapes.items():
+            tensors[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) * 0.01).to(torch.bfloat16)
+            tensors[f"transformer.{name}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * 0.01).to(torch.bfloat16)
+        path = store.root / "loras" / f"lora{i}.safetensors"
+        save_file(tensors, str(path))
+        names.append(path.name)
+    result = {"ranks": [64, 48, 32], "layers": len(shapes)}
+    with torch.inference_mode():
+        base_stats, _ = measure(lambda: ryla_image(model))
+        handles = [engine.load_lora(n, 1.0, model)[0] for n in names]  # first load: convert + cache
+        ryla_image(handles[0])  # first patch allocates the originals' backup
+        torch._dynamo.config.error_on_recompile = True
+        try:
+            times = []
+            for i in range(6):
+                handle = engine.load_lora(names[i % 3], 1.0, model)[0]
+                t, _ = sync_time(lambda: ryla_image(handle))
+                times.append(t)
+            recompiled = False
+        except Exception as exc:  # a recompilation raises here
+            recompiled = f"{type(exc).__name__}: {exc}"[:300]
+            times = times or [float("nan")]
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+        patch_t, _ = sync_time(lambda: engine._patch(model.transformer, handles[1].loras))
+        restore_t, _ = sync_time(lambda: engine._patch(model.transformer, ()))
+    result.update(base_median_s=base_stats["median_s"], switching_median_s=statistics.median(times),
+                  switching_runs_s=times, overhead=statistics.median(times) / base_stats["median_s"] - 1,
+                  recompiled=recompiled, patch_s=patch_t, restore_s=restore_t,
+                  peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    return result
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# FLUX.1-dev speed, {results['size']}, {results['steps']} steps",
+             "",
+             f"{results['gpu']}; torch {results['torch']}, diffusers {results['diffusers']}, "
+             f"transformers {results['transformers']}. Random weights, full-size architecture. "
+             f"Median of {TIMED_RUNS} runs after warm-up; latency includes VAE decoding.",
+             "",
+             "| mode | latency (s) | vs stock | peak GPU memory (GiB) | rel. L2 of latents vs stock | notes |",
+             "|---|---|---|---|---|---|"]
+    for name, stats in results["modes"].items():
+        if "error" in stats:
+            lines.append(f"| {name} | - | - | - | - | failed: {stats['error'][:120]} |")
+            continue
+        notes = ""
+        if "full_steps_per_image" in stats:
+            notes = f"{stats['full_steps_per_image']} of {results['steps']} steps fully computed"
+        ratio = stats["median_s"] / results["modes"]["stock-eager"]["median_s"]
+        lines.append(f"| {name} | {stats['median_s']:.3f} | {ratio:.3f}x | {stats['peak_gib']:.1f} | "
+                     f"{stats['rel_l2_vs_stock']:.4f} | {notes} |")
+    lines += ["", f"Two stock runs with different SDPA kernels (flash vs memory-efficient) differ by "
+              f"rel. L2 {results['stock_vs_stock_other_kernel_rel_l2']:.4f}."]
+    if "lora" in results:
+        lo = results["lora"]
+        lines += ["", "## LoRA switching (exact mode, compiled)", "",
+                  f"3 LoRAs (ranks {lo['ranks']}) on {lo['layers']} linear layers; each request uses a different one.",
+                  "", "| request | median latency (s) |", "|---|---|",
+                  f"| no LoRA | {lo['base_median_s']:.3f} |",
+                  f"| switching LoRA every request | {lo['switching_median_s']:.3f} |", "",
+                  f"Overhead {lo['overhead'] * 100:.1f}%; patch {lo['patch_s'] * 1000:.0f} ms, restore "
+                  f"{lo['restore_s'] * 1000:.0f} ms; recompiled: {lo['recompiled']}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
