@@ -38,23 +38,33 @@ SEED = 0
 TIMED_RUNS = 3
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def sync_time(fn):
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - start, out
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
 def measure(fn, warmups=1, runs=TIMED_RUNS):
     warm = [sync_time(fn)[0] for _ in range(warmups)]
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     times, out = [], None
     for _ in range(runs):
         t, out = sync_time(fn)
         times.append(t)
     return {"median_s": statistics.median(times), "runs_s": times, "warmup_s": warm,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}, out
+            "peak_gib": peak_gib()}, out
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,18 +72,25 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def build_models(device):
+def build_models(device, tiny: bool = False):
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from ryla.flux.loading import _public, component_config
 
+    if tiny:  # a CPU dry run of this script, on the tiny architecture
+        from ryla.models import tiny as t
+
+        configs = {"transformer": t.TINY_TRANSFORMER, "vae": t.TINY_VAE, "clip_l": {**t.TINY_CLIP, "vocab_size": 49408},
+                   "t5xxl": {**t.TINY_T5, "vocab_size": 32128}}
+        component_config = lambda name, meta: configs[name]  # noqa: E731
     torch.manual_seed(0)
     with torch.device(device):
-        transformer = FluxTransformer2DModel(**_public(component_config("transformer", {}))).to(torch.bfloat16)
-        vae = AutoencoderKL(**_public(component_config("vae", {}))).to(torch.bfloat16)
-        clip = CLIPTextModel(CLIPTextConfig(**_public(component_config("clip_l", {})))).to(torch.bfloat16)
-        t5 = T5EncoderModel(T5Config(**_public(component_config("t5xxl", {})))).to(torch.bfloat16)
+        dtype = torch.float32 if tiny else torch.bfloat16
+        transformer = FluxTransformer2DModel(**_public(component_config("transformer", {}))).to(dtype)
+        vae = AutoencoderKL(**_public(component_config("vae", {}))).to(dtype)
+        clip = CLIPTextModel(CLIPTextConfig(**_public(component_config("clip_l", {})))).to(dtype)
+        t5 = T5EncoderModel(T5Config(**_public(component_config("t5xxl", {})))).to(dtype)
     for m in (transformer, vae, clip, t5):
         m.eval().requires_grad_(False)
     return transformer, vae, clip, t5
@@ -93,19 +110,26 @@ def stock_pipeline(transformer, vae):
     # The same sigmas as ryla (ComfyUI's simple schedule with ModelSamplingFlux at 1024x1024),
     # passed as they are: a scheduler with no shift of its own.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--modes", default="eager,exact,lora,fast,turbo")
+    parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny architecture")
     args = parser.parse_args()
+    global WIDTH, HEIGHT, STEPS
+    if args.tiny:
+        WIDTH = HEIGHT = 128
+        STEPS = 4
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
 
     from ryla.flux import sampling
     from ryla.flux.components import Cond, FluxModel, Vae
@@ -116,20 +140,21 @@ def main() -> None:
     import diffusers
     import transformers
 
-    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    results: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__,
                      "size": f"{WIDTH}x{HEIGHT}", "steps": STEPS, "modes": {}}
     t0 = time.perf_counter()
-    transformer, vae, clip, t5 = build_models(device)
+    transformer, vae, clip, t5 = build_models(device, args.tiny)
     t5_embeds, pooled = encode(clip, t5, device)
     del clip, t5
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     results["build_s"] = time.perf_counter() - t0
 
     sigmas = sampling.calculate_sigmas(sampling.FluxModelSampling(sampling.resolution_shift(WIDTH, HEIGHT)),
                                        "simple", STEPS)
     noise = sampling.prepare_noise((1, 16, HEIGHT // 8, WIDTH // 8), SEED)
-    packed_noise = sampling.pack_latents(noise).to(device, torch.bfloat16)
+    packed_noise = sampling.pack_latents(noise).to(device, dtype)
 
     # ---------------------------------------------------------------- stock diffusers
     pipe = stock_pipeline(transformer, vae)
@@ -144,7 +169,7 @@ def main() -> None:
         stock_latents = stock("latent").float()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" else SDPBackend.MATH):
             other_kernel = stock("latent").float()
     stats["rel_l2_vs_stock"] = 0.0
     results["modes"]["stock-eager"] = stats
@@ -156,7 +181,7 @@ def main() -> None:
     store_dir = Path(tempfile.mkdtemp())
     configure_compile_cache(store_dir / "compile-cache")
     store = ModelStore(store_dir)
-    engine = FluxEngine(store, device=device, dtype=torch.bfloat16)
+    engine = FluxEngine(store, device=device, dtype=dtype)
     cond = Cond(t5=t5_embeds, pooled=pooled, guidance=GUIDANCE)
     vae_handle = Vae("ae", vae)
     latent = torch.zeros(1, 16, HEIGHT // 8, WIDTH // 8)
@@ -255,8 +280,8 @@ def lora_bench(engine, store, model, ryla_image, device):
         g = torch.Generator(device="cpu").manual_seed(100 + i)
         tensors = {}
         for name, (out_f, in_f) in shapes.items():
-            tensors[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) * 0.01).to(torch.bfloat16)
-            tensors[f"transformer.{name}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * 0.01).to(torch.bfloat16)
+            tensors[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) * 0.01).half()
+            tensors[f"transformer.{name}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * 0.01).half()
         path = store.root / "loras" / f"lora{i}.safetensors"
         save_file(tensors, str(path))
         names.append(path.name)
@@ -283,7 +308,7 @@ def lora_bench(engine, store, model, ryla_image, device):
     result.update(base_median_s=base_stats["median_s"], switching_median_s=statistics.median(times),
                   switching_runs_s=times, overhead=statistics.median(times) / base_stats["median_s"] - 1,
                   recompiled=recompiled, patch_s=patch_t, restore_s=restore_t,
-                  peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+                  peak_gib=peak_gib())
     return result
 
 
