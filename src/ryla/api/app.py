@@ -314,7 +314,8 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
     async def health() -> dict:
         return {"status": "ok", "model_set": "tiny" if runtime.store.tiny else "real",
                 "models_dir": str(runtime.store.root), "loaded_models": runtime.engine.loaded_models(),
-                "queue_depth": service.queue.depth, "device": str(runtime.engine.device)}
+                "queue_depth": service.queue.depth, "device": str(runtime.engine.device),
+                "speed": runtime.engine.speed_info}
 
     @app.get("/models", tags=["service"], summary="Model files in the store, by folder")
     async def models() -> dict:

@@ -119,3 +119,4 @@ class HealthResponse(BaseModel):
     loaded_models: list[str]
     queue_depth: int
     device: str
+    speed: dict[str, Any]

@@ -104,7 +104,7 @@ class FluxEngine:
 
         def part(component: str, build):
             def load():
-                tensors, meta = loading.read_tensors(path, p[component])
+                tensors, meta = loading.read_tensors(path, p[component], self.device)
                 if not tensors:
                     raise loading.ModelFormatError(f"{name} has no {component} tensors (prefix {p[component]!r})")
                 return build(tensors, meta, self.dtype, self.device, what=f"{name} ({component})")
@@ -121,7 +121,7 @@ class FluxEngine:
         path = self.store.resolve("diffusion_models", name)
 
         def load():
-            tensors, meta = loading.read_tensors(path)
+            tensors, meta = loading.read_tensors(path, device=self.device)
             model = loading.build_transformer(tensors, meta, self.dtype, self.device, what=name)
             if weight_dtype.startswith("fp8"):
                 # Keep weights in fp8 in memory and upcast layer by layer for compute, as
@@ -144,7 +144,7 @@ class FluxEngine:
         loaded = {}
         for component, (name, path) in paths.items():
             def load(path=path, name=name, build=builders[component]):
-                tensors, meta = loading.read_tensors(path)
+                tensors, meta = loading.read_tensors(path, device=self.device)
                 return build(tensors, meta, self.dtype, self.device, what=name)
             loaded[component] = self._cached((component, str(path)), load)
         return self._text_encoder(f"{paths['clip_l'][0]}+{paths['t5xxl'][0]}", loaded["clip_l"], loaded["t5xxl"])
@@ -153,7 +153,7 @@ class FluxEngine:
         path = self.store.resolve("vae", name)
 
         def load():
-            tensors, meta = loading.read_tensors(path)
+            tensors, meta = loading.read_tensors(path, device=self.device)
             return loading.build_vae(tensors, meta, self.dtype, self.device, what=name)
 
         return Vae(name, self._cached(("vae", str(path)), load))
@@ -180,7 +180,7 @@ class FluxEngine:
             if weights is not None:
                 self._loras.move_to_end(key)
         if weights is None:
-            tensors, _ = loading.read_tensors(path)
+            tensors, _ = loading.read_tensors(path, device=self.device)
             weights = convert(tensors, linear_shapes(model.transformer),
                               linear_shapes(clip.clip) if clip is not None else None).to(self.device)
             with self._load_lock:
@@ -267,7 +267,11 @@ class FluxEngine:
 
         with self._use_lock:
             self._patch(model.transformer, model.loras)
-            x = sampling.euler(velocity, x, sigmas, callback)
+            try:
+                x = sampling.euler(velocity, x, sigmas, callback)
+            finally:
+                if getattr(model.transformer, "is_cache_enabled", False):
+                    model.transformer._reset_stateful_cache()  # first-block cache: per image
         return (x / sampling.LATENT_SCALE + sampling.LATENT_SHIFT).cpu()
 
     def _velocity_fn(self, model: FluxModel, shape: torch.Size, positive_conds: Conditioning):

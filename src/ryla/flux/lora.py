@@ -55,10 +55,25 @@ class LoraWeights:
         return LoraWeights(self.format, move(self.transformer), move(self.text_encoder))
 
 
+# Rows of the fused projections (diffusers fuse_qkv_projections) that each unfused layer owns.
+_FUSED = {"to_q": ("to_qkv", 0), "to_k": ("to_qkv", 1), "to_v": ("to_qkv", 2),
+          "add_q_proj": ("to_added_qkv", 0), "add_k_proj": ("to_added_qkv", 1), "add_v_proj": ("to_added_qkv", 2)}
+
+
 def linear_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """name -> (out_features, in_features) of every Linear layer (works on meta modules)."""
-    return {name: (m.out_features, m.in_features) for name, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear)}
+    """name -> (out_features, in_features) of every linear layer (works on meta modules).
+    Layers fused by fuse_qkv_projections are listed under their unfused names, which is
+    what LoRA files target."""
+    shapes = {}
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear) or hasattr(m, "weight_fp8"):
+            shapes[name] = (m.out_features, m.in_features)
+        if getattr(m, "fused_projections", False):
+            for leaf, (fused_name, _) in _FUSED.items():
+                fused = getattr(m, fused_name, None)
+                if fused is not None:
+                    shapes[f"{name}.{leaf}"] = (fused.out_features // 3, fused.in_features)
+    return shapes
 
 
 _PAIR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$")
@@ -169,30 +184,26 @@ def _check(name: str, down: torch.Tensor, up: torch.Tensor, shapes: dict[str, tu
             f"{in_features} -> {out_features} (a LoRA for another model?)")
 
 
-_FUSED = {"to_q": ("to_qkv", 0), "to_k": ("to_qkv", 1), "to_v": ("to_qkv", 2),
-          "add_q_proj": ("to_added_qkv", 0), "add_k_proj": ("to_added_qkv", 1), "add_v_proj": ("to_added_qkv", 2)}
-
-
 class WeightPatcher:
     """Applies a set of (LoraWeights, strength) to one module's layers, restoring exactly."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
-        self.originals: dict[str, torch.Tensor] = {}
+        self.originals: dict[str, object] = {}
         self.applied_key: tuple = ()
         self.touched: set[str] = set()
 
-    def _target(self, name: str) -> tuple[torch.Tensor, slice]:
-        """The weight tensor holding layer `name`, and its rows. After diffusers'
-        fuse_qkv_projections, q/k/v live in rows of one to_qkv (or to_added_qkv) matrix."""
+    def _target(self, name: str) -> tuple[torch.nn.Module, slice]:
+        """The layer holding `name`'s weights, and its rows. After fuse_qkv_projections, q, k
+        and v are rows of one to_qkv (or to_added_qkv) layer."""
         parent_name, _, leaf = name.rpartition(".")
         parent = self.module.get_submodule(parent_name) if parent_name else self.module
         if getattr(parent, "fused_projections", False) and leaf in _FUSED:
             fused_name, index = _FUSED[leaf]
-            fused = getattr(parent, fused_name).weight
-            rows = fused.shape[0] // 3
+            fused = getattr(parent, fused_name)
+            rows = fused.out_features // 3
             return fused, slice(index * rows, (index + 1) * rows)
-        return self.module.get_submodule(name).weight, slice(None)
+        return self.module.get_submodule(name), slice(None)
 
     @torch.no_grad()
     def apply(self, key: tuple, patches: list[tuple[dict, float]]) -> None:
@@ -205,18 +216,46 @@ class WeightPatcher:
             if strength == 0:
                 continue
             for name, (down, up, scale) in layers.items():
-                weight, rows = self._target(name)
+                layer, rows = self._target(name)
                 if name not in self.originals:
-                    self.originals[name] = weight[rows].detach().clone()
-                delta = (up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)) * (scale * strength)
-                weight[rows] = (weight[rows].float() + delta).to(weight.dtype)
+                    self.originals[name] = _save_rows(layer, rows)
+                device = _device(layer)
+                delta = (up.to(device, torch.float32) @ down.to(device, torch.float32)) * (scale * strength)
+                _add_to_rows(layer, rows, delta)
                 self.touched.add(name)
         self.applied_key = key
 
     @torch.no_grad()
     def restore(self) -> None:
         for name in self.touched:
-            weight, rows = self._target(name)
-            weight[rows] = self.originals[name]
+            layer, rows = self._target(name)
+            _load_rows(layer, rows, self.originals[name])
         self.touched = set()
         self.applied_key = ()
+
+
+# Row operations on a plain Linear, or on a layer that provides its own (Float8Linear).
+
+def _device(layer) -> torch.device:
+    return layer.weight_fp8.device if hasattr(layer, "weight_fp8") else layer.weight.device
+
+
+def _save_rows(layer, rows: slice):
+    if hasattr(layer, "save_rows"):
+        return layer.save_rows(rows)
+    return layer.weight[rows].detach().clone()
+
+
+def _load_rows(layer, rows: slice, saved) -> None:
+    if hasattr(layer, "load_rows"):
+        layer.load_rows(rows, saved)
+    else:
+        layer.weight[rows] = saved
+
+
+def _add_to_rows(layer, rows: slice, delta: torch.Tensor) -> None:
+    if hasattr(layer, "add_to_rows"):
+        layer.add_to_rows(rows, delta)
+    else:
+        weight = layer.weight
+        weight[rows] = (weight[rows].float() + delta).to(weight.dtype)

@@ -4,8 +4,8 @@
     exact  lossless: fused QKV projections, the fastest available attention kernel, and
            torch.compile of the repeated blocks only (regional compilation: one compile per
            block type instead of the whole 57-block graph, which keeps cold start short)
-    fast   exact + fp8 linear layers in the transformer blocks (torchao, dynamic activation
-           scaling, per-row scales), for Hopper-class GPUs
+    fast   exact + fp8 linear layers in the transformer blocks (per-row weight scales,
+           dynamically scaled activations; ryla.flux.fp8), for Hopper-class GPUs
     turbo  fast + first-block caching (diffusers FirstBlockCacheConfig): steps whose first
            block changes little reuse the rest of the network's last residual
 
@@ -55,21 +55,26 @@ def _attention_backend(transformer) -> str:
     return "native"
 
 
+def fuse_qkv(transformer) -> None:
+    """Fuse q, k and v into one matmul per attention, and drop the unfused copies (diffusers
+    keeps them for unfusing, which would cost ~4 GB at FLUX size). LoRAs still address
+    q, k and v: they become rows of the fused layer (ryla.flux.lora)."""
+    transformer.fuse_qkv_projections()
+    from ryla.flux.lora import _FUSED
+
+    for module in transformer.modules():
+        if getattr(module, "fused_projections", False):
+            for leaf, (fused_name, _) in _FUSED.items():
+                if hasattr(module, fused_name) and isinstance(getattr(module, leaf, None), torch.nn.Module):
+                    delattr(module, leaf)
+
+
 def quantize_fp8(transformer) -> int:
-    """fp8 (e4m3) weights with per-row scales and dynamically scaled fp8 activations for the
-    Linear layers of the transformer blocks (not the embedders or the output layer)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    """fp8 weights and activations for the Linear layers inside the transformer blocks (not
+    the embedders or the output layer, which are small and precision-sensitive)."""
+    from ryla.flux.fp8 import quantize_linear_layers
 
-    count = 0
-
-    def in_blocks(module, fqn: str) -> bool:
-        nonlocal count
-        hit = isinstance(module, torch.nn.Linear) and "transformer_blocks." in fqn
-        count += hit
-        return hit
-
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=in_blocks)
-    return count
+    return quantize_linear_layers(transformer, lambda name: "transformer_blocks." in name)
 
 
 def optimize_transformer(transformer, mode: str, compile: bool = True) -> dict:
@@ -79,7 +84,7 @@ def optimize_transformer(transformer, mode: str, compile: bool = True) -> dict:
     info: dict = {"speed": mode}
     if mode == "eager":
         return info
-    transformer.fuse_qkv_projections()
+    fuse_qkv(transformer)
     info["fused_qkv"] = True
     info["attention"] = _attention_backend(transformer)
     if mode in ("fast", "turbo"):
@@ -90,7 +95,9 @@ def optimize_transformer(transformer, mode: str, compile: bool = True) -> dict:
         transformer.enable_cache(FirstBlockCacheConfig(threshold=FIRST_BLOCK_CACHE_THRESHOLD))
         info["first_block_cache"] = FIRST_BLOCK_CACHE_THRESHOLD
     if compile and torch.cuda.is_available():
-        transformer.compile_repeated_blocks(fullgraph=True)
+        # First-block caching decides per step outside the graph (a compiler-disabled
+        # function), so turbo compiles with graph breaks allowed.
+        transformer.compile_repeated_blocks(fullgraph=mode != "turbo")
         info["compiled"] = "repeated blocks"
     log.info("transformer speed mode: %s", info)
     return info

@@ -1,0 +1,156 @@
+"""Cold start and throughput of `ryla serve` on one GPU, with full-size random weights.
+
+1. Writes a model store with the spec's files at full FLUX.1-dev size (random weights, the
+   real layouts): checkpoints/flux1-dev-fp8.safetensors (all-in-one, fp8 transformer) and
+   generated tokenizers.
+2. Starts `ryla serve --speed MODE` twice, with an empty and then a warm compile cache, and
+   times process start -> /health up -> first 1024x1024, 28-step image served.
+3. On the warm server: 5 requests back to back, then 5 concurrent clients; images per second.
+
+    python bench/cold_start.py --out bench/results --speed exact
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+REQUEST = {"prompt": "a red fox in the snow", "width": 1024, "height": 1024, "steps": 28, "seed": 1,
+           "output_format": "jpeg"}
+
+
+def write_store(root: Path) -> float:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ryla.flux.loading import _public, component_config
+    from ryla.models import formats
+    from ryla.models.store import ModelStore
+    from ryla.models.tiny import _write_tokenizers
+
+    start = time.perf_counter()
+    store = ModelStore(root)
+    store.ensure_layout()
+    _write_tokenizers(store)
+    p = formats.CHECKPOINT_PREFIXES
+    tensors = {}
+    with torch.device("cuda"):
+        transformer = FluxTransformer2DModel(**_public(component_config("transformer", {}))).to(torch.bfloat16)
+    for k, v in formats.flux_transformer_to_bfl(transformer.state_dict()).items():
+        tensors[p["transformer"] + k] = (v.to(torch.float8_e4m3fn) if v.ndim == 2 else v).cpu()
+    del transformer
+    with torch.device("cuda"):
+        vae = AutoencoderKL(**_public(component_config("vae", {})))
+    for k, v in formats.vae_to_ldm(vae.state_dict(), 4).items():
+        tensors[p["vae"] + k] = v.to(torch.bfloat16).cpu()
+    with torch.device("cuda"):
+        clip = CLIPTextModel(CLIPTextConfig(**_public(component_config("clip_l", {}))))
+        t5 = T5EncoderModel(T5Config(**_public(component_config("t5xxl", {}))))
+    for k, v in clip.state_dict().items():
+        if "position_ids" not in k:
+            tensors[p["clip_l"] + ("text_model." + k if not k.startswith("text_model.") else k)] = v.half().cpu()
+    for k, v in t5.state_dict().items():
+        if k != "encoder.embed_tokens.weight":
+            tensors[p["t5xxl"] + k] = v.half().cpu()
+    del vae, clip, t5
+    torch.cuda.empty_cache()
+    save_file(tensors, str(root / "checkpoints" / "flux1-dev-fp8.safetensors"))
+    return time.perf_counter() - start
+
+
+def start_server(store: Path, cache: Path, port: int, speed: str, log: Path):
+    env = {**os.environ, "RYLA_MODELS_DIR": str(store), "RYLA_COMPILE_CACHE": str(cache),
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-m", "ryla.cli.main", "serve", "--port", str(port), "--speed", speed,
+                             "--timeout", "600"], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def cold_start(store: Path, cache: Path, port: int, speed: str, log: Path) -> tuple[dict, subprocess.Popen]:
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    proc = start_server(store, cache, port, speed, log)
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text()[-3000:])
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    health = time.perf_counter() - t0
+    r = httpx.post(url + "/flux-dev", json=REQUEST, timeout=900)
+    r.raise_for_status()
+    first = time.perf_counter() - t0
+    return {"health_s": health, "first_image_s": first,
+            "first_generation_s": float(r.headers["x-generation-time"])}, proc
+
+
+def throughput(port: int, n: int = 5) -> dict:
+    import httpx
+
+    url = f"http://127.0.0.1:{port}/flux-dev"
+
+    def call(i):
+        r = httpx.post(url, json={**REQUEST, "seed": i}, timeout=900)
+        return r.status_code
+
+    t = time.perf_counter()
+    sequential = [call(i) for i in range(n)]
+    sequential_s = time.perf_counter() - t
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        concurrent_codes = list(pool.map(call, range(n)))
+    concurrent_s = time.perf_counter() - t
+    return {"requests": n, "sequential_s": sequential_s, "concurrent_s": concurrent_s,
+            "sequential_images_per_s": n / sequential_s, "concurrent_images_per_s": n / concurrent_s,
+            "ratio": sequential_s / concurrent_s, "all_ok": set(sequential + concurrent_codes) == {200}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--speed", default="exact")
+    parser.add_argument("--work", default=None, help="folder for the store and caches [default: a temp dir]")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or tempfile.mkdtemp())
+    store, cache = work / "models", work / "compile-cache"
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "speed": args.speed,
+               "request": REQUEST}
+    results["write_store_s"] = write_store(store)
+    size = (store / "checkpoints" / "flux1-dev-fp8.safetensors").stat().st_size
+    results["checkpoint_gb"] = size / 1e9
+    print(json.dumps(results), flush=True)
+    runs = {}
+    for label in ("cold_cache", "warm_cache"):
+        stats, proc = cold_start(store, cache, 8101, args.speed, out / f"serve_{label}.log")
+        runs[label] = stats
+        print(label, json.dumps(stats), flush=True)
+        if label == "warm_cache":
+            results["throughput"] = throughput(8101)
+            print("throughput", json.dumps(results["throughput"]), flush=True)
+        proc.terminate()
+        proc.wait(timeout=60)
+    results["cold_start"] = runs
+    (out / f"cold_start_{args.speed}.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
