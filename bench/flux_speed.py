@@ -36,6 +36,7 @@ STEPS = 28
 GUIDANCE = 3.5
 SEED = 0
 TIMED_RUNS = 3
+AUTOTUNE = "max-autotune-no-cudagraphs"
 
 
 def _sync():
@@ -119,7 +120,7 @@ def stock_pipeline(transformer, vae):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--modes", default="eager,exact,lora,fast,turbo")
+    parser.add_argument("--modes", default="eager,exact,exact-autotune,lora,fast,turbo")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny architecture")
     args = parser.parse_args()
     global WIDTH, HEIGHT, STEPS
@@ -203,10 +204,11 @@ def main() -> None:
         print(name, json.dumps(stats, default=str), flush=True)
 
     modes = args.modes.split(",")
+    compile_mode = AUTOTUNE if "exact-autotune" in modes else None
     model = FluxModel("flux1-dev", transformer)
     if "eager" in modes:
         run_mode("ryla-eager", model)
-    for mode in ("exact", "lora", "fast", "turbo"):
+    for mode in ("exact", "exact-autotune", "lora", "fast", "turbo"):
         if mode not in modes:
             continue
         try:
@@ -217,8 +219,13 @@ def main() -> None:
             start = time.perf_counter()
             if mode == "exact":
                 engine.speed_info = optimize_transformer(transformer, "exact")
+            elif mode == "exact-autotune":  # same graph, GEMM kernels chosen by benchmarking
+                torch._dynamo.reset()
+                transformer.compile_repeated_blocks(fullgraph=True, mode=AUTOTUNE)
+                engine.speed_info = {**engine.speed_info, "compiled": f"repeated blocks ({AUTOTUNE})"}
             elif mode == "fast":
                 torch._dynamo.reset()
+                transformer.compile_repeated_blocks(fullgraph=True, mode=compile_mode)
                 from ryla.flux.speed import quantize_fp8
 
                 engine.speed_info = {**engine.speed_info, "speed": "fast",
@@ -230,7 +237,8 @@ def main() -> None:
 
                 torch._dynamo.reset()
                 transformer.enable_cache(FirstBlockCacheConfig(threshold=FIRST_BLOCK_CACHE_THRESHOLD))
-                transformer.compile_repeated_blocks(fullgraph=False)  # the cache decides outside the graph
+                # The cache decides outside the graph, so graph breaks are allowed here.
+                transformer.compile_repeated_blocks(fullgraph=False, mode=compile_mode)
                 engine.speed_info = {**engine.speed_info, "speed": "turbo",
                                      "first_block_cache": FIRST_BLOCK_CACHE_THRESHOLD}
             results.setdefault("setup_s", {})[mode] = time.perf_counter() - start
@@ -249,20 +257,27 @@ def main() -> None:
 
 
 def count_full_steps(transformer, run) -> int:
-    """Steps of one image on which the blocks after the first really ran: a hook on the
-    second block's attention fires only then. Counted in one extra run with compilation off,
-    so the hook is a plain Python call."""
-    calls = []
-    handle = transformer.transformer_blocks[1].attn.register_forward_pre_hook(lambda *a: calls.append(1))
-    previous = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
+    """Steps of one image on which the whole network ran. First-block caching decides each
+    step in FBCHeadBlockHook._should_compute_remaining_blocks, a compiler-disabled (so plain
+    Python) call; wrapping it records the decisions of one extra image."""
+    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
+    original = FBCHeadBlockHook._should_compute_remaining_blocks
+    decisions = []
+
+    @torch.compiler.disable
+    def recording(self, *args, **kwargs):
+        decision = original(self, *args, **kwargs)
+        decisions.append(bool(decision))
+        return decision
+
+    FBCHeadBlockHook._should_compute_remaining_blocks = recording
     try:
         with torch.inference_mode():
             run()
     finally:
-        torch._dynamo.config.disable = previous
-        handle.remove()
-    return len(calls)
+        FBCHeadBlockHook._should_compute_remaining_blocks = original
+    return sum(decisions)
 
 
 def lora_bench(engine, store, model, ryla_image, device):

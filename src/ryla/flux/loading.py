@@ -78,7 +78,8 @@ def _assign(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: 
     cast = {k: v.to(device=device, dtype=dtype if v.dtype.is_floating_point else v.dtype)
             for k, v in state_dict.items()}
     module.load_state_dict(cast, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
+    # Buffers made at construction (CLIP's position ids) are still on the CPU.
+    return module.to(device).eval().requires_grad_(False)
 
 
 def _empty(factory):

@@ -77,7 +77,7 @@ def quantize_fp8(transformer) -> int:
     return quantize_linear_layers(transformer, lambda name: "transformer_blocks." in name)
 
 
-def optimize_transformer(transformer, mode: str, compile: bool = True) -> dict:
+def optimize_transformer(transformer, mode: str, compile: bool = True, compile_mode: str | None = None) -> dict:
     """Apply a speed mode in place; returns what was done (for logs and /health)."""
     if mode not in SPEED_MODES:
         raise ValueError(f"speed must be one of {', '.join(SPEED_MODES)}, got {mode!r}")
@@ -97,7 +97,8 @@ def optimize_transformer(transformer, mode: str, compile: bool = True) -> dict:
     if compile and torch.cuda.is_available():
         # First-block caching decides per step outside the graph (a compiler-disabled
         # function), so turbo compiles with graph breaks allowed.
-        transformer.compile_repeated_blocks(fullgraph=mode != "turbo")
-        info["compiled"] = "repeated blocks"
+        compile_mode = compile_mode or os.environ.get("RYLA_COMPILE_MODE") or None
+        transformer.compile_repeated_blocks(fullgraph=mode != "turbo", mode=compile_mode)
+        info["compiled"] = f"repeated blocks ({compile_mode or 'default'})"
     log.info("transformer speed mode: %s", info)
     return info
