@@ -130,6 +130,19 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> None:
     print(f"tiny FLUX.1-dev model set written to {store.root}")
 
 
+def cmd_models_download(args: argparse.Namespace) -> None:
+    from ryla.models.download import DownloadError, download
+    from ryla.models.store import ModelStore, default_models_dir
+
+    store = ModelStore(args.models_dir or default_models_dir())
+    try:
+        results = download(store, args.preset, token=args.token)
+    except DownloadError as exc:
+        raise CliError(str(exc))
+    fetched = sum(r.downloaded for r in results)
+    print(f"{fetched} file(s) downloaded, {len(results) - fetched} already present and verified, in {store.root}")
+
+
 def cmd_models_list(args: argparse.Namespace) -> None:
     from ryla.models.store import ModelStore, default_models_dir
 
@@ -253,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = models_sub.add_parser("make-tiny", help="Write the tiny random-weight FLUX model set (deterministic).")
     tiny.add_argument("--models-dir", default=None, help="where to write it [default: ~/.cache/ryla/tiny-models]")
     tiny.set_defaults(handler=cmd_models_make_tiny)
+    dl = models_sub.add_parser("download", help="Download model files from the Hugging Face Hub into the store.")
+    dl.add_argument("--preset", required=True, choices=("flux-dev", "flux-dev-transformer", "identity", "all"),
+                    help="flux-dev: flux1-dev-fp8 checkpoint, clip_l, t5xxl_fp16, ae, tokenizers; identity: "
+                         "InfiniteYou image projection, InfuseNet, antelopev2")
+    dl.add_argument("--token", default=None, help="Hugging Face token [default: $HF_TOKEN]")
+    dl.add_argument("--models-dir", default=None)
+    dl.set_defaults(handler=cmd_models_download)
     lst = models_sub.add_parser("list", help="List the files in the model store, by folder.")
     lst.add_argument("--models-dir", default=None)
     lst.set_defaults(handler=cmd_models_list)

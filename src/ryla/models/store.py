@@ -67,7 +67,8 @@ def default_tiny_dir() -> Path:
 class ModelStore:
     def __init__(self, root: Path | str, *, tiny: bool = False):
         self.root = Path(root).expanduser().resolve()
-        self.tiny = tiny
+        # The generated tiny set marks its folder, so it is reported as tiny wherever it is.
+        self.tiny = tiny or (self.root / "TINY_MODELS").is_file()
 
     def __repr__(self) -> str:
         return f"ModelStore({str(self.root)!r}, tiny={self.tiny})"

@@ -274,6 +274,9 @@ def _write_tokenizers(store: ModelStore) -> dict[str, int]:
     vocab["<|endoftext|>"] = len(vocab)  # highest id: CLIP pools at the end token
     _write_json(clip_dir / "vocab.json", vocab)
     (clip_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    _write_json(clip_dir / "special_tokens_map.json", {
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>"})
     _write_json(clip_dir / "tokenizer_config.json", {
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
@@ -292,6 +295,7 @@ def _write_tokenizers(store: ModelStore) -> dict[str, int]:
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
     tokenizer.save(str(t5_dir / "tokenizer.json"), pretty=True)
+    _write_json(t5_dir / "special_tokens_map.json", {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"})
     _write_json(t5_dir / "tokenizer_config.json", {
         "tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 0,
         "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
