@@ -82,3 +82,9 @@ FILENAME_PREFIX = Param("filename_prefix", str, "ryla", "Prefix for saved image 
 LORA_ID = Param("lora_id", str, None, "Id of a LoRA in the store (see GET /loras).", min=1, max=128)
 TRIGGER_WORD = Param("trigger_word", str, None, "Word that activates the LoRA; put into the prompt once. "
                      "Defaults to the one stored with the LoRA.", max=100)
+INSTANTID_STRENGTH = Param("instantid_strength", float, 0.8, "How strongly the reference face's identity is "
+                           "applied (scales the identity tokens); 0 turns identity off.", min=0.0, max=3.0)
+CONTROLNET_STRENGTH = Param("controlnet_strength", float, 0.8, "Strength of the identity ControlNet (InfuseNet) "
+                            "residuals; 0 turns identity off.", min=0.0, max=3.0)
+FACE_PROVIDER = Param("face_provider", str, "cpu", "Where face analysis runs (onnxruntime provider).",
+                      choices=("cpu", "gpu"))

@@ -24,15 +24,15 @@ from ryla.api import errors
 from ryla.api.errors import ApiError
 from ryla.api.metrics import Metrics
 from ryla.api.middleware import GuardMiddleware
-from ryla.api.schemas import (ErrorResponse, FluxDevRequest, FluxLoraRequest, HealthResponse, ImagesResponse,
-                              LoraInfo, LoraList)
+from ryla.api.schemas import (ErrorResponse, FluxDevRequest, FluxInstantIdRequest, FluxLoraRequest, HealthResponse,
+                              ImagesResponse, LoraInfo, LoraList)
 from ryla.api.work_queue import QueueFull, WorkQueue
 from ryla.flux.engine import Cancelled
 from ryla.graph.executor import ExecutionError, RunContext
 from ryla.runtime import RunResult, Runtime, random_seed
 from ryla.flux.lora import LoraFormatError
 from ryla.models.loras import InvalidLoraId, LoraExists, LoraNotFound, check_id, id_from_filename
-from ryla.workflows import FLUX_DEV, flux_lora_graph, with_trigger_words
+from ryla.workflows import FLUX_DEV, flux_instantid_graph, flux_lora_graph, with_trigger_words
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class ServerSettings:
     request_timeout_s: float = 300.0
     max_body_bytes: int = 32 * MB
     max_lora_bytes: int = 2048 * MB  # a rank-128 FLUX LoRA is ~1.3 GB
+    max_image_bytes: int = 10 * MB  # decoded reference / pose photo
     preload: bool = True
 
     @classmethod
@@ -250,6 +251,39 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
         result, timings = await service.run_graph(request, graph, "flux-lora")
         return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
                               quality=body.quality, timings=timings, headers={"X-Prompt": _ascii(params["prompt"])})
+
+    def photo(field_name: str, data: str) -> bytes:
+        """Decode a base64 / data-URL photo now, so a bad one is refused before queueing."""
+        from ryla.identity.faces import ImageError, decode_image
+
+        text = data.split(",", 1)[1] if data.startswith("data:") else data
+        if len(text) * 3 // 4 > settings.max_image_bytes:
+            raise ApiError(413, "image_too_large", f"{field_name}: over the limit of {settings.max_image_bytes} bytes")
+        try:
+            raw = base64.b64decode(text.strip(), validate=True)
+            decode_image(raw)
+        except (ValueError, ImageError) as exc:
+            message = str(exc) if isinstance(exc, ImageError) else "not valid base64 (or a data: URL)"
+            raise ApiError(422, "invalid_image", f"{field_name}: {message}",
+                           {"errors": [{"field": field_name, "message": message}]})
+        return raw
+
+    @app.post("/flux-instantid", responses={**IMAGE_RESPONSES, 413: {"model": ErrorResponse}},
+              response_class=Response, tags=["generate"],
+              summary="Text-to-image that keeps the face of a reference photo (InstantID recipe on FLUX)")
+    async def flux_instantid(body: FluxInstantIdRequest, request: Request) -> Response:
+        images = {"reference": photo("reference_image", body.reference_image)}
+        if body.pose_image:
+            images["pose"] = photo("pose_image", body.pose_image)
+        seed = body.seed if body.seed is not None else random_seed()
+        graph = flux_instantid_graph(pose="pose" in images, **body.template_params(seed),
+                                     instantid_strength=body.instantid_strength,
+                                     controlnet_strength=body.controlnet_strength,
+                                     face_provider="CUDA" if body.face_provider == "gpu" else "CPU")
+        result, timings = await service.run_graph(request, graph, "flux-instantid", request_images=images)
+        headers = {"X-Faces-Found": str(result.annotations.get("faces_found", 0))}
+        return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
+                              quality=body.quality, timings=timings, headers=headers)
 
     @app.get("/loras", response_model=LoraList, tags=["loras"], summary="LoRAs in the store")
     async def list_loras() -> dict:

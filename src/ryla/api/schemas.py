@@ -76,6 +76,16 @@ class FluxLoraRequest(FluxDevRequest):
                                  description="More LoRAs stacked after lora_id, each with its own strength.")
 
 
+class FluxInstantIdRequest(FluxDevRequest):
+    reference_image: str = Field(..., min_length=1, description="The face photo: base64 or a data: URL of a JPEG, "
+                                 "PNG or WebP. The largest face is used.")
+    instantid_strength: float = field(catalogue.INSTANTID_STRENGTH)
+    controlnet_strength: float = field(catalogue.CONTROLNET_STRENGTH)
+    face_provider: Literal["cpu", "gpu"] = field(catalogue.FACE_PROVIDER)
+    pose_image: str | None = Field(None, description="Optional photo whose face position and pose to follow "
+                                   "(base64 or data: URL).")
+
+
 class LoraInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str

@@ -194,6 +194,39 @@ class FluxEngine:
                 LoraPatch(name, str(path), stat.st_mtime_ns, strength_clip, weights.text_encoder),))
         return model, clip
 
+    # ------------------------------------------------------------------ identity
+
+    def cached(self, key: tuple, build: Callable[[], object]):
+        """Load-once for auxiliary models (face analysis, identity networks)."""
+        return self._cached(key, build)
+
+    def load_resampler(self, name: str):
+        from ryla.identity.adapter import load_resampler
+
+        path = self.store.resolve("instantid", name)
+        return self._cached(("resampler", str(path)), lambda: load_resampler(path, self.device, self.dtype))
+
+    def load_controlnet(self, name: str):
+        """A diffusers-format FluxControlNetModel folder in controlnet/ (InfuseNet)."""
+        from ryla.identity.adapter import load_infusenet
+
+        folder = self.store.resolve_folder("controlnet", name)
+        return self._cached(("controlnet", str(folder)), lambda: load_infusenet(folder, self.device, self.dtype))
+
+    @torch.inference_mode()
+    def encode_control_image(self, vae, image, width: int, height: int) -> torch.Tensor:
+        """A control image -> packed latents in model space (FluxControlNetPipeline's way)."""
+        import numpy as np
+
+        from PIL import Image
+
+        if image is None:
+            image = Image.new("RGB", (width, height))
+        image = image.resize((width, height), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        latents = vae.encode(x.to(self.device, vae.dtype)).latent_dist.mode()
+        return sampling.pack_latents((latents.float() - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE)
+
     def lora_target_shapes(self) -> tuple[dict, dict]:
         """Linear-layer shapes of the store's transformer and CLIP-L, from their configs on
         the meta device (no weights): what an uploaded LoRA is checked against."""
@@ -278,6 +311,9 @@ class FluxEngine:
         batch, channels, h, w = shape
         transformer = model.transformer
         img_ids = sampling.latent_image_ids(h, w, self.device, self.dtype)
+        identity = model.identity
+        control = (self.encode_control_image(identity.vae, identity.control_image, w * 8, h * 8)
+                   if identity is not None else None)
 
         def predict(x: torch.Tensor, sigma: float, conds: Conditioning, step: int, total: int) -> torch.Tensor:
             packed = sampling.pack_latents(x).to(self.device, self.dtype)
@@ -286,6 +322,8 @@ class FluxEngine:
             for index, cond in enumerate(conds):
                 txt_ids = torch.zeros(cond.t5.shape[1], 3, device=self.device, dtype=self.dtype)
                 guidance = cond.guidance if cond.guidance is not None else 3.5  # ComfyUI's default
+                guidance_tensor = (torch.full((batch,), guidance, device=self.device, dtype=self.dtype)
+                                   if transformer.config.guidance_embeds else None)
                 kwargs = dict(
                     hidden_states=packed,
                     encoder_hidden_states=cond.t5.to(self.device).expand(batch, -1, -1),
@@ -293,10 +331,12 @@ class FluxEngine:
                     timestep=timestep,
                     img_ids=img_ids,
                     txt_ids=txt_ids,
-                    guidance=torch.full((batch,), guidance, device=self.device, dtype=self.dtype)
-                    if transformer.config.guidance_embeds else None,
+                    guidance=guidance_tensor,
                     return_dict=False,
                 )
+                if identity is not None and identity.active(step, total):
+                    kwargs.update(identity.residuals(packed, control, timestep, img_ids, guidance_tensor,
+                                                     kwargs["pooled_projections"], batch))
                 # First-block caching (turbo) keeps one cache per conditioning stream.
                 with _cache_context(transformer, f"{'uncond' if conds is not positive_conds else 'cond'}{index}"):
                     out = transformer(**kwargs)[0]

@@ -104,6 +104,23 @@ class ModelStore:
                 return candidate
         raise ModelNotFoundError(kind, name, self.list(kind))
 
+    def list_folders(self, kind: str) -> list[str]:
+        """Model folders in diffusers format (a config.json inside), such as InfuseNetModel."""
+        folder = self.folder(kind)
+        if not folder.is_dir():
+            return []
+        return sorted(p.parent.relative_to(folder).as_posix() for p in folder.rglob("config.json")
+                      if not p.parent.name.startswith("."))
+
+    def resolve_folder(self, kind: str, name: str) -> Path:
+        folder = self.folder(kind).resolve()
+        candidate = folder.joinpath(*_safe_parts(name)).resolve()
+        if not candidate.is_relative_to(folder):
+            raise UnsafeNameError(f"model name {name!r} leaves the model folder")
+        if not (candidate / "config.json").is_file():
+            raise ModelNotFoundError(kind, name, self.list_folders(kind))
+        return candidate
+
     def path_for_new(self, kind: str, name: str) -> Path:
         """Where a new file of this kind and name goes (downloads, LoRA uploads)."""
         return self.folder(kind).joinpath(*_safe_parts(name))

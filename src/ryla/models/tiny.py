@@ -20,6 +20,7 @@ configs when it is absent. Output is deterministic: same bytes on every run.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from ryla.models.store import CLIP_L, FLUX_CHECKPOINT, FLUX_TRANSFORMER, FLUX_VA
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "ryla"
-TINY_VERSION = "1"  # bump when the tiny architecture changes, so stale sets are rewritten
+TINY_VERSION = "2"  # bump when the tiny architecture changes, so stale sets are rewritten
 
 TINY_TRANSFORMER = {
     "_class_name": "FluxTransformer2DModel",
@@ -148,6 +149,7 @@ def make_tiny_models(root: Path | str) -> ModelStore:
         for key, value in sd.items():
             checkpoint[formats.CHECKPOINT_PREFIXES[component] + key] = value.to(cast)
     _save(store.folder("checkpoints") / FLUX_CHECKPOINT, checkpoint, meta("transformer", "vae", "clip_l", "t5xxl"))
+    _write_identity_models(store)
     (store.root / "TINY_MODELS").write_text(TINY_VERSION + "\n")
     log.info("wrote the tiny FLUX.1-dev model set to %s", store.root)
     return store
@@ -305,3 +307,37 @@ def _write_tokenizers(store: ModelStore) -> dict[str, int]:
 
 def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Identity: the ArcFace stand-in, the Resampler (image_proj_model.bin) and InfuseNet.
+# --------------------------------------------------------------------------------------------
+
+TINY_RESAMPLER = dict(embed_dims=512, output_dims=TINY_TRANSFORMER["joint_attention_dim"], hidden_dims=64, depth=1,
+                      dim_head=64, heads=1, num_queries=8, ffn_ratio=4)
+
+
+def _write_identity_models(store: ModelStore) -> None:
+    from diffusers import FluxControlNetModel
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    from ryla.identity.adapter import resampler_to_original
+    from ryla.identity.faces import TINY_EMBEDDER, TinyFaceEmbedder
+
+    _save(store.folder("insightface") / TINY_EMBEDDER, _fill_deterministically(TinyFaceEmbedder(), seed=5),
+          {METADATA_KEY: json.dumps({"tiny": TINY_VERSION})})
+    resampler = _fill_deterministically(IPAdapterPlusImageProjection(**TINY_RESAMPLER), seed=6)
+    path = store.folder("instantid") / "image_proj_model.bin"
+    buffer = io.BytesIO()
+    torch.save({"image_proj": resampler_to_original(resampler)}, buffer)
+    path.write_bytes(buffer.getvalue())
+    config = {k: v for k, v in TINY_TRANSFORMER.items() if not k.startswith("_")}
+    controlnet = FluxControlNetModel(**config)
+    controlnet.load_state_dict(_fill_deterministically(controlnet, seed=7))
+    folder = store.folder("controlnet") / "InfuseNetModel"
+    controlnet.save_pretrained(str(folder), safe_serialization=True)
+    # diffusers records its own version in config.json; drop it so the bytes stay identical.
+    config_path = folder / "config.json"
+    config_json = json.loads(config_path.read_text())
+    config_json.pop("_diffusers_version", None)
+    _write_json(config_path, config_json)

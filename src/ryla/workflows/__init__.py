@@ -90,3 +90,21 @@ def with_trigger_words(prompt: str, words: list[str]) -> str:
     missing = [w for w in dict.fromkeys(w.strip() for w in words if w and w.strip())
                if not re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", prompt, flags=re.IGNORECASE)]
     return ", ".join(missing + [prompt]) if missing else prompt
+
+
+FLUX_INSTANTID = Template("flux_instantid", {
+    **FLUX_DEV.bindings,
+    "instantid_strength": (("14", "ip_weight"),),
+    "controlnet_strength": (("14", "cn_strength"),),
+    "face_provider": (("12", "provider"),),
+    "filename_prefix": (("9", "filename_prefix"),),
+})
+
+
+def flux_instantid_graph(pose: bool = False, **params: Any) -> dict:
+    """The FLUX_INSTANTID template; with pose, a second LoadImage ("pose") feeds image_kps."""
+    graph = FLUX_INSTANTID.fill(**params)
+    if pose:
+        graph["15"] = {"class_type": "LoadImage", "inputs": {"image": "pose"}, "_meta": {"title": "Pose face"}}
+        graph["14"]["inputs"]["image_kps"] = ["15", 0]
+    return graph

@@ -1,0 +1,153 @@
+"""Identity nodes: the InstantID node set (cubiq's ComfyUI_InstantID names and inputs),
+implemented on FLUX with InfiniteYou-FLUX weights (docs/instantid.md says how and why).
+
+Differences from the SDXL node pack: ApplyInstantID takes the VAE (a FLUX ControlNet's
+control image is encoded into latents), and with no image_kps the control image is black,
+as InfiniteYou's reference pipeline does; with image_kps the pose face's keypoints are drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from ryla import imaging
+from ryla.graph.executor import NodeUserError
+from ryla.graph.nodes.loaders import files
+from ryla.graph.registry import InputSpec, Node, Output, link, node
+from ryla.identity.adapter import IdentityAdapter
+from ryla.identity.faces import ImageError, decode_image, largest_face, open_analyzer
+from ryla.identity.keypoints import draw_kps
+
+
+@node
+class LoadImage(Node):
+    class_type = "LoadImage"
+    category = "image"
+    description = "An image sent with the request (never a file path on the server)."
+    inputs = (InputSpec("image", "COMBO", choices=lambda context: sorted(context.request_images),
+                        description="Name of an image uploaded with the request, e.g. 'reference'."),)
+    outputs = (Output("IMAGE", "IMAGE"), Output("MASK", "MASK"))
+
+    def run(self, context, image):
+        try:
+            picture = decode_image(context.request_images[image])
+        except ImageError as exc:
+            raise NodeUserError("invalid_image", f"{image}: {exc}") from exc
+        pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]
+        return pixels, torch.zeros(1, picture.height, picture.width)
+
+
+@node
+class InstantIDFaceAnalysis(Node):
+    class_type = "InstantIDFaceAnalysis"
+    category = "InstantID"
+    description = "Face detection and embedding: antelopev2 when present, else the bundled fallback."
+    inputs = (InputSpec("provider", "COMBO", default="CPU", choices=("CPU", "CUDA")),)
+    outputs = (Output("FACEANALYSIS", "FACEANALYSIS"),)
+
+    def run(self, context, provider):
+        device = "gpu" if provider == "CUDA" else "cpu"
+        store = context.store
+        return (context.engine.cached(("faces", device), lambda: open_analyzer(store, device)),)
+
+
+@node
+class InstantIDModelLoader(Node):
+    class_type = "InstantIDModelLoader"
+    category = "InstantID"
+    description = "The identity Resampler (InfiniteYou's image_proj_model.bin) from instantid/."
+    inputs = (InputSpec("instantid_file", "COMBO", choices=files("instantid")),)
+    outputs = (Output("INSTANTID", "INSTANTID"),)
+
+    def run(self, context, instantid_file):
+        return (context.engine.load_resampler(instantid_file),)
+
+
+@node
+class ControlNetLoader(Node):
+    class_type = "ControlNetLoader"
+    category = "loaders"
+    description = "A FLUX ControlNet folder in diffusers format from controlnet/ (InfuseNet)."
+    inputs = (InputSpec("control_net_name", "COMBO", choices=lambda context: context.store.list_folders("controlnet")),)
+    outputs = (Output("CONTROL_NET", "CONTROL_NET"),)
+
+    def run(self, context, control_net_name):
+        return (context.engine.load_controlnet(control_net_name),)
+
+
+def _strength(name: str, default: float, description: str) -> InputSpec:
+    return InputSpec(name, "FLOAT", default=default, min=0.0, max=3.0, step=0.01, description=description)
+
+
+IDENTITY_INPUTS = (
+    link("instantid", "INSTANTID"), link("insightface", "FACEANALYSIS"), link("control_net", "CONTROL_NET"),
+    link("image", "IMAGE"), link("model", "MODEL"), link("positive", "CONDITIONING"),
+    link("negative", "CONDITIONING"), link("vae", "VAE", "encodes the control image"),
+)
+SCHEDULE = (
+    InputSpec("start_at", "FLOAT", default=0.0, min=0.0, max=1.0, step=0.001),
+    InputSpec("end_at", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.001),
+)
+
+
+def apply_identity(context, instantid, insightface, control_net, image, model, positive, negative, vae,
+                   ip_weight, cn_strength, start_at, end_at, image_kps=None):
+    reference = imaging.to_pil(image)[0]
+    faces = insightface.faces(reference)
+    context.annotations["faces_found"] = len(faces)
+    if not faces:
+        raise NodeUserError("no_face_detected", "no face found in the reference image; send a clear, "
+                            "front-facing photo of one person")
+    face = largest_face(faces)
+    context.annotations["face_bbox"] = [round(v) for v in face.bbox]
+    if ip_weight == 0 or cn_strength == 0:
+        return model, positive, negative  # no identity: exactly the plain model
+    embedding = torch.from_numpy(face.embedding)[None, None]
+    param = next(instantid.parameters())
+    tokens = instantid(embedding.to(param.device, param.dtype)) * ip_weight
+    control_image = None
+    if image_kps is not None:
+        pose = imaging.to_pil(image_kps)[0]
+        pose_faces = insightface.faces(pose)
+        if not pose_faces:
+            raise NodeUserError("no_face_detected", "no face found in the pose image")
+        control_image = draw_kps(pose.size, largest_face(pose_faces).kps)
+    adapter = IdentityAdapter(control_net, tokens, control_image, vae.vae, cn_strength, start_at, end_at)
+    return dataclasses.replace(model, identity=adapter), positive, negative
+
+
+@node
+class ApplyInstantID(Node):
+    class_type = "ApplyInstantID"
+    category = "InstantID"
+    description = "Steer the model towards the reference face (one weight for both strengths)."
+    inputs = IDENTITY_INPUTS + (_strength("weight", 0.8, "identity strength"),) + SCHEDULE + (
+        link("image_kps", "IMAGE", "optional pose face", optional=True),)
+    outputs = (Output("MODEL", "MODEL"), Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"))
+
+    def run(self, context, weight, start_at, end_at, image_kps=None, **links):
+        return apply_identity(context, ip_weight=weight, cn_strength=weight, start_at=start_at, end_at=end_at,
+                              image_kps=image_kps, **links)
+
+
+@node
+class ApplyInstantIDAdvanced(Node):
+    class_type = "ApplyInstantIDAdvanced"
+    category = "InstantID"
+    description = "Steer the model towards the reference face, with separate strengths."
+    inputs = IDENTITY_INPUTS + (
+        _strength("ip_weight", 0.8, "identity token strength (the API's instantid_strength)"),
+        _strength("cn_strength", 0.8, "InfuseNet residual strength (the API's controlnet_strength)"),
+    ) + SCHEDULE + (link("image_kps", "IMAGE", "optional pose face", optional=True),)
+    outputs = (Output("MODEL", "MODEL"), Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative"))
+
+    def run(self, context, ip_weight, cn_strength, start_at, end_at, image_kps=None, **links):
+        return apply_identity(context, ip_weight=ip_weight, cn_strength=cn_strength, start_at=start_at,
+                              end_at=end_at, image_kps=image_kps, **links)
+
+
+NODES = (LoadImage, InstantIDFaceAnalysis, InstantIDModelLoader, ControlNetLoader, ApplyInstantID,
+         ApplyInstantIDAdvanced)

@@ -1,0 +1,134 @@
+"""The identity models and their use in the sampling loop.
+
+* The Resampler (InstantID / IP-Adapter Plus design; InfiniteYou-FLUX sizes: 512 -> 8 tokens
+  of 4096) read from `image_proj_model.bin` (state dict under "image_proj", original key
+  names) into diffusers' IPAdapterPlusImageProjection, the same network.
+* InfuseNet: a diffusers FluxControlNetModel (`controlnet/InfuseNetModel/`), fed the identity
+  tokens in place of text and the keypoint image as control; its residuals are added to the
+  FLUX transformer between start_at and end_at of the schedule, scaled by cn_strength.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# InfiniteYou-FLUX v1.0's Resampler.
+RESAMPLER = dict(embed_dims=512, output_dims=4096, hidden_dims=1280, depth=4, dim_head=64, heads=20,
+                 num_queries=8, ffn_ratio=4)
+
+
+def resampler_from_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original Resampler keys (layers.N.0 = attention, layers.N.1 = feed-forward) ->
+    diffusers IPAdapterPlusImageProjection keys."""
+    out = {}
+    for key, value in sd.items():
+        m = re.match(r"^layers\.(\d+)\.(\d)\.(.+)$", key)
+        if not m:
+            out[key] = value
+            continue
+        i, part, rest = m.groups()
+        base = f"layers.{i}."
+        name, _, param = rest.partition(".")
+        if part == "0":
+            if name == "to_kv":  # keys and values are one matrix in the original
+                k, v = value.chunk(2, dim=0)
+                out[f"{base}attn.to_k.{param}"], out[f"{base}attn.to_v.{param}"] = k, v
+                continue
+            target = {"norm1": "ln0", "norm2": "ln1", "to_q": "attn.to_q", "to_out": "attn.to_out.0"}[name]
+            out[f"{base}{target}.{param}"] = value
+        else:
+            target = {"0": "ff.0", "1": "ff.1.net.0.proj", "3": "ff.1.net.2"}[name]
+            out[f"{base}{target}.{param}"] = value
+    return out
+
+
+def resampler_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse, used to write tiny files in the published layout."""
+    out = {}
+    for key, value in sd.items():
+        m = re.match(r"^layers\.(\d+)\.(.+)$", key)
+        if not m:
+            out[key] = value
+            continue
+        i, rest = m.groups()
+        base = f"layers.{i}."
+        if rest.startswith("attn.to_k."):
+            out[base + "0.to_kv." + rest[len("attn.to_k."):]] = torch.cat([value, sd[key.replace("to_k", "to_v")]])
+        elif rest.startswith("attn.to_v."):
+            continue
+        elif rest.startswith(("ln0.", "ln1.")):
+            out[base + "0." + {"ln0": "norm1", "ln1": "norm2"}[rest[:3]] + rest[3:]] = value
+        elif rest.startswith("attn.to_q."):
+            out[base + "0.to_q." + rest[len("attn.to_q."):]] = value
+        elif rest.startswith("attn.to_out.0."):
+            out[base + "0.to_out." + rest[len("attn.to_out.0."):]] = value
+        else:
+            for ours, theirs in (("ff.0.", "1.0."), ("ff.1.net.0.proj.", "1.1."), ("ff.1.net.2.", "1.3.")):
+                if rest.startswith(ours):
+                    out[base + theirs + rest[len(ours):]] = value
+    return out
+
+
+def resampler_config(sd: dict[str, torch.Tensor]) -> dict:
+    """The Resampler's sizes, read from its original state dict (heads of 64 channels, as in
+    InstantID and InfiniteYou)."""
+    hidden = sd["latents"].shape[-1]
+    inner = sd["layers.0.0.to_q.weight"].shape[0]
+    return dict(embed_dims=sd["proj_in.weight"].shape[1], output_dims=sd["proj_out.weight"].shape[0],
+                hidden_dims=hidden, depth=len({k.split(".")[1] for k in sd if k.startswith("layers.")}),
+                dim_head=64, heads=inner // 64, num_queries=sd["latents"].shape[1],
+                ffn_ratio=sd["layers.0.1.1.weight"].shape[0] // hidden)
+
+
+def load_resampler(path: Path, device, dtype):
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = state.get("image_proj", state)
+    model = IPAdapterPlusImageProjection(**resampler_config(state))
+    model.load_state_dict(resampler_from_original(state), strict=True)
+    return model.to(device, dtype).eval().requires_grad_(False)
+
+
+def load_infusenet(folder: Path, device, dtype):
+    from diffusers import FluxControlNetModel
+
+    return FluxControlNetModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True).to(device).eval()
+
+
+@dataclass(frozen=True)
+class IdentityAdapter:
+    """Everything the sampler needs to steer one request towards a face."""
+
+    controlnet: object
+    id_tokens: torch.Tensor  # [1, 8, d]
+    control_image: object  # PIL keypoint image, or None for InfiniteYou's black control image
+    vae: object  # to encode the control image at the latent's size
+    strength: float  # controlnet (InfuseNet) residual scale
+    start: float
+    end: float
+
+    def active(self, step: int, total: int) -> bool:
+        """Whether step `step` of `total` lies in [start_at, end_at) of the schedule."""
+        fraction = step / max(total, 1)
+        return self.start <= fraction and (fraction < self.end or self.end >= 1.0)
+
+    def residuals(self, hidden_states, control, timestep, img_ids, guidance, pooled, batch) -> dict:
+        tokens = self.id_tokens.to(hidden_states.device, hidden_states.dtype).expand(batch, -1, -1)
+        blocks, single = self.controlnet(
+            hidden_states=hidden_states,
+            controlnet_cond=control.to(hidden_states.device, hidden_states.dtype).expand(batch, -1, -1),
+            conditioning_scale=self.strength,
+            encoder_hidden_states=tokens,
+            pooled_projections=torch.zeros_like(pooled),  # as InfiniteYou: identity only, no text
+            timestep=timestep,
+            img_ids=img_ids,
+            txt_ids=torch.zeros(tokens.shape[1], 3, device=hidden_states.device, dtype=hidden_states.dtype),
+            guidance=guidance,
+            return_dict=False,
+        )
+        return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": single}

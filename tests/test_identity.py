@@ -1,0 +1,104 @@
+"""/flux-instantid and the identity path on the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from ryla.identity.faces import ImageError, cosine, decode_image, open_analyzer
+from ryla.identity.keypoints import draw_kps
+
+
+def png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> bytes:
+    from skimage import data
+
+    return png(data.astronaut())
+
+
+FLUX = {"prompt": "a portrait photo", "width": 64, "height": 64, "steps": 3, "seed": 9, "output_format": "png"}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_a_real_face_is_found_and_embedded(tiny_store, astronaut):
+    analyzer = open_analyzer(tiny_store)
+    faces = analyzer.faces(decode_image(astronaut))
+    assert len(faces) == 1
+    x0, y0, x1, y1 = faces[0].bbox
+    assert 150 < (x0 + x1) / 2 < 300 and 50 < (y0 + y1) / 2 < 200  # the astronaut's face
+    assert faces[0].embedding.shape == (512,) and abs(np.linalg.norm(faces[0].embedding) - 1) < 1e-5
+    assert cosine(faces[0].embedding, faces[0].embedding) == pytest.approx(1.0)
+    flat = analyzer.faces(decode_image(png(np.full((256, 256, 3), 128))))
+    noise = analyzer.faces(decode_image(png(np.random.default_rng(0).integers(0, 255, (256, 256, 3)))))
+    assert flat == [] and noise == []
+
+
+def test_keypoint_image_draws_five_points_on_black():
+    kps = np.array([[30, 40], [70, 40], [50, 60], [35, 80], [65, 80]], dtype=np.float32)
+    image = np.asarray(draw_kps((100, 100), kps))
+    assert image.shape == (100, 100, 3) and image[0, 0].tolist() == [0, 0, 0]
+    assert image[40, 30].tolist() == [255, 0, 0] and image[60, 50].tolist() == [0, 0, 255]
+
+
+def test_decode_image_refuses_what_is_not_an_image(astronaut):
+    assert decode_image("data:image/png;base64," + b64(astronaut)).size == (512, 512)
+    for bad in ("not base64!!", b64(b"plain text"), b"\x89PNG\r\n\x1a\n broken"):
+        with pytest.raises(ImageError):
+            decode_image(bad)
+
+
+def test_flux_instantid_endpoint(server, astronaut):
+    url = server.url
+    base = httpx.post(url + "/flux-dev", json=FLUX, timeout=120).content
+    zero = httpx.post(url + "/flux-instantid", json={**FLUX, "reference_image": b64(astronaut),
+                                                      "instantid_strength": 0, "controlnet_strength": 0}, timeout=120)
+    assert zero.status_code == 200, zero.text
+    assert zero.content == base and zero.headers["x-faces-found"] == "1"
+    identity = httpx.post(url + "/flux-instantid", json={**FLUX, "reference_image": "data:image/png;base64," +
+                                                          b64(astronaut)}, timeout=120)
+    assert identity.status_code == 200 and identity.content != base
+    again = httpx.post(url + "/flux-instantid", json={**FLUX, "reference_image": b64(astronaut)}, timeout=120)
+    assert again.content == identity.content
+    posed = httpx.post(url + "/flux-instantid", json={**FLUX, "reference_image": b64(astronaut),
+                                                       "pose_image": b64(astronaut)}, timeout=120)
+    assert posed.status_code == 200 and posed.content not in (identity.content, base)
+
+
+@pytest.mark.parametrize("image,status,error_type", [
+    ("###", 422, "invalid_image"),
+    (base64.b64encode(b"hello, not an image").decode(), 422, "invalid_image"),
+    (base64.b64encode(png(np.full((256, 256, 3), 90))).decode(), 422, "no_face_detected"),
+    (base64.b64encode(png(np.random.default_rng(1).integers(0, 255, (256, 256, 3)))).decode(), 422,
+     "no_face_detected"),
+])
+def test_flux_instantid_errors(server, image, status, error_type):
+    r = httpx.post(server.url + "/flux-instantid", json={**FLUX, "reference_image": image}, timeout=120)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["type"] == error_type
+
+
+def test_oversized_reference_gets_413(strict_server):
+    big = base64.b64encode(b"\x00" * 200_000).decode()  # over the strict server's 64 KiB body limit
+    r = httpx.post(strict_server.url + "/flux-instantid", headers={"Authorization": "Bearer s3cret-key"},
+                   json={**FLUX, "reference_image": big}, timeout=60)
+    assert r.status_code == 413
+
+
+def test_reference_over_the_image_limit_gets_413(server):
+    big = base64.b64encode(b"\x00" * (11 * 1024 * 1024)).decode()  # default image limit: 10 MB
+    r = httpx.post(server.url + "/flux-instantid", json={**FLUX, "reference_image": big}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "image_too_large"
