@@ -102,3 +102,42 @@ def test_reference_over_the_image_limit_gets_413(server):
     big = base64.b64encode(b"\x00" * (11 * 1024 * 1024)).decode()  # default image limit: 10 MB
     r = httpx.post(server.url + "/flux-instantid", json={**FLUX, "reference_image": big}, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["type"] == "image_too_large"
+
+
+def test_client_flux_instantid_character_sheet_and_eval(server, astronaut, tmp_path, cli_env):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "face.png").write_bytes(astronaut)
+
+    def client(*args):
+        return subprocess.run([sys.executable, "-m", "ryla.cli.client", "--url", server.url, *args],
+                              capture_output=True, text=True, timeout=300)
+
+    r = client("flux-instantid", "--prompt", "a portrait", "--reference", str(tmp_path / "face.png"), "--width", "64",
+               "--height", "64", "--steps", "2", "--seed", "4", "--output", str(tmp_path / "id.png"))
+    assert r.returncode == 0, r.stderr
+    r = client("character-sheet", "--reference", str(tmp_path / "face.png"), "--count", "3", "--width", "64",
+               "--height", "64", "--steps", "2", "--seed", "5", "--output-dir", str(tmp_path / "sheet"))
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in (tmp_path / "sheet").iterdir())
+    assert names == ["contact_sheet.png", "sheet_01.png", "sheet_02.png", "sheet_03.png"]
+    assert Image.open(tmp_path / "sheet" / "contact_sheet.png").size == (3 * 64, 64 + 28)
+    r = client("flux-instantid", "--prompt", "x", "--reference", str(tmp_path / "missing.png"))
+    assert r.returncode == 1 and "cannot read reference image" in r.stderr
+
+    # The astronaut photo itself, twice, and a face-less image: 2 of 3 match.
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "a.png").write_bytes(astronaut)
+    (evaluation / "b.png").write_bytes(astronaut)
+    (evaluation / "c.png").write_bytes(png(np.full((128, 128, 3), 60)))
+    result = subprocess.run([sys.executable, "-m", "ryla.cli.main", "eval", "identity", "--reference",
+                             str(tmp_path / "face.png"), str(evaluation), "--json"], env=cli_env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["images"] == 3 and summary["faces_found"] == 2
+    assert summary["mean_cosine"] == pytest.approx(1.0, abs=1e-3)
+    assert summary["share_above_threshold"] == pytest.approx(2 / 3, abs=1e-3)

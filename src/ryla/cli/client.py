@@ -148,6 +148,97 @@ def cmd_loras(client: Client, args: argparse.Namespace) -> None:
         print(f"removed {args.id}")
 
 
+def _photo_b64(path: str, what: str) -> str:
+    try:
+        return base64.b64encode(Path(path).read_bytes()).decode()
+    except OSError as exc:
+        raise CliError(f"cannot read {what} {path}: {exc.strerror}")
+
+
+IDENTITY_FIELDS = (catalogue.INSTANTID_STRENGTH, catalogue.CONTROLNET_STRENGTH, catalogue.FACE_PROVIDER)
+
+
+def identity_body(args: argparse.Namespace) -> dict:
+    body = flux_body(args)
+    body["reference_image"] = _photo_b64(args.reference, "reference image")
+    if getattr(args, "pose", None):
+        body["pose_image"] = _photo_b64(args.pose, "pose image")
+    for param in IDENTITY_FIELDS:
+        if getattr(args, param.name) is not None:
+            body[param.name] = getattr(args, param.name)
+    return body
+
+
+def cmd_flux_instantid(client: Client, args: argparse.Namespace) -> None:
+    body = identity_body(args)
+    result = with_spinner("generating...", lambda: client.request("POST", "/flux-instantid", json=body))
+    report(result, save_images(result, args.output))
+
+
+# Angles, expressions and outfits for a character sheet (TSK-058-002-006).
+SHEET_PROMPTS = (
+    "front view portrait, neutral expression, plain grey background",
+    "three-quarter view, smiling, casual denim jacket",
+    "profile view facing left, serious expression, studio lighting",
+    "looking over the shoulder, laughing, summer dress, outdoors",
+    "close-up, surprised expression, soft window light",
+    "full body, standing, business suit, city street",
+    "low angle, confident expression, leather jacket, night city lights",
+    "high angle, thoughtful expression, knitted sweater, cozy cafe",
+    "profile view facing right, calm expression, evening gown",
+    "front view, winking, sports clothes, park in autumn",
+)
+
+
+def cmd_character_sheet(client: Client, args: argparse.Namespace) -> None:
+    from PIL import Image, ImageDraw
+
+    if args.prompts_file:
+        try:
+            prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise CliError(f"cannot read {args.prompts_file}: {exc.strerror}")
+    else:
+        prompts = list(SHEET_PROMPTS)
+    if not prompts:
+        raise CliError("no prompts")
+    prompts = [prompts[i % len(prompts)] for i in range(args.count)]
+    reference = _photo_b64(args.reference, "reference image")
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+    out = Path(args.output_dir)
+    tiles = []
+    for i, prompt in enumerate(prompts):
+        full_prompt = f"{args.subject}, {prompt}" if args.subject else prompt
+        body = {"prompt": full_prompt, "reference_image": reference, "width": args.width, "height": args.height,
+                "steps": args.steps, "seed": seed if args.seed_policy == "same" else seed + i, "output_format": "png"}
+        result = with_spinner(f"variation {i + 1}/{len(prompts)}...",
+                              lambda: client.request("POST", "/flux-instantid", json=body))
+        path = save_images(result, str(out / f"sheet_{i + 1:02d}.png"))[0]
+        tiles.append((path, prompt))
+        print(f"{path}  seed {body['seed']}  {prompt}")
+    # One labelled contact sheet.
+    columns = min(4, len(tiles))
+    rows = (len(tiles) + columns - 1) // columns
+    tile_w, tile_h, label_h = args.width, args.height, 28
+    sheet = Image.new("RGB", (columns * tile_w, rows * (tile_h + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (path, prompt) in enumerate(tiles):
+        x, y = (index % columns) * tile_w, (index // columns) * (tile_h + label_h)
+        with Image.open(path) as tile:
+            sheet.paste(tile.convert("RGB").resize((tile_w, tile_h)), (x, y))
+        draw.text((x + 4, y + tile_h + 6), f"{index + 1}. {prompt}"[: max(8, tile_w // 7)], fill="black")
+    write_atomic(out / "contact_sheet.png", _png(sheet))
+    print(f"contact sheet -> {out / 'contact_sheet.png'}")
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def cmd_workflow(client: Client, args: argparse.Namespace) -> None:
     try:
         graph = json.loads(Path(args.workflow).read_text())
@@ -186,6 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
     flux = sub.add_parser("flux-dev", help="Text-to-image with FLUX.1-dev.", description="Text-to-image with FLUX.1-dev.")
     add_flux_options(flux)
     flux.set_defaults(handler=cmd_flux_dev)
+
+    ident = sub.add_parser("flux-instantid", help="Text-to-image keeping the face of a reference photo.",
+                           description="Text-to-image keeping the face of a reference photo.")
+    add_flux_options(ident)
+    ident.add_argument("--reference", required=True, help="face photo (JPEG, PNG or WebP)")
+    ident.add_argument("--pose", default=None, help="optional photo whose face position to follow")
+    for param in IDENTITY_FIELDS:
+        add_param(ident, param, omit_default=True)
+    ident.set_defaults(handler=cmd_flux_instantid)
+
+    sheet = sub.add_parser("character-sheet", help="N variations of one face (angles, expressions, outfits) "
+                           "plus a labelled contact sheet.")
+    sheet.add_argument("--reference", required=True, help="face photo")
+    sheet.add_argument("--count", type=int, default=8, help="number of variations [default: 8]")
+    sheet.add_argument("--prompts-file", default=None, help="one prompt per line [default: a built-in list]")
+    sheet.add_argument("--subject", default="", help="prepended to every prompt, e.g. 'a woman with red hair'")
+    sheet.add_argument("--seed", type=int, default=None, help="[default: random, printed]")
+    sheet.add_argument("--seed-policy", choices=("same", "increment"), default="same",
+                       help="same seed for every variation (only the prompt changes), or seed+i [default: same]")
+    sheet.add_argument("--width", type=int, default=768)
+    sheet.add_argument("--height", type=int, default=768)
+    sheet.add_argument("--steps", type=int, default=28)
+    sheet.add_argument("--output-dir", default="character_sheet", help="[default: character_sheet]")
+    sheet.set_defaults(handler=cmd_character_sheet)
 
     lora = sub.add_parser("flux-lora", help="Text-to-image with a character LoRA from the server's store.",
                           description="Text-to-image with a character LoRA from the server's store.")

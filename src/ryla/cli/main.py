@@ -193,6 +193,49 @@ def cmd_loras(args: argparse.Namespace) -> None:
         raise CliError(f"not a FLUX LoRA for this model: {exc}")
 
 
+def cmd_eval_identity(args: argparse.Namespace) -> None:
+    """ArcFace cosine between the reference face and each image's largest face."""
+    from ryla.identity.faces import ImageError, cosine, decode_image, largest_face, open_analyzer
+    from ryla.models.store import open_store
+
+    analyzer = open_analyzer(open_store(args.models_dir), args.face_provider)
+
+    def face_of(path: Path):
+        try:
+            faces = analyzer.faces(decode_image(path.read_bytes()))
+        except (OSError, ImageError) as exc:
+            raise CliError(f"{path}: {exc}")
+        return largest_face(faces) if faces else None
+
+    reference = face_of(Path(args.reference))
+    if reference is None:
+        raise CliError(f"no face found in the reference {args.reference}")
+    folder = Path(args.images)
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")) \
+        if folder.is_dir() else []
+    if not paths:
+        raise CliError(f"no JPEG, PNG or WebP images in {folder}")
+    rows = []
+    for path in paths:
+        face = face_of(path)
+        rows.append({"image": path.name, "face": face is not None,
+                     "cosine": round(cosine(reference.embedding, face.embedding), 4) if face else None})
+    scores = [r["cosine"] for r in rows if r["cosine"] is not None]
+    summary = {"reference": args.reference, "analyzer": analyzer.name, "threshold": args.threshold,
+               "images": len(rows), "faces_found": len(scores),
+               "mean_cosine": round(sum(scores) / len(scores), 4) if scores else None,
+               # images without a face count as misses: the share is over all images
+               "share_above_threshold": round(sum(s >= args.threshold for s in scores) / len(rows), 4),
+               "results": rows}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    for row in rows:
+        print(f"{row['image']:<40} {'no face' if row['cosine'] is None else format(row['cosine'], '.4f')}")
+    print(f"mean cosine {summary['mean_cosine']}, {summary['share_above_threshold'] * 100:.0f}% of "
+          f"{len(rows)} images >= {args.threshold} ({analyzer.name})")
+
+
 def _run_with_progress(runtime, graph):
     from ryla.graph.executor import ExecutionError, GraphValidationError
 
@@ -290,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (add, lst2, rm):
         p.add_argument("--models-dir", default=None)
         p.set_defaults(handler=cmd_loras)
+
+    evaluate = sub.add_parser("eval", help="Measure generated images.")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    ident = eval_sub.add_parser("identity", help="Face consistency: ArcFace cosine of each image's face against "
+                                "the reference, the mean, and the share above a threshold.")
+    ident.add_argument("--reference", required=True, help="the reference face photo")
+    ident.add_argument("images", help="folder of generated images")
+    ident.add_argument("--threshold", type=float, default=0.3,
+                       help="cosine counted as the same person (insightface's demo uses ~0.28) [default: 0.3]")
+    ident.add_argument("--face-provider", choices=("cpu", "gpu"), default="cpu")
+    ident.add_argument("--json", action="store_true", help="print JSON")
+    ident.add_argument("--models-dir", default=None)
+    ident.set_defaults(handler=cmd_eval_identity)
     return parser
 
 
