@@ -47,7 +47,8 @@ image = (
     modal.Image.debian_slim(python_version="3.11")
     .add_local_dir(PROJECT, "/opt/ryla", copy=True,
                    ignore=["**/__pycache__", ".git", ".whl", "bench/results", "tests", "*.jpg", "*.png"])
-    .run_commands("pip install /opt/ryla")
+    # [identity]: insightface + onnxruntime-gpu for antelopev2 face analysis.
+    .run_commands('pip install "/opt/ryla[identity]"')
     .env({"HF_HOME": HF_CACHE_DIR, "RYLA_MODELS_DIR": MODELS_DIR, "RYLA_COMPILE_CACHE": COMPILE_CACHE_DIR,
           "HF_XET_HIGH_PERFORMANCE": "1"})
 )
