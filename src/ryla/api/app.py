@@ -136,6 +136,24 @@ class Service:
                 raise ApiError(499, "client_closed_request", "the client closed the connection")
 
 
+# The browser playground: files shipped in the package, served with a restrictive CSP (only
+# this origin's scripts, styles and API; images also from data:/blob: URLs).
+STATIC_FILES = {"index.html": "text/html; charset=utf-8", "playground.js": "text/javascript; charset=utf-8",
+                "playground.css": "text/css; charset=utf-8"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _static(name: str) -> bytes:
+    from importlib import resources
+
+    return resources.files("ryla.api").joinpath("static", name).read_bytes()
+
+
 def _ascii(text: str) -> str:
     """A header-safe rendering (HTTP headers are latin-1)."""
     return text.encode("ascii", "backslashreplace").decode()[:1000]
@@ -197,8 +215,10 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
     )
     app.state.service = service
     errors.install(app)
+    # The playground page is public (it holds no data; it asks for the key and sends it).
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key,
-                       metrics=metrics, upload_paths={"/loras": settings.max_lora_bytes})
+                       metrics=metrics, upload_paths={"/loras": settings.max_lora_bytes},
+                       public_paths=("/health", "/", *(f"/static/{name}" for name in STATIC_FILES)))
 
     @app.post("/flux-dev", responses=IMAGE_RESPONSES, response_class=Response, tags=["generate"],
               summary="Text-to-image with FLUX.1-dev")
@@ -343,6 +363,16 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
         except LoraNotFound as exc:
             raise ApiError(404, "lora_not_found", str(exc), {"lora_id": lora_id})
         return Response(status_code=204)
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        return Response(_static("index.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str) -> Response:
+        if name not in STATIC_FILES:
+            raise ApiError(404, "not_found", f"no static file {name!r}")
+        return Response(_static(name), media_type=STATIC_FILES[name], headers=PAGE_HEADERS)
 
     @app.get("/health", response_model=HealthResponse, tags=["service"])
     async def health() -> dict:
