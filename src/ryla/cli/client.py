@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ryla import catalogue
-from ryla.cli.common import CliError, add_param, numbered_paths, write_atomic
+from ryla.cli.common import CliError, add_param, numbered_paths, run_cli, write_atomic
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -336,16 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        client = Client(args.url, args.api_key, args.timeout)
-        args.handler(client, args)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: args.handler(Client(args.url, args.api_key, args.timeout), args))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ryla import catalogue
@@ -44,3 +46,17 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def run_cli(action: Callable[[], None]) -> int:
+    """Run a command: `error: ...` and status 1 for a CliError, 130 on Ctrl-C, never a traceback
+    for what the user can fix."""
+    try:
+        action()
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ryla import catalogue
-from ryla.cli.common import CliError, add_param, numbered_paths, write_atomic
+from ryla.cli.common import CliError, add_param, numbered_paths, run_cli, write_atomic
 
 log = logging.getLogger("ryla")
 
@@ -353,15 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        args.handler(args)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: args.handler(args))
 
 
 if __name__ == "__main__":

@@ -18,20 +18,18 @@ class EmptySD3LatentImage(Node):
     inputs = (from_param(catalogue.WIDTH), from_param(catalogue.HEIGHT), from_param(catalogue.BATCH_SIZE))
     outputs = (Output("LATENT", "LATENT"),)
 
+    channels = LATENT_CHANNELS
+
     def run(self, context, width, height, batch_size):
-        return ({"samples": torch.zeros(batch_size, LATENT_CHANNELS, height // 8, width // 8)},)
+        return ({"samples": torch.zeros(batch_size, self.channels, height // 8, width // 8)},)
 
 
 @node
-class EmptyLatentImage(Node):
+class EmptyLatentImage(EmptySD3LatentImage):
     class_type = "EmptyLatentImage"
     category = "latent"
     description = "A zero 4-channel latent; the samplers widen it to FLUX's 16 channels, as ComfyUI does."
-    inputs = (from_param(catalogue.WIDTH), from_param(catalogue.HEIGHT), from_param(catalogue.BATCH_SIZE))
-    outputs = (Output("LATENT", "LATENT"),)
-
-    def run(self, context, width, height, batch_size):
-        return ({"samples": torch.zeros(batch_size, 4, height // 8, width // 8)},)
+    channels = 4
 
 
 NODES = (EmptySD3LatentImage, EmptyLatentImage)

@@ -1,0 +1,104 @@
+"""Identity request cost on one GPU: /flux-instantid's sampling vs plain /flux-dev.
+
+Full-size FLUX.1-dev transformer and VAE with random weights, plus an InfuseNet-sized
+FluxControlNetModel (5 double + 10 single blocks at FLUX width, as InfiniteYou-FLUX v1.0's
+~3B-parameter InfuseNet) and the InfiniteYou Resampler (512 -> 8 x 4096), 1024x1024, 28 steps,
+same embeddings and noise, median of 3 after warm-up, in the engine's exact mode.
+
+    python bench/identity_speed.py --out bench/results        # target: identity <= 1.35x
+    python bench/identity_speed.py --tiny --out /tmp/x        # CPU dry run of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flux_speed import build_models, encode, measure  # noqa: E402  (same builders as the speed bench)
+
+INFUSENET_BLOCKS = (5, 10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--speed", default="exact")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    size, steps = (128, 4) if args.tiny else (1024, 28)
+
+    from diffusers import FluxControlNetModel
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    from ryla.flux import sampling
+    from ryla.flux.components import Cond, FluxModel
+    from ryla.flux.engine import FluxEngine
+    from ryla.flux.speed import optimize_transformer
+    from ryla.identity.adapter import RESAMPLER, IdentityAdapter
+    from ryla.models.store import ModelStore
+
+    transformer, vae, clip, t5 = build_models(device, args.tiny)
+    t5_embeds, pooled = encode(clip, t5, device)
+    del clip, t5
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    if args.tiny:
+        config.update(num_layers=1, num_single_layers=1)
+        resampler_config = {**RESAMPLER, "output_dims": config["joint_attention_dim"], "hidden_dims": 64,
+                            "heads": 1, "depth": 1}
+    else:
+        config.update(num_layers=INFUSENET_BLOCKS[0], num_single_layers=INFUSENET_BLOCKS[1])
+        resampler_config = RESAMPLER
+    keep = ("patch_size", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+            "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
+    with torch.device(device):
+        controlnet = FluxControlNetModel(**{k: config[k] for k in keep}).to(dtype).eval()
+        resampler = IPAdapterPlusImageProjection(**resampler_config).to(dtype).eval()
+    engine = FluxEngine(ModelStore(tempfile.mkdtemp()), device=device, dtype=dtype)
+    if args.speed != "eager":
+        engine.speed_info = optimize_transformer(transformer, args.speed, compile=not args.tiny)
+    with torch.inference_mode():
+        tokens = resampler(torch.randn(1, 1, 512, device=device, dtype=dtype))
+    cond = Cond(t5=t5_embeds, pooled=pooled, guidance=3.5)
+    sigmas = sampling.calculate_sigmas(sampling.FluxModelSampling(sampling.resolution_shift(size, size)), "simple",
+                                       steps)
+    noise = sampling.prepare_noise((1, 16, size // 8, size // 8), 0)
+    latent = torch.zeros_like(noise)
+    plain = FluxModel("flux1-dev", transformer)
+    identity = FluxModel("flux1-dev", transformer,
+                         identity=IdentityAdapter(controlnet, tokens, None, vae, 0.8, 0.0, 1.0))
+
+    def run(model):
+        from ryla.flux.components import Vae
+
+        return engine.decode(Vae("ae", vae), engine.sample(model, (cond,), None, latent, noise, sigmas, 1.0))
+
+    with torch.inference_mode():
+        base, _ = measure(lambda: run(plain))
+        ident, _ = measure(lambda: run(identity))
+    results = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+               "size": size, "steps": steps, "speed": engine.speed_info,
+               "infusenet_parameters_b": sum(p.numel() for p in controlnet.parameters()) / 1e9,
+               "flux_dev": base, "flux_instantid": ident, "ratio": ident["median_s"] / base["median_s"]}
+    (out / "identity_speed.json").write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps({k: results[k] for k in ("gpu", "infusenet_parameters_b", "ratio")}),
+          statistics.median(base["runs_s"]), statistics.median(ident["runs_s"]))
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"done in {time.perf_counter() - start:.0f}s")
