@@ -312,7 +312,7 @@ def lora_bench(engine, store, model, ryla_image, device):
             times = []
             for i in range(6):
                 handle = engine.load_lora(names[i % 3], 1.0, model)[0]
-                t, _ = sync_time(lambda: ryla_image(handle))
+                t, _ = sync_time(lambda handle=handle: ryla_image(handle))
                 times.append(t)
             recompiled = False
         except Exception as exc:  # a recompilation raises here

@@ -212,7 +212,7 @@ def cmd_character_sheet(client: Client, args: argparse.Namespace) -> None:
         body = {"prompt": full_prompt, "reference_image": reference, "width": args.width, "height": args.height,
                 "steps": args.steps, "seed": seed if args.seed_policy == "same" else seed + i, "output_format": "png"}
         result = with_spinner(f"variation {i + 1}/{len(prompts)}...",
-                              lambda: client.request("POST", "/flux-instantid", json=body))
+                              lambda body=body: client.request("POST", "/flux-instantid", json=body))
         path = save_images(result, str(out / f"sheet_{i + 1:02d}.png"))[0]
         tiles.append((path, prompt))
         print(f"{path}  seed {body['seed']}  {prompt}")

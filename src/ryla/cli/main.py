@@ -69,7 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CliError("; ".join(problems))
     seed = args.seed if args.seed is not None else random_seed()
     fmt = args.format or _format_from_suffix(args.output)
-    runtime = Runtime.open(args.models_dir)
+    runtime = Runtime.open(args.models_dir, speed=args.speed)
     graph = FLUX_DEV.fill(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                           height=args.height, steps=args.steps, guidance=args.guidance, cfg=args.cfg, seed=seed,
                           batch_size=args.batch_size, checkpoint=args.checkpoint)
@@ -92,7 +92,7 @@ def cmd_run_workflow(args: argparse.Namespace) -> None:
         raise CliError(f"workflow {args.workflow} is not valid JSON: {exc}")
     if isinstance(graph, dict) and isinstance(graph.get("prompt"), dict):
         graph = graph["prompt"]  # the body of ComfyUI's POST /prompt
-    runtime = Runtime.open(args.models_dir)
+    runtime = Runtime.open(args.models_dir, speed=args.speed)
     result = _run_with_progress(runtime, graph)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="image format [default: from the --output suffix, else jpeg]")
     gen.add_argument("--checkpoint", default=None, help="checkpoint in checkpoints/ [default: flux1-dev-fp8.safetensors]")
 
+
     serve = command("serve", "Serve the HTTP API (OpenAPI docs at /docs).", cmd_serve)
     serve.add_argument("--host", default="127.0.0.1", help="[default: 127.0.0.1]")
     serve.add_argument("--port", type=int, default=8000, help="[default: 8000]")
@@ -303,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default="output", help="folder for the images [default: output]")
     run.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default="png", help="[default: png]")
     add_param(run, catalogue.QUALITY)
+    # One-off runs do not pay back a compile; `ryla serve` defaults to exact on a GPU.
+    for p in (gen, run):
+        p.add_argument("--speed", choices=("eager", "exact", "fast", "turbo"), default="eager",
+                       help="transformer speed mode (see `ryla serve --help`) [default: eager]")
 
     models = sub.add_parser("models", help="Inspect and prepare the model store.")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
