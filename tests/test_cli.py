@@ -66,3 +66,15 @@ def test_help_reads_well(cli_env, tmp_path):
     result = ryla(["generate", "--help"], cli_env, tmp_path)
     assert result.returncode == 0
     assert "multiple of 16" in result.stdout and "[default: 28]" in result.stdout
+
+
+def test_real_weights_without_tokenizers_are_refused_up_front(cli_env, tiny_store, tmp_path):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store.root, store, ignore=shutil.ignore_patterns("tokenizers", "TINY_MODELS", "loras"))
+    env = {**cli_env, "RYLA_MODELS_DIR": str(store)}
+    result = ryla(["generate", "--prompt", "x", "--width", "64", "--height", "64"], env, tmp_path)
+    assert result.returncode == 1 and "no tokenizers/clip_l" in result.stderr and "Traceback" not in result.stderr
+    result = ryla(["serve", "--port", "1"], env, tmp_path)
+    assert result.returncode == 1 and "ryla models download" in result.stderr

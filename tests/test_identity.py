@@ -141,3 +141,19 @@ def test_client_flux_instantid_character_sheet_and_eval(server, astronaut, tmp_p
     assert summary["images"] == 3 and summary["faces_found"] == 2
     assert summary["mean_cosine"] == pytest.approx(1.0, abs=1e-3)
     assert summary["share_above_threshold"] == pytest.approx(2 / 3, abs=1e-3)
+
+
+def test_workflow_endpoint_takes_images_for_load_image_nodes(server, astronaut):
+    from ryla.workflows import flux_instantid_graph
+
+    graph = flux_instantid_graph(prompt="a portrait photo", width=64, height=64, steps=3, seed=9)
+    r = httpx.post(server.url + "/workflow", json={"prompt": graph, "images": {"reference": b64(astronaut)}},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    direct = httpx.post(server.url + "/flux-instantid", json={**FLUX, "reference_image": b64(astronaut)}, timeout=120)
+    assert r.content == direct.content
+    missing = httpx.post(server.url + "/workflow", json={"prompt": graph}, timeout=60)
+    assert missing.status_code == 400
+    assert missing.json()["node_errors"]["11"]["errors"][0]["type"] == "value_not_in_list"
+    bad = httpx.post(server.url + "/workflow", json={"prompt": graph, "images": {"reference": "###"}}, timeout=60)
+    assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_image"

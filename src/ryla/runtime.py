@@ -54,6 +54,10 @@ class Runtime:
         from ryla.flux.speed import configure_compile_cache
 
         store = open_store(models_dir)
+        if missing := store.missing_tokenizers():
+            # Checked up front: otherwise the first request fails deep inside model loading.
+            raise FileNotFoundError(f"{store.root} has FLUX weights but no tokenizers/{' or tokenizers/'.join(missing)}; "
+                                    "run `ryla models download --preset flux-dev` (it fetches them)")
         if speed == "auto":
             speed = "exact" if torch.cuda.is_available() else "eager"
         if speed != "eager":

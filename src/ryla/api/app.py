@@ -234,13 +234,21 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
               response_class=Response, tags=["generate"], summary="Run a ComfyUI API-format workflow")
     async def workflow(request: Request,
                        body: dict[str, Any] = Body(..., description="The workflow graph, bare or as ComfyUI's "
-                                                   "/prompt body {\"prompt\": {...}}."),
+                                                   "/prompt body {\"prompt\": {...}}. The wrapped form may add "
+                                                   "\"images\": {name: base64 or data URL} for LoadImage nodes."),
                        output_format: str = Query("png", pattern="^(jpeg|png|webp)$",
                                                   description=catalogue.OUTPUT_FORMAT.description),
                        quality: int = Query(catalogue.QUALITY.default, ge=catalogue.QUALITY.min,
                                             le=catalogue.QUALITY.max)) -> Response:
-        graph = body["prompt"] if isinstance(body.get("prompt"), dict) else body
-        result, timings = await service.run_graph(request, graph, "workflow")
+        wrapped = isinstance(body.get("prompt"), dict)
+        graph = body["prompt"] if wrapped else body
+        uploads = body.get("images") if wrapped else None
+        if uploads is not None and not (isinstance(uploads, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in uploads.items()) and len(uploads) <= 8):
+            raise ApiError(422, "invalid_request", "images: an object of up to 8 {name: base64 image}",
+                           {"errors": [{"field": "images", "message": "expected {name: base64}"}]})
+        images = {name: photo(f"images.{name}", data) for name, data in (uploads or {}).items()}
+        result, timings = await service.run_graph(request, graph, "workflow", request_images=images)
         if not result.images:
             raise ApiError(422, "no_images", "the workflow ran but its output nodes produced no images")
         return image_response(request, result.images, seeds=[None] * len(result.images), fmt=output_format,

@@ -56,7 +56,7 @@ def progress_reporter():
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from ryla import imaging
-    from ryla.runtime import Runtime, check_params, random_seed
+    from ryla.runtime import check_params, random_seed
     from ryla.workflows import FLUX_DEV
 
     values = {name: getattr(args, name) for name in
@@ -69,7 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CliError("; ".join(problems))
     seed = args.seed if args.seed is not None else random_seed()
     fmt = args.format or _format_from_suffix(args.output)
-    runtime = Runtime.open(args.models_dir, speed=args.speed)
+    runtime = _open_runtime(args)
     graph = FLUX_DEV.fill(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                           height=args.height, steps=args.steps, guidance=args.guidance, cfg=args.cfg, seed=seed,
                           batch_size=args.batch_size, checkpoint=args.checkpoint)
@@ -82,7 +82,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_run_workflow(args: argparse.Namespace) -> None:
     from ryla import imaging
-    from ryla.runtime import Runtime
 
     try:
         graph = json.loads(Path(args.workflow).read_text())
@@ -92,7 +91,7 @@ def cmd_run_workflow(args: argparse.Namespace) -> None:
         raise CliError(f"workflow {args.workflow} is not valid JSON: {exc}")
     if isinstance(graph, dict) and isinstance(graph.get("prompt"), dict):
         graph = graph["prompt"]  # the body of ComfyUI's POST /prompt
-    runtime = Runtime.open(args.models_dir, speed=args.speed)
+    runtime = _open_runtime(args)
     result = _run_with_progress(runtime, graph)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,12 +109,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ryla.api.app import ServerSettings, create_app
-    from ryla.runtime import Runtime
 
     settings = ServerSettings.from_env(max_queue=args.max_queue, request_timeout_s=args.timeout,
                                        max_body_bytes=int(args.max_body_mb * 1024 * 1024) if args.max_body_mb else None)
     logging.getLogger("ryla").setLevel(logging.INFO)  # a server logs its requests
-    runtime = Runtime.open(args.models_dir, speed=args.speed)
+    runtime = _open_runtime(args)
     log.warning("serving %s model set from %s on http://%s:%d (auth %s)", "TINY" if runtime.store.tiny else "real",
                 runtime.store.root, args.host, args.port, "on" if settings.api_key else "off")
     uvicorn.run(create_app(runtime, settings), host=args.host, port=args.port, log_config=None,
@@ -234,6 +232,15 @@ def cmd_eval_identity(args: argparse.Namespace) -> None:
         print(f"{row['image']:<40} {'no face' if row['cosine'] is None else format(row['cosine'], '.4f')}")
     print(f"mean cosine {summary['mean_cosine']}, {summary['share_above_threshold'] * 100:.0f}% of "
           f"{len(rows)} images >= {args.threshold} ({analyzer.name})")
+
+
+def _open_runtime(args):
+    from ryla.runtime import Runtime
+
+    try:
+        return Runtime.open(args.models_dir, speed=args.speed)
+    except FileNotFoundError as exc:
+        raise CliError(str(exc))
 
 
 def _run_with_progress(runtime, graph):

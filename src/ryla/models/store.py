@@ -132,6 +132,11 @@ class ModelStore:
         split = self.list("diffusion_models"), self.list("text_encoders"), self.list("vae")
         return FLUX_TRANSFORMER in split[0] and {CLIP_L, T5XXL} <= set(split[1]) and FLUX_VAE in split[2]
 
+    def missing_tokenizers(self) -> list[str]:
+        """Tokenizer folders the FLUX text encoders need that are not in tokenizers/."""
+        return [name for name in ("clip_l", "t5xxl")
+                if not (self.folder("tokenizers") / name / "tokenizer_config.json").is_file()]
+
     def inventory(self) -> dict[str, list[str]]:
         return {kind: self.list(kind) for kind in FOLDERS if kind != "tokenizers"}
 
