@@ -201,7 +201,11 @@ def test_ryla_client_flux_dev_writes_the_image(server, tmp_path):
     r = client(server, "flux-dev", "--prompt", "a red fox", "--width", "128", "--height", "128", "--steps", "2",
                "--seed", "3", "--output", str(out))
     assert r.returncode == 0, r.stderr
-    assert "seed 3" in r.stdout and Image.open(out).size == (128, 128)
+    assert "seed 3" in r.stdout and Image.open(out).size == (128, 128) and Image.open(out).format == "JPEG"
+    png_out = tmp_path / "out.png"
+    r = client(server, "flux-dev", "--prompt", "a red fox", "--width", "64", "--height", "64", "--steps", "2",
+               "--output", str(png_out))
+    assert r.returncode == 0 and Image.open(png_out).format == "PNG"  # the file name picks the format
     r = client(server, "flux-dev", "--prompt", "a red fox", "--width", "1000", "--output", str(tmp_path / "x.jpg"))
     assert r.returncode == 1 and "width" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.jpg").exists()

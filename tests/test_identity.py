@@ -157,3 +157,26 @@ def test_workflow_endpoint_takes_images_for_load_image_nodes(server, astronaut):
     assert missing.json()["node_errors"]["11"]["errors"][0]["type"] == "value_not_in_list"
     bad = httpx.post(server.url + "/workflow", json={"prompt": graph, "images": {"reference": "###"}}, timeout=60)
     assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_image"
+
+
+def test_run_workflow_cli_with_an_image(cli_env, astronaut, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from ryla.workflows import flux_instantid_graph
+
+    (tmp_path / "face.png").write_bytes(astronaut)
+    (tmp_path / "wf.json").write_text(json.dumps(flux_instantid_graph(prompt="x", width=64, height=64, steps=2, seed=1)))
+
+    def ryla(*args):
+        return subprocess.run([sys.executable, "-m", "ryla.cli.main", "run-workflow", "wf.json", *args], env=cli_env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    ok = ryla("--image", f"reference={tmp_path / 'face.png'}", "--output-dir", "out")
+    assert ok.returncode == 0, ok.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["ryla_flux_instantid_00001.png"]
+    missing = ryla()
+    assert missing.returncode == 1 and "node 11 (LoadImage)" in missing.stderr
+    bad = ryla("--image", "reference")
+    assert bad.returncode == 1 and "NAME=PATH" in bad.stderr

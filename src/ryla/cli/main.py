@@ -91,8 +91,17 @@ def cmd_run_workflow(args: argparse.Namespace) -> None:
         raise CliError(f"workflow {args.workflow} is not valid JSON: {exc}")
     if isinstance(graph, dict) and isinstance(graph.get("prompt"), dict):
         graph = graph["prompt"]  # the body of ComfyUI's POST /prompt
+    images = {}
+    for spec in args.image or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name:
+            raise CliError(f"--image expects NAME=PATH, got {spec!r}")
+        try:
+            images[name] = Path(path).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read image {path}: {exc.strerror}")
     runtime = _open_runtime(args)
-    result = _run_with_progress(runtime, graph)
+    result = _run_with_progress(runtime, graph, images)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -243,14 +252,14 @@ def _open_runtime(args):
         raise CliError(str(exc))
 
 
-def _run_with_progress(runtime, graph):
+def _run_with_progress(runtime, graph, images: dict[str, bytes] | None = None):
     from ryla.graph.executor import ExecutionError, GraphValidationError
 
     progress, on_progress = progress_reporter()
     try:
-        runtime.validate(graph)
+        runtime.validate(graph, runtime.context(request_images=images or {}))
         with progress:
-            return runtime.run(graph, runtime.context(on_progress=on_progress))
+            return runtime.run(graph, runtime.context(on_progress=on_progress, request_images=images or {}))
     except GraphValidationError as exc:
         raise CliError(f"invalid workflow: {exc.summary()}")
     except ExecutionError as exc:
@@ -309,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run-workflow", "Run a ComfyUI API-format workflow JSON file.", cmd_run_workflow)
     run.add_argument("workflow", help="workflow file (API format, or a /prompt body)")
     run.add_argument("--output-dir", default="output", help="folder for the images [default: output]")
+    run.add_argument("--image", action="append", metavar="NAME=PATH",
+                     help="an image for the workflow's LoadImage nodes, e.g. reference=face.jpg (repeatable)")
     run.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default="png", help="[default: png]")
     add_param(run, catalogue.QUALITY)
     # One-off runs do not pay back a compile; `ryla serve` defaults to exact on a GPU.
