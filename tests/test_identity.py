@@ -159,6 +159,22 @@ def test_workflow_endpoint_takes_images_for_load_image_nodes(server, astronaut):
     assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_image"
 
 
+def test_client_workflow_with_an_image(server, astronaut, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from ryla.workflows import flux_instantid_graph
+
+    (tmp_path / "face.png").write_bytes(astronaut)
+    (tmp_path / "wf.json").write_text(json.dumps(flux_instantid_graph(prompt="x", width=64, height=64, steps=2, seed=1)))
+    r = subprocess.run([sys.executable, "-m", "ryla.cli.client", "--url", server.url, "workflow", str(tmp_path / "wf.json"),
+                        "--image", f"reference={tmp_path / 'face.png'}", "--output-dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "workflow.png").stat().st_size > 0
+
+
 def test_run_workflow_cli_with_an_image(cli_env, astronaut, tmp_path):
     import json
     import subprocess

@@ -250,6 +250,15 @@ def cmd_workflow(client: Client, args: argparse.Namespace) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CliError(f"workflow {args.workflow} is not valid JSON: {exc}")
     params = {"output_format": args.format}
+    if args.image:  # photos for LoadImage nodes travel beside the graph, as the API expects
+        if not (isinstance(graph, dict) and isinstance(graph.get("prompt"), dict)):
+            graph = {"prompt": graph}
+        graph["images"] = {}
+        for spec in args.image:
+            name, sep, path = spec.partition("=")
+            if not sep or not name:
+                raise CliError(f"--image expects NAME=PATH, got {spec!r}")
+            graph["images"][name] = _photo_b64(path, "image")
     body = with_spinner("running workflow...",
                         lambda: client.request("POST", "/workflow", json=graph, params=params))
     out = Path(args.output_dir)
@@ -330,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     wf.add_argument("workflow", help="workflow file (API format, or a /prompt body)")
     wf.add_argument("--output-dir", default="output", help="[default: output]")
     wf.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default="png", help="[default: png]")
+    wf.add_argument("--image", action="append", metavar="NAME=PATH",
+                    help="an image for the workflow's LoadImage nodes, e.g. reference=face.jpg (repeatable)")
     wf.set_defaults(handler=cmd_workflow)
 
     health = sub.add_parser("health", help="Show the server's health: model set, loaded models, queue.")
