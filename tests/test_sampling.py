@@ -94,3 +94,12 @@ def test_euler_step_is_flow_matching():
     x = torch.ones(1)
     out = sampling.euler(lambda x, s, i: torch.full_like(x, 2.0), x, sigmas)
     assert out.item() == pytest.approx(1.0 + (-0.5) * 2 + (-0.5) * 2)
+
+
+def test_noise_leaves_the_global_generator_alone():
+    """Seeding torch's global generator (as ComfyUI does) would let a concurrent request's
+    seeding change this request's noise; prepare_noise must use its own generator."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    sampling.prepare_noise((1, 16, 8, 8), 42)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -69,8 +69,8 @@ class FluxEngine:
         self._prompt_cache: OrderedDict[tuple, Cond] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
         self._prompt_lock = threading.Lock()
-        # Held while a module's weights are patched and used: LoRA application and the model
-        # calls of one request never interleave with another's.
+        # Held while a module's weights are patched and used, and around every model call:
+        # LoRA application and the model calls of one request never interleave with another's.
         self._use_lock = threading.RLock()
         self._patchers: dict[int, WeightPatcher] = {}
         self._loras: OrderedDict[tuple, LoraWeights] = OrderedDict()
@@ -224,7 +224,8 @@ class FluxEngine:
             image = Image.new("RGB", (width, height))
         image = image.resize((width, height), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-        latents = vae.encode(x.to(self.device, vae.dtype)).latent_dist.mode()
+        with self._use_lock:
+            latents = vae.encode(x.to(self.device, vae.dtype)).latent_dist.mode()
         return sampling.pack_latents((latents.float() - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE)
 
     def lora_target_shapes(self) -> tuple[dict, dict]:
@@ -351,7 +352,10 @@ class FluxEngine:
     @torch.inference_mode()
     def decode(self, vae: Vae, latent: torch.Tensor) -> torch.Tensor:
         """VAEDecode: LATENT -> IMAGE, ComfyUI's [B, H, W, 3] float in 0..1."""
-        pixels = vae.vae.decode(latent.to(self.device, vae.vae.dtype), return_dict=False)[0]
+        # Under the same lock as sampling: two threads computing at once can make CPU kernels
+        # split reductions differently, and the same request must give the same bytes.
+        with self._use_lock:
+            pixels = vae.vae.decode(latent.to(self.device, vae.vae.dtype), return_dict=False)[0]
         return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 

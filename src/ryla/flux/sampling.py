@@ -99,8 +99,10 @@ def ksampler_sigmas(ms: FluxModelSampling, scheduler: str, steps: int, denoise: 
 
 
 def prepare_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """comfy.sample.prepare_noise: one CPU float32 draw for the whole batch, unpacked shape."""
-    generator = torch.manual_seed(seed)
+    """comfy.sample.prepare_noise: one CPU float32 draw for the whole batch, unpacked shape.
+    ComfyUI seeds torch's global generator; a private CPU generator gives the same numbers
+    without touching global state, so concurrent requests cannot disturb each other's noise."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(shape, dtype=torch.float32, generator=generator, device="cpu")
 
 
