@@ -256,10 +256,11 @@ def _run_with_progress(runtime, graph, images: dict[str, bytes] | None = None):
     from ryla.graph.executor import ExecutionError, GraphValidationError
 
     progress, on_progress = progress_reporter()
+    context = runtime.context(on_progress=on_progress, request_images=images or {})
     try:
-        runtime.validate(graph, runtime.context(request_images=images or {}))
+        validated = runtime.validate(graph, context)  # before the progress bar: errors print cleanly
         with progress:
-            return runtime.run(graph, runtime.context(on_progress=on_progress, request_images=images or {}))
+            return runtime.execute(validated, context)
     except GraphValidationError as exc:
         raise CliError(f"invalid workflow: {exc.summary()}")
     except ExecutionError as exc:
