@@ -2,7 +2,7 @@
 and by the Modal deployment.
 
 Typed endpoints are thin: validate the request, fill a workflow template, and hand the graph
-to the same executor as /workflow, through the GPU work queue.
+to the same executor as /workflow, through the GPU work queue (ryla.api.service).
 """
 
 from __future__ import annotations
@@ -10,186 +10,31 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
-import threading
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Body, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from ryla import catalogue, imaging
+from ryla import catalogue
 from ryla.api import errors
 from ryla.api.errors import ApiError
 from ryla.api.metrics import Metrics
 from ryla.api.middleware import GuardMiddleware
+from ryla.api.playground import PAGE_HEADERS, STATIC_FILES, read_static
+from ryla.api.responses import IMAGE_RESPONSES, header_safe, image_response
 from ryla.api.schemas import (ErrorResponse, FluxDevRequest, FluxInstantIdRequest, FluxLoraRequest, HealthResponse,
-                              ImagesResponse, LoraInfo, LoraList)
-from ryla.api.work_queue import QueueFull, WorkQueue
-from ryla.flux.engine import Cancelled
-from ryla.graph.executor import ExecutionError, RunContext
-from ryla.runtime import RunResult, Runtime, random_seed
+                              LoraInfo, LoraList)
+from ryla.api.service import ServerSettings, Service
 from ryla.flux.lora import LoraFormatError
+from ryla.graph.executor import RunContext
 from ryla.models.loras import InvalidLoraId, LoraExists, LoraNotFound, check_id, id_from_filename
+from ryla.runtime import Runtime, random_seed
 from ryla.workflows import FLUX_DEV, flux_instantid_graph, flux_lora_graph, with_trigger_words
 
 log = logging.getLogger(__name__)
 
-MB = 1024 * 1024
-
-
-@dataclass
-class ServerSettings:
-    api_key: str | None = None
-    max_queue: int = 8  # requests waiting for the GPU beyond the one running
-    request_timeout_s: float = 300.0
-    max_body_bytes: int = 32 * MB
-    max_lora_bytes: int = 2048 * MB  # a rank-128 FLUX LoRA is ~1.3 GB
-    max_image_bytes: int = 10 * MB  # decoded reference / pose photo
-    preload: bool = True
-
-    @classmethod
-    def from_env(cls, **overrides) -> ServerSettings:
-        values: dict[str, Any] = {"api_key": os.environ.get("RYLA_API_KEY") or None}
-        for name, env, cast in (("max_queue", "RYLA_MAX_QUEUE", int),
-                                ("request_timeout_s", "RYLA_REQUEST_TIMEOUT", float),
-                                ("max_body_bytes", "RYLA_MAX_BODY_BYTES", int),
-                                ("max_lora_bytes", "RYLA_MAX_LORA_BYTES", int)):
-            if os.environ.get(env):
-                values[name] = cast(os.environ[env])
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-
-@dataclass
-class Timings:
-    queue: float = 0.0
-    generation: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, float]:
-        return {"queue_s": round(self.queue, 4), "generation_s": round(self.generation, 4),
-                "total_s": round(self.queue + self.generation, 4), **self.extra}
-
-
-class Service:
-    """What the routes share: the runtime, the queue and the metrics."""
-
-    def __init__(self, runtime: Runtime, settings: ServerSettings, metrics: Metrics):
-        self.runtime, self.settings, self.metrics = runtime, settings, metrics
-        self.queue = WorkQueue(max_waiting=settings.max_queue)
-
-    async def run_graph(self, request: Request, graph: dict, endpoint: str,
-                        request_images: dict[str, bytes] | None = None) -> tuple[RunResult, Timings]:
-        """Validate now (a bad graph gets its 400 without waiting in line), then run on the GPU
-        worker; cancel if the client leaves or the time limit passes."""
-        request_id = request.state.request_id
-        context = self.runtime.context(request_id=request_id, request_images=request_images or {})
-        validated = self.runtime.validate(graph, context)
-
-        def work(cancel: threading.Event) -> RunResult:
-            context.cancel = cancel
-            return self.runtime.execute(validated, context)
-
-        try:
-            job = self.queue.submit(work, request_id)
-        except QueueFull as full:
-            raise ApiError(429, "queue_full", "the server is busy: too many requests waiting for the GPU",
-                           {"queue_depth": self.queue.depth}, headers={"Retry-After": str(full.retry_after)})
-        self.metrics.queue_depth.set(self.queue.depth)
-        try:
-            result = await self._wait(request, job)
-        except Cancelled:
-            raise ApiError(504, "timeout", f"generation did not finish within {self.settings.request_timeout_s:g}s")
-        except ExecutionError as exc:
-            if exc.user_error is not None:
-                err = exc.user_error
-                raise ApiError(err.status, err.type, err.message, err.details or None)
-            if isinstance(exc.cause, Cancelled):
-                raise ApiError(504, "timeout",
-                               f"generation did not finish within {self.settings.request_timeout_s:g}s")
-            raise
-        finally:
-            self.metrics.queue_depth.set(self.queue.depth)
-        self.metrics.queue_wait_seconds.observe(job.wait_seconds)
-        self.metrics.generation_seconds.labels(endpoint=endpoint).observe(job.run_seconds)
-        return result, Timings(queue=job.wait_seconds, generation=job.run_seconds)
-
-    async def _wait(self, request: Request, job):
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout_s
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                self.queue.abandon(job)
-                raise Cancelled()
-            done, _ = await asyncio.wait({job.future}, timeout=min(0.2, remaining))
-            if done:
-                try:
-                    return job.future.result()
-                except asyncio.CancelledError:
-                    raise Cancelled()
-            if await request.is_disconnected():
-                self.queue.abandon(job)
-                log.info("[%s] client disconnected; generation cancelled", job.request_id)
-                raise ApiError(499, "client_closed_request", "the client closed the connection")
-
-
-# The browser playground: files shipped in the package, served with a restrictive CSP (only
-# this origin's scripts, styles and API; images also from data:/blob: URLs).
-STATIC_FILES = {"index.html": "text/html; charset=utf-8", "playground.js": "text/javascript; charset=utf-8",
-                "playground.css": "text/css; charset=utf-8"}
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
-
-
-def _static(name: str) -> bytes:
-    from importlib import resources
-
-    return resources.files("ryla.api").joinpath("static", name).read_bytes()
-
-
-def _ascii(text: str) -> str:
-    """A header-safe rendering (HTTP headers are latin-1)."""
-    return text.encode("ascii", "backslashreplace").decode()[:1000]
-
-
-def image_response(request: Request, images, *, seeds: list[int | None], fmt: str, quality: int,
-                   timings: Timings, headers: dict[str, str] | None = None) -> Response:
-    """One image as bytes; several, or `Accept: application/json`, as JSON with base64."""
-    headers = dict(headers or {})
-    headers["X-Generation-Time"] = f"{timings.generation:.3f}"
-    headers["X-Queue-Time"] = f"{timings.queue:.3f}"
-    encoded = [imaging.encode(image, fmt, quality) for image in images]
-    wants_json = "application/json" in request.headers.get("accept", "").lower() or len(encoded) != 1
-    if seeds and seeds[0] is not None:
-        headers["X-Seed"] = str(seeds[0])
-    if not wants_json:
-        return Response(encoded[0], media_type=imaging.media_type(fmt), headers=headers)
-    body = ImagesResponse(
-        images=[{"data": base64.b64encode(data).decode(), "seed": seed, "width": image.width,
-                 "height": image.height, "format": fmt}
-                for data, image, seed in zip(encoded, images, seeds)],
-        request_id=request.state.request_id,
-        timings=timings.as_dict(),
-    )
-    return JSONResponse(body.model_dump(), headers=headers)
-
-
-IMAGE_RESPONSES = {
-    200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {},
-                      "application/json": {"schema": ImagesResponse.model_json_schema()}},
-          "description": "The image (default), or JSON with base64 images (Accept: application/json, "
-                         "or more than one image)."},
-    422: {"model": ErrorResponse, "description": "An invalid field; the message names it."},
-    429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds."},
-    504: {"model": ErrorResponse, "description": "Generation exceeded the server's time limit."},
-}
+__all__ = ["ServerSettings", "create_app"]
 
 
 def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> FastAPI:
@@ -278,7 +123,7 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
         graph = flux_lora_graph([(e["file"], strength) for e, (_, strength) in zip(entries, refs)], **params)
         result, timings = await service.run_graph(request, graph, "flux-lora")
         return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
-                              quality=body.quality, timings=timings, headers={"X-Prompt": _ascii(params["prompt"])})
+                              quality=body.quality, timings=timings, headers={"X-Prompt": header_safe(params["prompt"])})
 
     def photo(field_name: str, data: str) -> bytes:
         """Decode a base64 / data-URL photo now, so a bad one is refused before queueing."""
@@ -374,13 +219,13 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
 
     @app.get("/", include_in_schema=False)
     async def playground() -> Response:
-        return Response(_static("index.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+        return Response(read_static("index.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static_file(name: str) -> Response:
         if name not in STATIC_FILES:
             raise ApiError(404, "not_found", f"no static file {name!r}")
-        return Response(_static(name), media_type=STATIC_FILES[name], headers=PAGE_HEADERS)
+        return Response(read_static(name), media_type=STATIC_FILES[name], headers=PAGE_HEADERS)
 
     @app.get("/health", response_model=HealthResponse, tags=["service"])
     async def health() -> dict:

@@ -1,0 +1,20 @@
+"""The browser playground's files (shipped in the package) and their headers."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+# The browser playground: files shipped in the package, served with a restrictive CSP (only
+# this origin's scripts, styles and API; images also from data:/blob: URLs).
+STATIC_FILES = {"index.html": "text/html; charset=utf-8", "playground.js": "text/javascript; charset=utf-8",
+                "playground.css": "text/css; charset=utf-8"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def read_static(name: str) -> bytes:
+    return resources.files("ryla.api").joinpath("static", name).read_bytes()

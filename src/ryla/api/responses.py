@@ -1,0 +1,49 @@
+"""Image responses: bytes for one image, JSON with base64 for several."""
+
+from __future__ import annotations
+
+import base64
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from ryla import imaging
+from ryla.api.schemas import ErrorResponse, ImagesResponse
+from ryla.api.service import Timings
+
+def header_safe(text: str) -> str:
+    """A header-safe rendering (HTTP headers are latin-1)."""
+    return text.encode("ascii", "backslashreplace").decode()[:1000]
+
+
+def image_response(request: Request, images, *, seeds: list[int | None], fmt: str, quality: int,
+                   timings: Timings, headers: dict[str, str] | None = None) -> Response:
+    """One image as bytes; several, or `Accept: application/json`, as JSON with base64."""
+    headers = dict(headers or {})
+    headers["X-Generation-Time"] = f"{timings.generation:.3f}"
+    headers["X-Queue-Time"] = f"{timings.queue:.3f}"
+    encoded = [imaging.encode(image, fmt, quality) for image in images]
+    wants_json = "application/json" in request.headers.get("accept", "").lower() or len(encoded) != 1
+    if seeds and seeds[0] is not None:
+        headers["X-Seed"] = str(seeds[0])
+    if not wants_json:
+        return Response(encoded[0], media_type=imaging.media_type(fmt), headers=headers)
+    body = ImagesResponse(
+        images=[{"data": base64.b64encode(data).decode(), "seed": seed, "width": image.width,
+                 "height": image.height, "format": fmt}
+                for data, image, seed in zip(encoded, images, seeds)],
+        request_id=request.state.request_id,
+        timings=timings.as_dict(),
+    )
+    return JSONResponse(body.model_dump(), headers=headers)
+
+
+IMAGE_RESPONSES = {
+    200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {},
+                      "application/json": {"schema": ImagesResponse.model_json_schema()}},
+          "description": "The image (default), or JSON with base64 images (Accept: application/json, "
+                         "or more than one image)."},
+    422: {"model": ErrorResponse, "description": "An invalid field; the message names it."},
+    429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds."},
+    504: {"model": ErrorResponse, "description": "Generation exceeded the server's time limit."},
+}
