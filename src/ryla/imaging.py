@@ -26,6 +26,14 @@ def encode(image: Image.Image, fmt: str = "jpeg", quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
+def format_for_path(path) -> str:
+    """The image format a file name asks for (fox.png -> png); JPEG when it says nothing."""
+    from pathlib import Path
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}.get(suffix, "jpeg")
+
+
 def media_type(fmt: str) -> str:
     return FORMATS[fmt][1]
 

@@ -102,8 +102,9 @@ def flux_body(args: argparse.Namespace, fields=FLUX_FIELDS) -> dict:
         if value is not None:
             body[param.name] = value
     if "output_format" not in body:  # the file name decides, so fox.png gets PNG bytes
-        suffix = Path(args.output).suffix.lower().lstrip(".")
-        body["output_format"] = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}.get(suffix, "jpeg")
+        from ryla.imaging import format_for_path
+
+        body["output_format"] = format_for_path(args.output)
     return body
 
 

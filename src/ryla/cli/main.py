@@ -68,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if problems:
         raise CliError("; ".join(problems))
     seed = args.seed if args.seed is not None else random_seed()
-    fmt = args.format or _format_from_suffix(args.output)
+    fmt = args.format or imaging.format_for_path(args.output)
     runtime = _open_runtime(args)
     graph = FLUX_DEV.fill(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                           height=args.height, steps=args.steps, guidance=args.guidance, cfg=args.cfg, seed=seed,
@@ -265,11 +265,6 @@ def _run_with_progress(runtime, graph, images: dict[str, bytes] | None = None):
         raise CliError(f"invalid workflow: {exc.summary()}")
     except ExecutionError as exc:
         raise CliError(str(exc.user_error or exc))
-
-
-def _format_from_suffix(path: str) -> str:
-    suffix = Path(path).suffix.lower().lstrip(".")
-    return {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}.get(suffix, "jpeg")
 
 
 # ---------------------------------------------------------------------------------- parser
