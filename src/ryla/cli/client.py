@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ryla import catalogue
-from ryla.cli.common import CliError, add_param, numbered_paths, run_cli, write_atomic
+from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, run_cli, write_atomic
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -136,8 +136,7 @@ def _lora_ref(text: str) -> dict:
 def cmd_loras(client: Client, args: argparse.Namespace) -> None:
     if args.loras_command == "list":
         for e in client.request("GET", "/loras")["loras"]:
-            print(f"{e['id']:<32} {e.get('format', '?'):<8} rank {str(e.get('rank', '?')):<4} "
-                  f"{e['size'] / 1e6:8.1f} MB  trigger: {e.get('trigger_word') or '-'}")
+            print(lora_line(e))
     elif args.loras_command == "add":
         path = Path(args.file)
         if not path.is_file():

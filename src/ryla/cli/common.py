@@ -34,6 +34,12 @@ def add_param(parser: argparse.ArgumentParser, param: catalogue.Param, *, flag: 
                         required=required, help=help_text, metavar=None if param.choices else param.name.upper())
 
 
+def lora_line(entry: dict) -> str:
+    """One row of a LoRA listing (`ryla loras list`, `ryla-client loras list`)."""
+    return (f"{entry['id']:<32} {entry.get('format', '?'):<8} rank {str(entry.get('rank', '?')):<4} "
+            f"{entry['size'] / 1e6:8.1f} MB  trigger: {entry.get('trigger_word') or '-'}")
+
+
 def numbered_paths(path: Path, count: int) -> list[Path]:
     if count == 1:
         return [path]

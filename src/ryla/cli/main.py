@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ryla import catalogue
-from ryla.cli.common import CliError, add_param, numbered_paths, run_cli, write_atomic
+from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, run_cli, write_atomic
 
 log = logging.getLogger("ryla")
 
@@ -187,8 +187,7 @@ def cmd_loras(args: argparse.Namespace) -> None:
             elif not entries:
                 print(f"no LoRAs in {loras.folder}")
             for e in entries if not args.json else []:
-                print(f"{e['id']:<32} {e.get('format', '?'):<8} rank {str(e.get('rank', '?')):<4} "
-                      f"{e['size'] / 1e6:8.1f} MB  trigger: {e.get('trigger_word') or '-'}")
+                print(lora_line(e))
         else:
             loras.remove(args.id)
             print(f"removed {args.id}")
