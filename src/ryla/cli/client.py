@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ryla import catalogue
-from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, run_cli, write_atomic
+from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, run_cli
+from ryla.files import write_atomic
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 

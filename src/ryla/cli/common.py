@@ -46,12 +46,6 @@ def numbered_paths(path: Path, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i + 1}{path.suffix}") for i in range(count)]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write beside the target and rename: an interrupted run leaves no half-written image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def run_cli(action: Callable[[], None]) -> int:

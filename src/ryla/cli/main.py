@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ryla import catalogue
-from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, run_cli, write_atomic
+from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, run_cli
+from ryla.files import write_atomic
 
 log = logging.getLogger("ryla")
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ryla.files import write_atomic
 from ryla.flux.lora import LoraFormatError, convert
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class LoraStore:
             metadata.update(id=lora_id, file=path.name, trigger_word=trigger_word or None,
                             sha256=digest.hexdigest(), size=size,
                             added_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            _write_atomic(meta_path, json.dumps(metadata, indent=2).encode())
+            write_atomic(meta_path, json.dumps(metadata, indent=2).encode())
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
             _fsync_dir(self.folder)
@@ -165,20 +166,6 @@ class LoraStore:
                               for t in weights.transformer})
         return {"format": weights.format, "rank": weights.rank, "targets": len(weights.targets()),
                 "target_layers": layer_kinds, "text_encoder": bool(weights.text_encoder)}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(folder: Path) -> None:
