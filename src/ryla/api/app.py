@@ -8,7 +8,6 @@ to the same executor as /workflow, through the GPU work queue (ryla.api.service)
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from contextlib import asynccontextmanager
 from typing import Any
@@ -127,18 +126,17 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
 
     def photo(field_name: str, data: str) -> bytes:
         """Decode a base64 / data-URL photo now, so a bad one is refused before queueing."""
-        from ryla.identity.faces import ImageError, decode_image
+        from ryla.identity.faces import ImageError, base64_payload, bytes_from_base64, decode_image
 
-        text = data.split(",", 1)[1] if data.startswith("data:") else data
-        if len(text) * 3 // 4 > settings.max_image_bytes:
+        # Size from the encoded length, before decoding anything.
+        if len(base64_payload(data)) * 3 // 4 > settings.max_image_bytes:
             raise ApiError(413, "image_too_large", f"{field_name}: over the limit of {settings.max_image_bytes} bytes")
         try:
-            raw = base64.b64decode(text.strip(), validate=True)
+            raw = bytes_from_base64(data)
             decode_image(raw)
-        except (ValueError, ImageError) as exc:
-            message = str(exc) if isinstance(exc, ImageError) else "not valid base64 (or a data: URL)"
-            raise ApiError(422, "invalid_image", f"{field_name}: {message}",
-                           {"errors": [{"field": field_name, "message": message}]})
+        except ImageError as exc:
+            raise ApiError(422, "invalid_image", f"{field_name}: {exc}",
+                           {"errors": [{"field": field_name, "message": str(exc)}]})
         return raw
 
     @app.post("/flux-instantid", responses={**IMAGE_RESPONSES, 413: {"model": ErrorResponse}},

@@ -98,7 +98,7 @@ def detect_format(tensors: dict[str, torch.Tensor]) -> str:
     keys = list(tensors)
     if any(k.startswith(("lora_unet_", "lora_te1_", "lora_te_")) for k in keys):
         return "kohya"
-    if any(k.startswith(("diffusion_model.", "model.diffusion_model.")) for k in keys):
+    if any(k.startswith(formats.BFL_PREFIXES) for k in keys):
         return "comfyui"
     if any(k.startswith(("transformer.", "text_encoder.", "base_model.model.")) for k in keys):
         return "peft"
@@ -160,7 +160,7 @@ def convert(tensors: dict[str, torch.Tensor], transformer_shapes: dict[str, tupl
 
 
 def _strip_bfl_prefix(module: str) -> str:
-    for prefix in ("model.diffusion_model.", "diffusion_model."):
+    for prefix in formats.BFL_PREFIXES:
         if module.startswith(prefix):
             return module[len(prefix):]
     return module

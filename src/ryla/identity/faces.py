@@ -44,16 +44,23 @@ class Face:
         return max(0.0, x1 - x0) * max(0.0, y1 - y0)
 
 
+def base64_payload(text: str) -> str:
+    """The base64 part of a bare base64 string or a data: URL."""
+    text = text.strip()
+    return text.partition(",")[2] if text.startswith("data:") else text
+
+
+def bytes_from_base64(text: str) -> bytes:
+    try:
+        return base64.b64decode(base64_payload(text), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("not valid base64 (or a data: URL)")
+
+
 def decode_image(data: bytes | str) -> Image.Image:
     """Bytes, base64 or a data URL -> RGB image. Raises ImageError saying what is wrong."""
     if isinstance(data, str):
-        text = data.strip()
-        if text.startswith("data:"):
-            _, _, text = text.partition(",")
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ImageError("not valid base64 (or a data: URL)")
+        data = bytes_from_base64(data)
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         image = Image.open(io.BytesIO(data))

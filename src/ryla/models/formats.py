@@ -36,10 +36,15 @@ def split_checkpoint(state_dict: dict[str, torch.Tensor], component: str) -> dic
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+# Prefixes a transformer's BFL keys may carry: all-in-one checkpoints and some exports
+# (`model.diffusion_model.`), ComfyUI's LoRA files (`diffusion_model.`).
+BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
 def strip_known_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Split files sometimes keep the checkpoint prefix (`model.diffusion_model.` in
     transformer-only exports); ComfyUI strips it, so do we."""
-    for prefix in ("model.diffusion_model.", "diffusion_model."):
+    for prefix in BFL_PREFIXES:
         if state_dict and all(k.startswith(prefix) for k in state_dict):
             return {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
