@@ -94,12 +94,8 @@ class ModelStore:
 
     def resolve(self, kind: str, name: str) -> Path:
         """The file a workflow's model name refers to; refuses names that escape the tree."""
-        parts = _safe_parts(name)
         for folder_name in FOLDERS[kind]:
-            folder = (self.root / folder_name).resolve()
-            candidate = (folder / Path(*parts)).resolve()
-            if not candidate.is_relative_to(folder):
-                raise UnsafeNameError(f"model name {name!r} leaves the model folder")
+            candidate = _inside(self.root / folder_name, name)
             if candidate.is_file():
                 return candidate
         raise ModelNotFoundError(kind, name, self.list(kind))
@@ -113,10 +109,7 @@ class ModelStore:
                       if not p.parent.name.startswith("."))
 
     def resolve_folder(self, kind: str, name: str) -> Path:
-        folder = self.folder(kind).resolve()
-        candidate = folder.joinpath(*_safe_parts(name)).resolve()
-        if not candidate.is_relative_to(folder):
-            raise UnsafeNameError(f"model name {name!r} leaves the model folder")
+        candidate = _inside(self.folder(kind), name)
         if not (candidate / "config.json").is_file():
             raise ModelNotFoundError(kind, name, self.list_folders(kind))
         return candidate
@@ -149,6 +142,15 @@ def _safe_parts(name: str) -> tuple[str, ...]:
     if ".." in parts or (parts and ":" in parts[0]):
         raise UnsafeNameError(f"model name {name!r} leaves the model folder")
     return parts
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """`folder/name` with links resolved; refuses a name that ends up outside the folder."""
+    folder = folder.resolve()
+    candidate = folder.joinpath(*_safe_parts(name)).resolve()
+    if not candidate.is_relative_to(folder):
+        raise UnsafeNameError(f"model name {name!r} leaves the model folder")
+    return candidate
 
 
 _announced_tiny = False

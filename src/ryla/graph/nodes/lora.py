@@ -16,6 +16,10 @@ def _load(context, lora_name, model, strength_model, clip=None, strength_clip=0.
         raise NodeUserError("invalid_lora", f"{lora_name}: {exc}") from exc
 
 
+LORA_NAME = InputSpec("lora_name", "COMBO", choices=files("loras"), description="File in loras/.")
+STRENGTH_MODEL = from_param(catalogue.LORA_STRENGTH, name="strength_model")
+
+
 @node
 class LoraLoader(Node):
     class_type = "LoraLoader"
@@ -24,8 +28,8 @@ class LoraLoader(Node):
     inputs = (
         link("model", "MODEL"),
         link("clip", "CLIP"),
-        InputSpec("lora_name", "COMBO", choices=files("loras"), description="File in loras/."),
-        from_param(catalogue.LORA_STRENGTH, name="strength_model"),
+        LORA_NAME,
+        STRENGTH_MODEL,
         from_param(catalogue.LORA_STRENGTH, name="strength_clip"),
     )
     outputs = (Output("MODEL", "MODEL"), Output("CLIP", "CLIP"))
@@ -41,8 +45,8 @@ class LoraLoaderModelOnly(Node):
     description = "Apply a LoRA from loras/ to the model only."
     inputs = (
         link("model", "MODEL"),
-        InputSpec("lora_name", "COMBO", choices=files("loras"), description="File in loras/."),
-        from_param(catalogue.LORA_STRENGTH, name="strength_model"),
+        LORA_NAME,
+        STRENGTH_MODEL,
     )
     outputs = (Output("MODEL", "MODEL"),)
 
