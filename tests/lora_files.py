@@ -76,3 +76,20 @@ def write(lora: dict, fmt: str, path: Path, alpha: float | None = None) -> Path:
             raise ValueError(fmt)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return path
+
+
+def store_with_loras(tiny_dir: Path, root: Path, loras: dict[str, tuple[int, tuple[str, ...]]], scale: float = 0.4):
+    """A private copy of the tiny store with LoRAs written into loras/: for each name, one
+    LoRA drawn from `seed`, written as `{name}-{fmt}.safetensors` in each of `formats`."""
+    import shutil
+
+    from ryla.models.store import ModelStore
+
+    shutil.copytree(tiny_dir, root, dirs_exist_ok=True)
+    store = ModelStore(root, tiny=True)
+    (root / "loras").mkdir(exist_ok=True)
+    for name, (seed, formats) in loras.items():
+        lora = make_lora(store, seed, scale=scale)
+        for fmt in formats:
+            write(lora, fmt, root / "loras" / f"{name}-{fmt}.safetensors")
+    return store

@@ -24,18 +24,11 @@ BASE = dict(prompt="a portrait", width=64, height=64, steps=3, seed=21)
 @pytest.fixture(scope="module")
 def lora_runtime(tiny_dir, tmp_path_factory):
     """A runtime on a private copy of the tiny store, with LoRAs A and B in each format."""
-    from ryla.models.store import ModelStore
     from ryla.runtime import Runtime
 
-    root = tmp_path_factory.mktemp("lora-store")
-    shutil.copytree(tiny_dir, root, dirs_exist_ok=True)
-    store = ModelStore(root, tiny=True)
-    (root / "loras").mkdir(exist_ok=True)
-    for name, seed in (("a", 1), ("b", 2)):
-        lora = lora_files.make_lora(store, seed)
-        for fmt in ("kohya", "comfyui", "peft"):
-            lora_files.write(lora, fmt, root / "loras" / f"{name}-{fmt}.safetensors")
-    return Runtime(store)
+    formats = ("kohya", "comfyui", "peft")
+    return Runtime(lora_files.store_with_loras(tiny_dir, tmp_path_factory.mktemp("lora-store"),
+                                               {"a": (1, formats), "b": (2, formats)}))
 
 
 def image(runtime, loras=None, **overrides):

@@ -45,9 +45,10 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
     async def lifespan(app: FastAPI):
         default_checkpoint = FLUX_DEV.graph["1"]["inputs"]["ckpt_name"]
         if settings.preload and default_checkpoint in runtime.store.list("checkpoints"):
-            # Load the default model before serving, so the first request does not pay for it
-            # and /health reports it. A broken file stops the server here, not at a request.
-            await asyncio.to_thread(runtime.engine.load_checkpoint, default_checkpoint)
+            # Load the default model (and, in a compiled speed mode, compile it for 1024x1024)
+            # before serving, so the first request does not pay for it and /health means
+            # ready. A broken file stops the server here, not at a request.
+            await asyncio.to_thread(runtime.engine.preload, default_checkpoint)
         yield
         service.queue.close()
 

@@ -77,8 +77,34 @@ def quantize_fp8(transformer) -> int:
     return quantize_linear_layers(transformer, lambda name: "transformer_blocks." in name)
 
 
-def optimize_transformer(transformer, mode: str, compile: bool = True, compile_mode: str | None = None) -> dict:
-    """Apply a speed mode in place; returns what was done (for logs and /health)."""
+# The FLUX block classes, shared by the transformer and InfuseNet (a FluxControlNetModel):
+# compiled once per class and shape, so InfuseNet's blocks reuse the transformer's kernels.
+REPEATED_BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+def compile_blocks(model, fullgraph: bool = True, mode: str | None = None, dynamic: bool | None = None) -> int:
+    """Regional compilation: torch.compile each repeated block in place (diffusers'
+    compile_repeated_blocks, which FluxControlNetModel does not declare blocks for)."""
+    import torch._dynamo
+
+    # Compiled graphs are kept per block class and input shape (InfuseNet's, each image
+    # size's): more than dynamo's default of 8 before it falls back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    blocks = [m for m in model.modules() if type(m).__name__ in REPEATED_BLOCKS]
+    for block in blocks:
+        block.compile(fullgraph=fullgraph, mode=mode, dynamic=dynamic)
+    return len(blocks)
+
+
+def optimize_transformer(transformer, mode: str, compile: bool = True, compile_mode: str | None = None,
+                         controlnet: bool = False) -> dict:
+    """Apply a speed mode in place; returns what was done (for logs and /health).
+
+    With `controlnet` (InfuseNet, a FluxControlNetModel beside the transformer): no first-block
+    cache (the transformer's cache decides for both), and blocks compiled for static shapes.
+    Its blocks are the transformer's classes, whose compiled graphs dynamo keeps in one list
+    per class; InfuseNet's text is 8 identity tokens, not 512, and a dynamic-shape graph made
+    for it would otherwise be picked for the transformer's calls too."""
     if mode not in SPEED_MODES:
         raise ValueError(f"speed must be one of {', '.join(SPEED_MODES)}, got {mode!r}")
     info: dict = {"speed": mode}
@@ -89,7 +115,8 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
     info["attention"] = _attention_backend(transformer)
     if mode in ("fast", "turbo"):
         info["fp8_linear_layers"] = quantize_fp8(transformer)
-    if mode == "turbo":
+    caching = mode == "turbo" and not controlnet
+    if caching:
         from diffusers.hooks import FirstBlockCacheConfig
 
         transformer.enable_cache(FirstBlockCacheConfig(threshold=FIRST_BLOCK_CACHE_THRESHOLD))
@@ -98,7 +125,7 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
         # First-block caching decides per step outside the graph (a compiler-disabled
         # function), so turbo compiles with graph breaks allowed.
         compile_mode = compile_mode or os.environ.get("RYLA_COMPILE_MODE") or None
-        transformer.compile_repeated_blocks(fullgraph=mode != "turbo", mode=compile_mode)
+        compile_blocks(transformer, fullgraph=not caching, mode=compile_mode, dynamic=False if controlnet else None)
         info["compiled"] = f"repeated blocks ({compile_mode or 'default'})"
-    log.info("transformer speed mode: %s", info)
+    log.info("%s speed mode: %s", type(transformer).__name__, info)
     return info

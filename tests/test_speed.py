@@ -1,0 +1,129 @@
+"""Speed modes on the CPU: what they change in the model, and that images stay the same
+(exact) or close (fast), LoRAs included. torch.compile only runs on GPUs, so these check
+the transformations the GPU modes are built on; bench/ measures their speed there."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_files
+from ryla.flux.engine import FluxEngine
+from ryla.flux.fp8 import Float8Linear, quantize_rows
+from ryla.flux.loading import read_tensors_streamed
+from ryla.runtime import Runtime
+from ryla.workflows import FLUX_DEV, flux_lora_graph
+
+PARAMS = dict(prompt="a lighthouse at dusk", width=64, height=64, steps=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def speed_store(tiny_dir, tmp_path_factory):
+    """A private copy of the tiny store with one LoRA, shared by runtimes of each mode."""
+    return lora_files.store_with_loras(tiny_dir, tmp_path_factory.mktemp("speed-store"), {"style": (3, ("peft",))},
+                                       scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def runtimes(speed_store):
+    return {mode: Runtime(speed_store, FluxEngine(speed_store, speed=mode)) for mode in ("eager", "exact", "fast")}
+
+
+def pixels(runtime, loras=None, **overrides) -> np.ndarray:
+    params = {**PARAMS, **overrides}
+    graph = flux_lora_graph(loras, **params) if loras else FLUX_DEV.fill(**params)
+    return np.asarray(runtime.run(graph).images[0], dtype=np.float32)
+
+
+def transformer(runtime):
+    return runtime.engine.load_checkpoint("flux1-dev-fp8.safetensors")[0].transformer
+
+
+def test_exact_fuses_qkv_and_keeps_the_image(runtimes):
+    exact = pixels(runtimes["exact"])
+    names = [name for name, _ in transformer(runtimes["exact"]).named_modules()]
+    assert any(name.endswith("attn.to_qkv") for name in names)
+    assert not any(name.endswith(("attn.to_q", "attn.add_q_proj")) for name in names)  # no unfused copies kept
+    # float32 on the CPU: one fused matmul instead of three changes rounding only.
+    assert np.abs(exact - pixels(runtimes["eager"])).max() <= 1
+
+
+def test_fast_uses_fp8_layers_and_stays_close(runtimes):
+    fast = pixels(runtimes["fast"])
+    layers = [m for m in transformer(runtimes["fast"]).modules() if isinstance(m, Float8Linear)]
+    assert layers and all(m.weight_fp8.dtype == torch.float8_e4m3fn for m in layers)
+    eager = pixels(runtimes["eager"])
+    other_seed = pixels(runtimes["eager"], seed=6)
+    difference = np.abs(fast - eager).mean()
+    assert 0 < difference < np.abs(other_seed - eager).mean() / 4
+
+
+def test_loras_on_fused_and_fp8_layers(runtimes):
+    for mode in ("exact", "fast"):
+        runtime = runtimes[mode]
+        base = pixels(runtime)
+        assert np.array_equal(pixels(runtime, [("style-peft.safetensors", 0.0)]), base)
+        styled = pixels(runtime, [("style-peft.safetensors", 1.0)])
+        assert np.abs(styled - base).mean() > 1
+        assert np.array_equal(pixels(runtime), base), f"{mode}: base weights not restored exactly"
+        # The LoRA does what it does on the eager model.
+        eager_styled = pixels(runtimes["eager"], [("style-peft.safetensors", 1.0)])
+        assert np.abs(styled - eager_styled).mean() < np.abs(styled - base).mean()
+
+
+def test_infusenet_gets_the_servers_speed_mode(speed_store):
+    controlnet = FluxEngine(speed_store, speed="fast").load_controlnet("InfuseNetModel")
+    names = [name for name, _ in controlnet.named_modules()]
+    assert any(name.endswith("attn.to_qkv") for name in names)
+    assert any(isinstance(m, Float8Linear) for m in controlnet.modules())
+
+
+def test_fp8_rows_quantise_within_half_a_step():
+    weight = torch.randn(16, 64) * torch.logspace(-3, 1, 16)[:, None]
+    fp8, scale = quantize_rows(weight)
+    error = (fp8.float() * scale[:, None] - weight).abs()
+    # e4m3 keeps 3 mantissa bits: relative rounding error at most 2^-4 of each row's scale.
+    assert (error <= weight.abs().amax(1, keepdim=True) * 2 ** -4 + 1e-12).all()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 4096, 128 << 20])
+def test_streamed_reader_gives_the_files_tensors(tiny_store, chunk_bytes):
+    path = tiny_store.resolve("checkpoints", "flux1-dev-fp8.safetensors")
+    expected = load_file(str(path))
+    tensors, _ = read_tensors_streamed(path, "", "cpu", chunk_bytes=chunk_bytes)
+    assert tensors.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert tensors[key].dtype == tensor.dtype and tensors[key].shape == tensor.shape
+        assert torch.equal(tensors[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    vae, _ = read_tensors_streamed(path, "vae.", "cpu")
+    assert vae and all(torch.equal(v, expected["vae." + k]) for k, v in vae.items())
+
+
+def test_streamed_reader_refuses_a_truncated_file(tiny_store, tmp_path):
+    from ryla.flux.loading import ModelFormatError
+
+    data = tiny_store.resolve("vae", "ae.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFormatError, match="not a valid tensor|ended early"):
+        read_tensors_streamed(cut, "", "cpu")
+
+
+def test_preload_loads_every_part_and_warms_up_compiled_modes(speed_store):
+    engine = FluxEngine(speed_store, speed="exact")
+    engine.preload("flux1-dev-fp8.safetensors", width=64, height=64)
+    assert {name.split(":")[0] for name in engine.loaded_models()} >= {"transformer", "clip_l", "t5xxl", "vae"}
+    transformer = engine.load_checkpoint("flux1-dev-fp8.safetensors")[0].transformer
+    calls = []
+    handle = transformer.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        from ryla.flux.components import FluxModel
+
+        model = FluxModel("flux1-dev-fp8.safetensors", transformer)
+        assert engine.warm_up(model, 64, 64) == 0.0 and not calls  # nothing compiled on a CPU: nothing to warm
+        engine.speed_info = {**engine.speed_info, "compiled": "repeated blocks"}  # as on a GPU
+        assert engine.warm_up(model, 64, 64) > 0 and len(calls) == 1
+    finally:
+        handle.remove()
