@@ -68,6 +68,35 @@ def measure(fn, warmups=1, runs=TIMED_RUNS):
             "peak_gib": peak_gib()}, out
 
 
+KERNEL_KINDS = (("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
+                ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "matmul", "scaled_mm")),
+                ("triton (fused elementwise)", ("triton",)))
+
+
+def profile_image(run) -> dict:
+    """GPU kernel time of one image by kind (GEMM, attention, fused Triton, other), against
+    the wall time: what is left to win, and where."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall, _ = sync_time(run)
+    kinds: dict[str, float] = {}
+    kernels = []
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if not total:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + total / 1e6
+        kernels.append((total / 1e6, event.count, event.key[:120]))
+    kernels.sort(reverse=True)
+    busy = sum(kinds.values())
+    return {"wall_s": wall, "kernel_s": busy, "idle_share": 1 - busy / wall if wall else 0.0,
+            "by_kind_s": kinds, "top_kernels": [{"s": t, "calls": c, "name": n} for t, c, n in kernels[:25]]}
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float().flatten(), b.float().flatten()
     return float((a - b).norm() / b.norm())
@@ -121,8 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--modes", default="eager,exact,lora,fast,turbo",
-                        help="comma list of eager, exact, exact-autotune, exact-cudagraphs, lora, fast, turbo")
+                        help="comma list of eager, exact, exact-tuned, exact-autotune, exact-cudagraphs, lora, fast, turbo")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny architecture")
+    parser.add_argument("--profile", action="store_true", help="also profile one image per mode (kernel time by kind)")
     args = parser.parse_args()
     global WIDTH, HEIGHT, STEPS
     if args.tiny:
@@ -201,6 +231,9 @@ def main() -> None:
         stats["rel_l2_vs_stock"] = rel_l2(packed_model_space(out).to(device), stock_latents)
         stats["speed_info"] = engine.speed_info
         stats["decode_s"] = statistics.median(sync_time(lambda: engine.decode(vae_handle, out))[0] for _ in range(3))
+        if args.profile and torch.cuda.is_available():
+            with torch.inference_mode():
+                stats["profile"] = profile_image(lambda: ryla_image(model))
         results["modes"][name] = stats
         print(name, json.dumps(stats, default=str), flush=True)
 
@@ -209,7 +242,7 @@ def main() -> None:
     model = FluxModel("flux1-dev", transformer)
     if "eager" in modes:
         run_mode("ryla-eager", model)
-    for mode in ("exact", "exact-autotune", "exact-cudagraphs", "lora", "fast", "turbo"):
+    for mode in ("exact", "exact-tuned", "exact-autotune", "exact-cudagraphs", "lora", "fast", "turbo"):
         if mode not in modes:
             continue
         try:
@@ -220,6 +253,13 @@ def main() -> None:
             start = time.perf_counter()
             if mode == "exact":
                 engine.speed_info = optimize_transformer(transformer, "exact")
+            elif mode == "exact-tuned":  # same graph, Triton kernels' launch configs tuned by search
+                import torch._inductor.config as inductor_config
+
+                torch._dynamo.reset()
+                inductor_config.coordinate_descent_tuning = True
+                transformer.compile_repeated_blocks(fullgraph=True)
+                engine.speed_info = {**engine.speed_info, "compiled": "repeated blocks (coordinate descent tuning)"}
             elif mode == "exact-autotune":  # same graph, GEMM kernels chosen by benchmarking
                 torch._dynamo.reset()
                 transformer.compile_repeated_blocks(fullgraph=True, mode=AUTOTUNE)
@@ -233,7 +273,7 @@ def main() -> None:
                 transformer.compile_repeated_blocks(fullgraph=True, mode=compile_mode)
                 from ryla.flux.speed import quantize_fp8
 
-                engine.speed_info = {**engine.speed_info, "speed": "fast",
+                engine.speed_info = {**engine.speed_info, "speed": "fast", "compiled": "repeated blocks (default)",
                                      "fp8_linear_layers": quantize_fp8(transformer)}
             else:
                 from diffusers.hooks import FirstBlockCacheConfig
@@ -244,10 +284,14 @@ def main() -> None:
                 transformer.enable_cache(FirstBlockCacheConfig(threshold=FIRST_BLOCK_CACHE_THRESHOLD))
                 # The cache decides outside the graph, so graph breaks are allowed here.
                 transformer.compile_repeated_blocks(fullgraph=False, mode=compile_mode)
-                engine.speed_info = {**engine.speed_info, "speed": "turbo",
+                engine.speed_info = {**engine.speed_info, "speed": "turbo", "compiled": "repeated blocks (default)",
                                      "first_block_cache": FIRST_BLOCK_CACHE_THRESHOLD}
             results.setdefault("setup_s", {})[mode] = time.perf_counter() - start
             run_mode(f"ryla-{mode}", model)
+            if mode == "exact-tuned":  # later modes compile as the engine does
+                import torch._inductor.config as inductor_config
+
+                inductor_config.coordinate_descent_tuning = False
             if mode == "turbo":
                 results["modes"]["ryla-turbo"]["full_steps_per_image"] = count_full_steps(
                     transformer, lambda: ryla_image(model))
