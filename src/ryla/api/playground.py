@@ -1,8 +1,13 @@
-"""The browser playground's files (shipped in the package) and their headers."""
+"""The browser playground: its page and files (shipped in the package), and their headers."""
 
 from __future__ import annotations
 
 from importlib import resources
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from ryla.api.errors import ApiError
 
 # The browser playground: files shipped in the package, served with a restrictive CSP (only
 # this origin's scripts, styles and API; images also from data:/blob: URLs).
@@ -18,3 +23,18 @@ PAGE_HEADERS = {
 
 def read_static(name: str) -> bytes:
     return resources.files("ryla.api").joinpath("static", name).read_bytes()
+
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+async def page() -> Response:
+    return Response(read_static("index.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+
+@router.get("/static/{name}")
+async def static_file(name: str) -> Response:
+    if name not in STATIC_FILES:
+        raise ApiError(404, "not_found", f"no static file {name!r}")
+    return Response(read_static(name), media_type=STATIC_FILES[name], headers=PAGE_HEADERS)

@@ -119,3 +119,8 @@ class Service:
                 self.queue.abandon(job)
                 log.info("[%s] client disconnected; generation cancelled", job.request_id)
                 raise ApiError(499, "client_closed_request", "the client closed the connection")
+
+
+def get_service(request: Request) -> Service:
+    """FastAPI dependency: the app's one Service (set by create_app)."""
+    return request.app.state.service

@@ -1,0 +1,110 @@
+"""Image routes. Each typed endpoint is thin: fill its workflow template from the request and
+hand the graph to the same executor as /workflow, through the GPU work queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.responses import Response
+
+from ryla import catalogue
+from ryla.api.errors import ApiError
+from ryla.api.responses import IMAGE_RESPONSES, header_safe, image_response
+from ryla.api.routes.loras import lora_entry
+from ryla.api.schemas import ErrorResponse, FluxDevRequest, FluxInstantIdRequest, FluxLoraRequest
+from ryla.api.service import ServerSettings, Service, get_service
+from ryla.runtime import random_seed
+from ryla.workflows import FLUX_DEV, flux_instantid_graph, flux_lora_graph, with_trigger_words
+
+router = APIRouter(tags=["generate"])
+MAX_WORKFLOW_IMAGES = 8
+
+
+def decode_photo(settings: ServerSettings, field_name: str, data: str) -> bytes:
+    """Decode a base64 / data-URL photo now, so a bad one is refused before queueing."""
+    from ryla.identity.faces import ImageError, base64_payload, bytes_from_base64, decode_image
+
+    # Size from the encoded length, before decoding anything.
+    if len(base64_payload(data)) * 3 // 4 > settings.max_image_bytes:
+        raise ApiError(413, "image_too_large", f"{field_name}: over the limit of {settings.max_image_bytes} bytes")
+    try:
+        raw = bytes_from_base64(data)
+        decode_image(raw)
+    except ImageError as exc:
+        raise ApiError(422, "invalid_image", f"{field_name}: {exc}",
+                       {"errors": [{"field": field_name, "message": str(exc)}]})
+    return raw
+
+
+@router.post("/flux-dev", responses=IMAGE_RESPONSES, response_class=Response, summary="Text-to-image with FLUX.1-dev")
+async def flux_dev(body: FluxDevRequest, request: Request, service: Service = Depends(get_service)) -> Response:
+    seed = body.seed if body.seed is not None else random_seed()
+    graph = FLUX_DEV.fill(**body.template_params(seed))
+    result, timings = await service.run_graph(request, graph, "flux-dev")
+    return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
+                          quality=body.quality, timings=timings)
+
+
+@router.post("/workflow", responses={**IMAGE_RESPONSES, 400: {"description": "ComfyUI's validation error shape: "
+                                                                           "{error, node_errors}."}},
+             response_class=Response, summary="Run a ComfyUI API-format workflow")
+async def workflow(request: Request,
+                   body: dict[str, Any] = Body(..., description="The workflow graph, bare or as ComfyUI's "
+                                               "/prompt body {\"prompt\": {...}}. The wrapped form may add "
+                                               "\"images\": {name: base64 or data URL} for LoadImage nodes."),
+                   output_format: str = Query("png", pattern="^(jpeg|png|webp)$",
+                                              description=catalogue.OUTPUT_FORMAT.description),
+                   quality: int = Query(catalogue.QUALITY.default, ge=catalogue.QUALITY.min,
+                                        le=catalogue.QUALITY.max),
+                   service: Service = Depends(get_service)) -> Response:
+    wrapped = isinstance(body.get("prompt"), dict)
+    graph = body["prompt"] if wrapped else body
+    uploads = body.get("images") if wrapped else None
+    if uploads is not None and not (isinstance(uploads, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in uploads.items())
+            and len(uploads) <= MAX_WORKFLOW_IMAGES):
+        raise ApiError(422, "invalid_request", f"images: an object of up to {MAX_WORKFLOW_IMAGES} {{name: base64 image}}",
+                       {"errors": [{"field": "images", "message": "expected {name: base64}"}]})
+    images = {name: decode_photo(service.settings, f"images.{name}", data) for name, data in (uploads or {}).items()}
+    result, timings = await service.run_graph(request, graph, "workflow", request_images=images)
+    if not result.images:
+        raise ApiError(422, "no_images", "the workflow ran but its output nodes produced no images")
+    return image_response(request, result.images, seeds=[None] * len(result.images), fmt=output_format,
+                          quality=quality, timings=timings)
+
+
+@router.post("/flux-lora", responses={**IMAGE_RESPONSES, 404: {"model": ErrorResponse, "description": "lora_not_found"}},
+             response_class=Response, summary="Text-to-image with one or more character LoRAs")
+async def flux_lora(body: FluxLoraRequest, request: Request, service: Service = Depends(get_service)) -> Response:
+    refs = [(body.lora_id, body.lora_strength)] + [(ref.id, ref.strength) for ref in body.loras]
+    entries = [lora_entry(service.runtime, lora_id) for lora_id, _ in refs]
+    if body.trigger_word is not None:
+        words = [body.trigger_word] + [e.get("trigger_word") for e in entries[1:]]
+    else:
+        words = [e.get("trigger_word") for e in entries]
+    seed = body.seed if body.seed is not None else random_seed()
+    params = body.template_params(seed)
+    params["prompt"] = with_trigger_words(body.prompt, [w for w in words if w])
+    graph = flux_lora_graph([(e["file"], strength) for e, (_, strength) in zip(entries, refs)], **params)
+    result, timings = await service.run_graph(request, graph, "flux-lora")
+    return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
+                          quality=body.quality, timings=timings, headers={"X-Prompt": header_safe(params["prompt"])})
+
+
+@router.post("/flux-instantid", responses={**IMAGE_RESPONSES, 413: {"model": ErrorResponse}}, response_class=Response,
+             summary="Text-to-image that keeps the face of a reference photo (InstantID recipe on FLUX)")
+async def flux_instantid(body: FluxInstantIdRequest, request: Request,
+                         service: Service = Depends(get_service)) -> Response:
+    images = {"reference": decode_photo(service.settings, "reference_image", body.reference_image)}
+    if body.pose_image:
+        images["pose"] = decode_photo(service.settings, "pose_image", body.pose_image)
+    seed = body.seed if body.seed is not None else random_seed()
+    graph = flux_instantid_graph(pose="pose" in images, **body.template_params(seed),
+                                 instantid_strength=body.instantid_strength,
+                                 controlnet_strength=body.controlnet_strength,
+                                 face_provider="CUDA" if body.face_provider == "gpu" else "CPU")
+    result, timings = await service.run_graph(request, graph, "flux-instantid", request_images=images)
+    headers = {"X-Faces-Found": str(result.annotations.get("faces_found", 0))}
+    return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
+                          quality=body.quality, timings=timings, headers=headers)

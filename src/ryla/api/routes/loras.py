@@ -1,0 +1,95 @@
+"""The LoRA store over HTTP: list, upload (streamed to disk, checked, then renamed into
+place), delete."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import contextmanager
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from ryla.api.errors import ApiError
+from ryla.api.schemas import ErrorResponse, LoraInfo, LoraList
+from ryla.api.service import Service, get_service
+from ryla.flux.lora import LoraFormatError
+from ryla.models.loras import InvalidLoraId, LoraExists, LoraNotFound, check_id, id_from_filename
+from ryla.runtime import Runtime
+
+router = APIRouter(tags=["loras"])
+MAX_TRIGGER_WORD = 100
+
+
+@contextmanager
+def lora_errors(lora_id: str):
+    """The store's errors about one id, as API errors."""
+    try:
+        yield
+    except InvalidLoraId as exc:
+        raise ApiError(422, "invalid_lora_id", str(exc))
+    except LoraNotFound as exc:
+        raise ApiError(404, "lora_not_found", str(exc), {"lora_id": lora_id})
+
+
+def lora_entry(runtime: Runtime, lora_id: str) -> dict:
+    with lora_errors(lora_id):
+        return runtime.loras.get(lora_id)
+
+
+@router.get("/loras", response_model=LoraList, summary="LoRAs in the store")
+async def list_loras(service: Service = Depends(get_service)) -> dict:
+    return {"loras": await asyncio.to_thread(service.runtime.loras.list)}
+
+
+@router.post("/loras", status_code=201, response_model=LoraInfo,
+             summary="Upload a LoRA (.safetensors, multipart field 'file'; optional 'id', 'trigger_word')",
+             responses={413: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
+                        422: {"model": ErrorResponse, "description": "not a FLUX LoRA, or a bad id"}})
+async def upload_lora(request: Request, service: Service = Depends(get_service)) -> dict:
+    from starlette.requests import ClientDisconnect
+
+    from ryla.api.middleware import BodyTooLarge
+
+    try:
+        form = await request.form(max_files=1, max_fields=4)
+    except BodyTooLarge:
+        raise ApiError(413, "payload_too_large",
+                       f"LoRA upload over the limit of {service.settings.max_lora_bytes} bytes")
+    except ClientDisconnect:
+        raise ApiError(400, "upload_incomplete", "the upload was cut off; nothing was stored")
+    except Exception as exc:  # malformed multipart bodies
+        raise ApiError(422, "invalid_request", f"expected a multipart/form-data upload: {exc}")
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(422, "invalid_request", "file: a .safetensors file is required (multipart field 'file')",
+                       {"errors": [{"field": "file", "message": "required"}]})
+    raw_id = form.get("id")
+    trigger = form.get("trigger_word")
+    try:
+        lora_id = check_id(raw_id) if isinstance(raw_id, str) and raw_id else id_from_filename(upload.filename or "")
+    except InvalidLoraId as exc:
+        raise ApiError(422, "invalid_lora_id", str(exc), {"errors": [{"field": "id", "message": str(exc)}]})
+    if isinstance(trigger, str) and len(trigger) > MAX_TRIGGER_WORD:
+        raise ApiError(422, "invalid_request", f"trigger_word: at most {MAX_TRIGGER_WORD} characters")
+
+    def chunks():
+        upload.file.seek(0)
+        while chunk := upload.file.read(1 << 20):
+            yield chunk
+
+    try:
+        return await asyncio.to_thread(service.runtime.loras.add_chunks, chunks(), lora_id,
+                                       trigger if isinstance(trigger, str) else None)
+    except LoraExists as exc:
+        raise ApiError(409, "lora_exists", str(exc))
+    except LoraFormatError as exc:
+        raise ApiError(422, "invalid_lora", f"not a FLUX LoRA for this model: {exc}")
+    finally:
+        await upload.close()
+
+
+@router.delete("/loras/{lora_id}", status_code=204, response_class=Response)
+async def delete_lora(lora_id: str, service: Service = Depends(get_service)) -> Response:
+    with lora_errors(lora_id):
+        await asyncio.to_thread(service.runtime.loras.remove, lora_id)
+    return Response(status_code=204)
