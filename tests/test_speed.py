@@ -127,3 +127,26 @@ def test_preload_loads_every_part_and_warms_up_compiled_modes(speed_store):
         assert engine.warm_up(model, 64, 64) > 0 and len(calls) == 1
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_lean_block_forwards_compute_what_diffusers_blocks_do(fp8):
+    import copy
+
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    from ryla.flux.blocks import use_lean_forwards
+    from ryla.flux.fp8 import quantize_linear_layers
+
+    torch.manual_seed(0)
+    stock = torch.nn.ModuleList([FluxSingleTransformerBlock(dim=64, num_attention_heads=2, attention_head_dim=32),
+                                 FluxTransformerBlock(dim=64, num_attention_heads=2, attention_head_dim=32)]).eval()
+    if fp8:
+        quantize_linear_layers(stock, lambda name: True)
+    lean = copy.deepcopy(stock)
+    assert use_lean_forwards(lean) == 3  # the single block, and the double block's two feed-forwards
+    image, text, temb = torch.randn(1, 16, 64), torch.randn(1, 8, 64), torch.randn(1, 64)
+    with torch.no_grad():
+        for stock_block, lean_block in zip(stock, lean):
+            for expected, got in zip(stock_block(image, text, temb), lean_block(image, text, temb)):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

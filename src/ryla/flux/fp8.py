@@ -35,17 +35,24 @@ class Float8Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_columns(x, slice(None), bias=True)
+
+    def forward_columns(self, x: torch.Tensor, columns: slice, bias: bool = True) -> torch.Tensor:
+        """x @ W[:, columns].T (+ bias): the layer's product over one range of its inputs
+        (ryla.flux.blocks splits a single block's proj_out this way)."""
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, shape[-1])
+        bias_or_none = self.bias if bias else None
         if x2.is_cuda:
             x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
             x_fp8 = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
             # Fast accumulation: Hopper's fp8 tensor-core accumulate mode, as torchao uses for
             # inference; the result is still bf16.
-            out = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
-                                   bias=self.bias, out_dtype=x.dtype, use_fast_accum=True)
+            out = torch._scaled_mm(x_fp8, self.weight_fp8[:, columns].t(), scale_a=x_scale,
+                                   scale_b=self.weight_scale[None, :], bias=bias_or_none, out_dtype=x.dtype,
+                                   use_fast_accum=True)
         else:  # CPUs have no fp8 matmul: same numbers for the weights, computed in x's dtype
-            out = nn.functional.linear(x2, self.dequantized().to(x.dtype), self.bias)
+            out = nn.functional.linear(x2, self.dequantized()[:, columns].to(x.dtype), bias_or_none)
         return out.reshape(*shape[:-1], self.out_features)
 
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """Speed modes for the FLUX transformer, chosen per server (`ryla serve --speed`).
 
     eager  as loaded (the default on CPUs)
-    exact  lossless: fused QKV projections, the fastest available attention kernel, and
-           torch.compile of the repeated blocks only (regional compilation: one compile per
-           block type instead of the whole 57-block graph, which keeps cold start short)
+    exact  lossless: fused QKV projections, the fastest available attention kernel, GELU in
+           the GEMM epilogue and no concatenation before single blocks' proj_out
+           (ryla.flux.blocks), and torch.compile of the repeated blocks only (regional
+           compilation: one compile per block type instead of the whole 57-block graph,
+           which keeps cold start short)
     fast   exact + fp8 linear layers in the transformer blocks (per-row weight scales,
            dynamically scaled activations; ryla.flux.fp8), for Hopper-class GPUs
     turbo  fast + first-block caching (diffusers FirstBlockCacheConfig): steps whose first
@@ -115,6 +117,9 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
     info["attention"] = _attention_backend(transformer)
     if mode in ("fast", "turbo"):
         info["fp8_linear_layers"] = quantize_fp8(transformer)
+    from ryla.flux.blocks import use_lean_forwards
+
+    info["lean_forwards"] = use_lean_forwards(transformer)
     caching = mode == "turbo" and not controlnet
     if caching:
         from diffusers.hooks import FirstBlockCacheConfig

@@ -1,0 +1,86 @@
+"""Leaner forwards for FLUX's blocks in the compiled speed modes: the same arithmetic with less
+memory traffic around the MLP (the profile in bench/results/README.md says why).
+
+- A single block concatenates its attention output (3072 wide) with its GELU'd MLP activation
+  (12288 wide) only to multiply the 15360-wide result by proj_out. Here proj_out is applied as
+  two products over column ranges of its weight, summed: the same matrix product split along
+  K, without writing (and, in fp8, quantising) the concatenation.
+- On CUDA with bf16 weights, GELU (tanh) runs in the matrix product's epilogue
+  (torch._addmm_activation, cuBLASLt), on the float32 accumulator, instead of a pass over the
+  bf16 result: in the single blocks' proj_mlp and the double blocks' feed-forward.
+
+Weights are not copied or moved: the products read column ranges of the layers' own weights,
+so LoRA patching (which edits those weights in place) applies unchanged.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ryla.flux.fp8 import Float8Linear
+
+
+def _gelu_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(linear(x)), with GELU in the GEMM epilogue where cuBLASLt can do it."""
+    if isinstance(linear, nn.Linear) and x.is_cuda and linear.bias is not None:
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch._addmm_activation(linear.bias, flat, linear.weight.t(), use_gelu=True)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+    return F.gelu(linear(x), approximate="tanh")
+
+
+def _linear_columns(linear: nn.Module, x: torch.Tensor, columns: slice, bias: bool) -> torch.Tensor:
+    """x @ weight[:, columns].T (+ bias): one K-range of a linear layer's product."""
+    if isinstance(linear, Float8Linear):
+        return linear.forward_columns(x, columns, bias)
+    return F.linear(x, linear.weight[:, columns], linear.bias if bias else None)
+
+
+def single_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         joint_attention_kwargs: dict[str, Any] | None = None):
+    """diffusers' FluxSingleTransformerBlock.forward (0.42), with proj_out split along K."""
+    text_seq_len = encoder_hidden_states.shape[1]
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    residual = hidden_states
+    norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+    mlp_hidden_states = _gelu_linear(self.proj_mlp, norm_hidden_states)
+    attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                            **(joint_attention_kwargs or {}))
+    width = attn_output.shape[-1]
+    projected = (_linear_columns(self.proj_out, attn_output, slice(0, width), bias=True)
+                 + _linear_columns(self.proj_out, mlp_hidden_states, slice(width, None), bias=False))
+    hidden_states = residual + gate.unsqueeze(1) * projected
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def gelu_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """diffusers' GELU activation module (projection, then GELU), epilogue-fused."""
+    if self.approximate != "tanh":
+        return F.gelu(self.proj(hidden_states), approximate=self.approximate)
+    return _gelu_linear(self.proj, hidden_states)
+
+
+def use_lean_forwards(model: nn.Module) -> int:
+    """Give every FLUX single block, and every tanh-GELU feed-forward, the forwards above.
+    Returns how many modules changed. The blocks keep their classes (regional compilation
+    and LoRA targeting find them by class and name)."""
+    from diffusers.models.activations import GELU
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, FluxSingleTransformerBlock):
+            module.forward = types.MethodType(single_block_forward, module)
+            changed += 1
+        elif isinstance(module, GELU) and module.approximate == "tanh":
+            module.forward = types.MethodType(gelu_forward, module)
+            changed += 1
+    return changed
