@@ -150,3 +150,22 @@ def test_lean_block_forwards_compute_what_diffusers_blocks_do(fp8):
         for stock_block, lean_block in zip(stock, lean):
             for expected, got in zip(stock_block(image, text, temb), lean_block(image, text, temb)):
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_weight_storage_works_with_speed_modes(speed_store):
+    """UNETLoader's weight_dtype fp8 keeps weights in fp8 and casts each layer when it runs;
+    the speed mode's fused and split layers must see the cast weights too."""
+    from ryla.flux.components import Cond
+
+    latents = {}
+    for mode in ("eager", "exact"):
+        engine = FluxEngine(speed_store, speed=mode)
+        model = engine.load_diffusion_model("flux1-dev.safetensors", "fp8_e4m3fn")
+        config = model.transformer.config
+        generator = torch.Generator().manual_seed(0)
+        cond = Cond(t5=torch.randn(1, 16, config.joint_attention_dim, generator=generator),
+                    pooled=torch.randn(1, config.pooled_projection_dim, generator=generator))
+        noise = torch.randn(1, 16, 8, 8, generator=generator)
+        latents[mode] = engine.sample(model, (cond,), None, torch.zeros_like(noise), noise,
+                                      torch.tensor([1.0, 0.5, 0.0]), 1.0)
+    torch.testing.assert_close(latents["exact"], latents["eager"], rtol=1e-4, atol=1e-4)

@@ -10,7 +10,9 @@ memory traffic around the MLP (the profile in bench/results/README.md says why).
   bf16 result: in the single blocks' proj_mlp and the double blocks' feed-forward.
 
 Weights are not copied or moved: the products read column ranges of the layers' own weights,
-so LoRA patching (which edits those weights in place) applies unchanged.
+so LoRA patching (which edits those weights in place) applies unchanged. Weights stored in
+another dtype than the computation's (UNETLoader's fp8 weight_dtype, which diffusers casts
+when a layer is called) are cast here, where a layer is used without being called.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ryla.flux.fp8 import Float8Linear
 
 def _gelu_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(linear(x)), with GELU in the GEMM epilogue where cuBLASLt can do it."""
-    if isinstance(linear, nn.Linear) and x.is_cuda and linear.bias is not None:
+    if isinstance(linear, nn.Linear) and x.is_cuda and linear.bias is not None and linear.weight.dtype == x.dtype:
         flat = x.reshape(-1, x.shape[-1])
         out = torch._addmm_activation(linear.bias, flat, linear.weight.t(), use_gelu=True)
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -38,7 +40,8 @@ def _linear_columns(linear: nn.Module, x: torch.Tensor, columns: slice, bias: bo
     """x @ weight[:, columns].T (+ bias): one K-range of a linear layer's product."""
     if isinstance(linear, Float8Linear):
         return linear.forward_columns(x, columns, bias)
-    return F.linear(x, linear.weight[:, columns], linear.bias if bias else None)
+    bias_or_none = linear.bias.to(x.dtype) if bias and linear.bias is not None else None
+    return F.linear(x, linear.weight[:, columns].to(x.dtype), bias_or_none)
 
 
 def single_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
@@ -62,9 +65,7 @@ def single_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_state
 
 
 def gelu_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """diffusers' GELU activation module (projection, then GELU), epilogue-fused."""
-    if self.approximate != "tanh":
-        return F.gelu(self.proj(hidden_states), approximate=self.approximate)
+    """diffusers' tanh-GELU activation module (projection, then GELU), epilogue-fused."""
     return _gelu_linear(self.proj, hidden_states)
 
 

@@ -90,8 +90,8 @@ class FluxEngine:
                 log.info("loaded %s %s in %.2fs", key[0], key[1], elapsed)
             return self._models[key]
 
-    def _optimized(self, transformer):
-        self.speed_info = optimize_transformer(transformer, self.speed)
+    def _optimized(self, transformer, compile: bool = True):
+        self.speed_info = optimize_transformer(transformer, self.speed, compile=compile)
         return transformer
 
     def loaded_models(self) -> list[str]:
@@ -148,13 +148,18 @@ class FluxEngine:
 
         def load():
             tensors, meta = loading.read_tensors(path, device=self.device)
-            model = loading.build_transformer(tensors, meta, self.dtype, self.device, what=name)
-            if weight_dtype.startswith("fp8"):
+            # The speed mode first: fusing QKV builds new layers, in the compute dtype. Not
+            # compiled with fp8 storage: diffusers' per-layer casting (module.to in a hook)
+            # cannot be traced into a graph (seen on the H200: torch.compile fails on it).
+            fp8_storage = weight_dtype.startswith("fp8")
+            model = self._optimized(loading.build_transformer(tensors, meta, self.dtype, self.device, what=name),
+                                    compile=not fp8_storage)
+            if fp8_storage:
                 # Keep weights in fp8 in memory and upcast layer by layer for compute, as
                 # ComfyUI's fp8 weight_dtype does: half the memory of bf16.
                 storage = torch.float8_e5m2 if weight_dtype == "fp8_e5m2" else torch.float8_e4m3fn
                 model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=self.dtype)
-            return self._optimized(model)
+            return model
 
         return FluxModel(name, self._cached(("transformer", str(path), weight_dtype), load))
 
