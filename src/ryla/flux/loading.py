@@ -114,7 +114,6 @@ def read_tensors_streamed(path: Path, prefix: str = "", device: torch.device | s
                 chunks.append([entry])
         largest = max((c[-1][1] - c[0][0] for c in chunks), default=0)
         buffers = [torch.empty(largest, dtype=torch.uint8, pin_memory=pin) for _ in range(min(READ_AHEAD, len(chunks)))]
-        copied = [None] * len(buffers)  # per buffer: the event after which it may be refilled
 
         def read(index: int) -> int:
             first, last = chunks[index][0][0], chunks[index][-1][1]
@@ -141,9 +140,7 @@ def read_tensors_streamed(path: Path, prefix: str = "", device: torch.device | s
                     tensors[key[len(prefix):]] = staged[begin - first:end - first].clone().view(dtype).reshape(shape)
                 if index + len(buffers) < len(chunks):
                     if pin:
-                        copied[slot] = torch.cuda.Event()
-                        copied[slot].record()
-                        copied[slot].synchronize()  # the buffer is refilled only once copied
+                        torch.cuda.current_stream(device).synchronize()  # refill the buffer once copied
                     pending[index + len(buffers)] = pool.submit(read, index + len(buffers))
     if pin:
         torch.cuda.synchronize(device)
