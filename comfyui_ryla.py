@@ -47,8 +47,9 @@ image = (
     modal.Image.debian_slim(python_version="3.11")
     .add_local_dir(PROJECT, "/opt/ryla", copy=True,
                    ignore=["**/__pycache__", ".git", ".whl", "bench/results", "tests", "*.jpg", "*.png"])
-    # [identity]: insightface + onnxruntime-gpu for antelopev2 face analysis.
-    .run_commands('pip install "/opt/ryla[identity]"')
+    # [identity]: insightface + onnxruntime-gpu for antelopev2 face analysis; [gpu]: cuDNN's
+    # fp8 attention for the `fast` speed mode.
+    .run_commands('pip install "/opt/ryla[identity,gpu]"')
     .env({"HF_HOME": HF_CACHE_DIR, "RYLA_MODELS_DIR": MODELS_DIR, "RYLA_COMPILE_CACHE": COMPILE_CACHE_DIR,
           "HF_XET_HIGH_PERFORMANCE": "1"})
 )

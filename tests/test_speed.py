@@ -58,6 +58,10 @@ def test_fast_uses_fp8_layers_and_stays_close(runtimes):
     other_seed = pixels(runtimes["eager"], seed=6)
     difference = np.abs(fast - eager).mean()
     assert 0 < difference < np.abs(other_seed - eager).mean() / 4
+    from ryla.flux.fp8_attention import Fp8FluxAttnProcessor
+
+    processors = {type(m.processor) for m in transformer(runtimes["fast"]).modules() if hasattr(m, "processor")}
+    assert processors == {Fp8FluxAttnProcessor}
 
 
 def test_loras_on_fused_and_fp8_layers(runtimes):
@@ -129,22 +133,27 @@ def test_preload_loads_every_part_and_warms_up_compiled_modes(speed_store):
         handle.remove()
 
 
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", ["none", "linear", "linear+attention"])
 def test_lean_block_forwards_compute_what_diffusers_blocks_do(fp8):
+    """Same numbers as diffusers' blocks, also where GELU moves into fp8 quantisation and fp8
+    attention's output goes into the output projections without being dequantised first."""
     import copy
 
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
     from ryla.flux.blocks import use_lean_forwards
     from ryla.flux.fp8 import quantize_linear_layers
+    from ryla.flux.fp8_attention import use_fp8_attention
 
     torch.manual_seed(0)
     stock = torch.nn.ModuleList([FluxSingleTransformerBlock(dim=64, num_attention_heads=2, attention_head_dim=32),
                                  FluxTransformerBlock(dim=64, num_attention_heads=2, attention_head_dim=32)]).eval()
-    if fp8:
+    if fp8 != "none":
         quantize_linear_layers(stock, lambda name: True)
+    if fp8 == "linear+attention":
+        use_fp8_attention(stock)
     lean = copy.deepcopy(stock)
-    assert use_lean_forwards(lean) == 3  # the single block, and the double block's two feed-forwards
+    assert use_lean_forwards(lean) == 5  # the single block; the double block's two feed-forwards and their GELUs
     image, text, temb = torch.randn(1, 16, 64), torch.randn(1, 8, 64), torch.randn(1, 64)
     with torch.no_grad():
         for stock_block, lean_block in zip(stock, lean):
@@ -169,3 +178,83 @@ def test_fp8_weight_storage_works_with_speed_modes(speed_store):
         latents[mode] = engine.sample(model, (cond,), None, torch.zeros_like(noise), noise,
                                       torch.tensor([1.0, 0.5, 0.0]), 1.0)
     torch.testing.assert_close(latents["exact"], latents["eager"], rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_attention_stays_within_fp8_error_of_attention():
+    """Both FLUX block kinds, text and image streams, RoPE on: the fp8 processor's output is
+    close to diffusers' attention, and not identical to it (Q, K, V really went through e4m3)."""
+    import copy
+
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    from ryla.flux.fp8_attention import use_fp8_attention
+
+    torch.manual_seed(0)
+    stock = torch.nn.ModuleList([FluxSingleTransformerBlock(dim=128, num_attention_heads=2, attention_head_dim=64),
+                                 FluxTransformerBlock(dim=128, num_attention_heads=2, attention_head_dim=64)]).eval()
+    for module in stock.modules():  # norms with weights other than ones, as in trained models
+        if type(module).__name__ == "RMSNorm" and module.weight is not None:
+            module.weight.data.uniform_(0.5, 2.0)
+    fp8 = copy.deepcopy(stock)
+    assert use_fp8_attention(fp8) == 2
+    image, text, temb = torch.randn(1, 32, 128), torch.randn(1, 8, 128), torch.randn(1, 128)
+    positions = torch.randn(40, 64).cumsum(0)
+    rotary = (positions.cos(), positions.sin())
+    with torch.no_grad():
+        for stock_block, fp8_block in zip(stock, fp8):
+            for expected, got in zip(stock_block(image, text, temb, image_rotary_emb=rotary),
+                                     fp8_block(image, text, temb, image_rotary_emb=rotary)):
+                error = ((got - expected).norm() / expected.norm()).item()
+                assert 0 < error < 0.03
+
+
+def test_fp8_attention_scale_bound_holds_for_the_worst_head_vector():
+    """A head vector with all its weight on one entry reaches the bound sqrt(head_dim) *
+    max|norm weight| exactly; RoPE cannot push it higher. So it maps to e4m3's largest value,
+    unclipped, and smaller entries keep their relative precision."""
+    from diffusers.models.normalization import RMSNorm
+
+    from ryla.flux.fp8_attention import FP8_MAX, _norm_weight_bound, _quantize, _rope_float
+
+    dim = 64
+    norm = RMSNorm(dim, eps=1e-6)
+    norm.weight.data = torch.linspace(0.5, 1.5, dim)
+    x = torch.zeros(1, 3, 1, dim)
+    x[..., -1] = 5.0  # the entry with the largest weight
+    x[0, 1, 0, :] = torch.randn(dim)  # an ordinary vector beside it
+    angles = torch.rand(3, dim // 2).repeat_interleave(2, dim=-1) * 6.28
+    rotated = _rope_float(norm(x), (angles.cos(), angles.sin()))
+    scale = _norm_weight_bound(norm) * dim ** 0.5 / FP8_MAX
+    assert rotated.abs().max() <= scale * FP8_MAX * (1 + 1e-6)
+    quantized = _quantize(rotated, scale).float() * scale
+    assert torch.allclose(quantized, rotated, rtol=0.07, atol=1e-6)  # e4m3: 3 mantissa bits
+
+
+def test_gelu_quantize_kernel_runs_in_tritons_interpreter(tmp_path):
+    """ryla.flux.kernels' one-pass GELU + per-row fp8 scaling, run by Triton's CPU interpreter
+    (a fresh process: the interpreter is chosen when kernels are defined), against PyTorch.
+    The output is float32 here: the interpreter's own fp8 rounding differs from the GPU's."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    script = tmp_path / "kernel_check.py"
+    script.write_text("""
+import itertools, torch, torch.nn.functional as F
+from ryla.flux.kernels import FP8_MAX, TUNING_CONFIGS, launch_gelu_quantize_rows
+torch.manual_seed(0)
+wide = torch.randn(4, 3000, dtype=torch.bfloat16) * 4
+for x, gelu, config in itertools.product((wide[:, 100:2600], wide), (True, False), TUNING_CONFIGS):
+    if True:  # a column slice (row stride > width) and a whole tensor; one-pass and chunked
+        out, scale = torch.empty(x.shape), torch.empty(x.shape[0], 1)
+        launch_gelu_quantize_rows(x, out, scale, gelu, config)
+        y = F.gelu(x.float(), approximate="tanh") if gelu else x.float()
+        expected_scale = y.abs().amax(1, keepdim=True) / FP8_MAX
+        torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
+        torch.testing.assert_close(out, y / expected_scale, rtol=1e-5, atol=1e-4)
+        assert out.abs().max() <= FP8_MAX
+print("ok")
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                            env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -8,6 +8,8 @@ memory traffic around the MLP (the profile in bench/results/README.md says why).
 - On CUDA with bf16 weights, GELU (tanh) runs in the matrix product's epilogue
   (torch._addmm_activation, cuBLASLt), on the float32 accumulator, instead of a pass over the
   bf16 result: in the single blocks' proj_mlp and the double blocks' feed-forward.
+- With fp8 layers (`fast`), GELU runs inside the quantisation of the down projection's input
+  instead (Float8Linear.forward_columns(gelu=True)): one pass over the activation, not two.
 
 Weights are not copied or moved: the products read column ranges of the layers' own weights,
 so LoRA patching (which edits those weights in place) applies unchanged. Weights stored in
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ryla.flux.fp8 import Float8Linear
+from ryla.flux.fp8_attention import Fp8FluxAttnProcessor
 
 
 def _gelu_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -52,12 +55,26 @@ def single_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_state
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-    mlp_hidden_states = _gelu_linear(self.proj_mlp, norm_hidden_states)
-    attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
-                            **(joint_attention_kwargs or {}))
-    width = attn_output.shape[-1]
-    projected = (_linear_columns(self.proj_out, attn_output, slice(0, width), bias=True)
-                 + _linear_columns(self.proj_out, mlp_hidden_states, slice(width, None), bias=False))
+    fp8_out = isinstance(self.proj_out, Float8Linear)
+    # fp8: the GELU is applied while proj_out quantises its input
+    mlp_hidden_states = self.proj_mlp(norm_hidden_states) if fp8_out else _gelu_linear(self.proj_mlp, norm_hidden_states)
+    processor = getattr(self.attn, "processor", None)
+    if fp8_out and isinstance(processor, Fp8FluxAttnProcessor) and not joint_attention_kwargs:
+        # fp8 attention's output goes into proj_out as it is: no dequantise-requantise pass
+        attn_fp8, attn_scale = processor.attend(self.attn, norm_hidden_states, None, image_rotary_emb)
+        width = attn_fp8.shape[-1]
+        attn_projected = self.proj_out.forward_fp8(attn_fp8.reshape(-1, width), attn_scale, hidden_states.dtype,
+                                                   slice(0, width)).reshape(*attn_fp8.shape[:-1], -1)
+    else:
+        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                                **(joint_attention_kwargs or {}))
+        width = attn_output.shape[-1]
+        attn_projected = _linear_columns(self.proj_out, attn_output, slice(0, width), bias=True)
+    if fp8_out:
+        mlp_projected = self.proj_out.forward_columns(mlp_hidden_states, slice(width, None), bias=False, gelu=True)
+    else:
+        mlp_projected = _linear_columns(self.proj_out, mlp_hidden_states, slice(width, None), bias=False)
+    projected = attn_projected + mlp_projected
     hidden_states = residual + gate.unsqueeze(1) * projected
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
@@ -69,19 +86,38 @@ def gelu_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return _gelu_linear(self.proj, hidden_states)
 
 
+def feed_forward_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """diffusers' FeedForward with a tanh-GELU activation ([GELU, Dropout, Linear, ...]): with
+    an fp8 down projection, the GELU is applied while that layer quantises its input."""
+    activation, down = self.net[0], self.net[2]
+    if isinstance(down, Float8Linear):
+        return down.forward_columns(activation.proj(hidden_states), slice(None), gelu=True)
+    for module in self.net:
+        hidden_states = module(hidden_states)
+    return hidden_states
+
+
 def use_lean_forwards(model: nn.Module) -> int:
-    """Give every FLUX single block, and every tanh-GELU feed-forward, the forwards above.
-    Returns how many modules changed. The blocks keep their classes (regional compilation
-    and LoRA targeting find them by class and name)."""
+    """Give every FLUX single block, every tanh-GELU activation and the feed-forwards that hold
+    one the forwards above. Returns how many modules changed. The blocks keep their classes
+    (regional compilation and LoRA targeting find them by class and name)."""
     from diffusers.models.activations import GELU
+    from diffusers.models.attention import FeedForward
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+    def tanh_gelu(module) -> bool:
+        return isinstance(module, GELU) and module.approximate == "tanh"
 
     changed = 0
     for module in model.modules():
         if isinstance(module, FluxSingleTransformerBlock):
             module.forward = types.MethodType(single_block_forward, module)
-            changed += 1
-        elif isinstance(module, GELU) and module.approximate == "tanh":
+        elif tanh_gelu(module):
             module.forward = types.MethodType(gelu_forward, module)
-            changed += 1
+        elif (isinstance(module, FeedForward) and len(module.net) >= 3 and tanh_gelu(module.net[0])
+              and all(isinstance(m, nn.Dropout) for m in list(module.net)[1:2] + list(module.net)[3:])):
+            module.forward = types.MethodType(feed_forward_forward, module)
+        else:
+            continue
+        changed += 1
     return changed

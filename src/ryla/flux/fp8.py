@@ -13,6 +13,7 @@ LoRA can patch in place (dequantise the touched rows, add, quantise again).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FP8 = torch.float8_e4m3fn
@@ -23,6 +24,35 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] -> (fp8 [N, K], float32 scale [N]) with weight ~= fp8 * scale per row."""
     scale = weight.float().abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
     return (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+_row_kernel = False  # set by quantize_linear_layers, outside compiled code
+
+
+def _load_row_quantization_kernel() -> bool:
+    """Triton's fused GELU + row quantisation kernel (ryla.flux.kernels) where Triton is
+    installed (PyTorch's CUDA builds bring it)."""
+    global _row_kernel
+    try:
+        import ryla.flux.kernels  # noqa: F401  (registers torch.ops.ryla.gelu_quantize_rows)
+    except ImportError:
+        return False
+    _row_kernel = True
+    return True
+
+
+def quantize_activation_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (fp8 [M, K], float32 scale [M, 1]) with (gelu_tanh(x) if gelu else x) ~= fp8 * scale.
+
+    With GELU, on a GPU with Triton, one kernel reads each row once (ryla.flux.kernels). Without
+    GELU the input is usually the output of a norm that Inductor fuses with this quantisation
+    already, so it stays in PyTorch ops."""
+    if gelu and _row_kernel and x.is_cuda and x.stride(-1) == 1:
+        return torch.ops.ryla.gelu_quantize_rows(x, True)
+    if gelu:
+        x = F.gelu(x, approximate="tanh")
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 class Float8Linear(nn.Module):
@@ -37,23 +67,36 @@ class Float8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_columns(x, slice(None), bias=True)
 
-    def forward_columns(self, x: torch.Tensor, columns: slice, bias: bool = True) -> torch.Tensor:
+    def forward_columns(self, x: torch.Tensor, columns: slice, bias: bool = True, gelu: bool = False) -> torch.Tensor:
         """x @ W[:, columns].T (+ bias): the layer's product over one range of its inputs
-        (ryla.flux.blocks splits a single block's proj_out this way)."""
+        (ryla.flux.blocks splits a single block's proj_out this way). With `gelu`, the input
+        is gelu_tanh(x), applied while quantising it."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        bias_or_none = self.bias if bias else None
         if x2.is_cuda:
-            x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-            x_fp8 = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            x_fp8, x_scale = quantize_activation_rows(x2, gelu)
+            out = self.forward_fp8(x_fp8, x_scale, x.dtype, columns, bias)
+        else:  # CPUs have no fp8 matmul: same numbers for the weights, computed in x's dtype
+            x2 = F.gelu(x2, approximate="tanh") if gelu else x2
+            out = F.linear(x2, self.dequantized()[:, columns].to(x.dtype), self.bias if bias else None)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def forward_fp8(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype,
+                    columns: slice = slice(None), bias: bool = True) -> torch.Tensor:
+        """The product for an input already in fp8: x_fp8 [M, K] (rows contiguous) times
+        x_scale, one per row ([M, 1]) or one in all (a one-element tensor: fp8 attention's
+        output, which needs no second quantisation pass). Returns [M, out_features]."""
+        bias_or_none = self.bias if bias else None
+        if x_scale.numel() == 1:
+            x_scale = x_scale.reshape(1, 1).expand(x_fp8.shape[0], 1).contiguous()
+        if x_fp8.is_cuda:
             # Fast accumulation: Hopper's fp8 tensor-core accumulate mode, as torchao uses for
             # inference; the result is still bf16.
-            out = torch._scaled_mm(x_fp8, self.weight_fp8[:, columns].t(), scale_a=x_scale,
-                                   scale_b=self.weight_scale[None, :], bias=bias_or_none, out_dtype=x.dtype,
-                                   use_fast_accum=True)
-        else:  # CPUs have no fp8 matmul: same numbers for the weights, computed in x's dtype
-            out = nn.functional.linear(x2, self.dequantized()[:, columns].to(x.dtype), bias_or_none)
-        return out.reshape(*shape[:-1], self.out_features)
+            return torch._scaled_mm(x_fp8, self.weight_fp8[:, columns].t(), scale_a=x_scale,
+                                    scale_b=self.weight_scale[None, :], bias=bias_or_none, out_dtype=out_dtype,
+                                    use_fast_accum=True)
+        x = (x_fp8.float() * x_scale).to(out_dtype)
+        return F.linear(x, self.dequantized()[:, columns].to(out_dtype), bias_or_none)
 
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
         return self.weight_fp8[rows].float() * self.weight_scale[rows, None]
@@ -72,6 +115,7 @@ class Float8Linear(nn.Module):
 
 def quantize_linear_layers(module: nn.Module, include) -> int:
     """Replace every nn.Linear whose qualified name passes `include` by a Float8Linear."""
+    _load_row_quantization_kernel()
     targets = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear) and include(name)]
     for name, linear in targets:
         parent_name, _, leaf = name.rpartition(".")

@@ -7,7 +7,8 @@
            compilation: one compile per block type instead of the whole 57-block graph,
            which keeps cold start short)
     fast   exact + fp8 linear layers in the transformer blocks (per-row weight scales,
-           dynamically scaled activations; ryla.flux.fp8), for Hopper-class GPUs
+           dynamically scaled activations; ryla.flux.fp8) and fp8 attention (cuDNN's fp8
+           flash attention; ryla.flux.fp8_attention), for Hopper-class GPUs
     turbo  fast + first-block caching (diffusers FirstBlockCacheConfig): steps whose first
            block changes little reuse the rest of the network's last residual
 
@@ -79,6 +80,20 @@ def quantize_fp8(transformer) -> int:
     return quantize_linear_layers(transformer, lambda name: "transformer_blocks." in name)
 
 
+def fp8_attention_kind() -> str:
+    from ryla.flux.fp8_attention import cudnn_fp8_attention_available
+
+    return "cudnn_fp8" if cudnn_fp8_attention_available() else "fp8 (PyTorch SDPA on dequantised fp8)"
+
+
+def use_fp8(transformer) -> dict:
+    """The fp8 part of `fast`: fp8 linear layers and fp8 attention."""
+    from ryla.flux.fp8_attention import use_fp8_attention
+
+    use_fp8_attention(transformer)
+    return {"fp8_linear_layers": quantize_fp8(transformer), "attention": fp8_attention_kind()}
+
+
 # The FLUX block classes, shared by the transformer and InfuseNet (a FluxControlNetModel):
 # compiled once per class and shape, so InfuseNet's blocks reuse the transformer's kernels.
 REPEATED_BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
@@ -116,7 +131,7 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
     info["fused_qkv"] = True
     info["attention"] = _attention_backend(transformer)
     if mode in ("fast", "turbo"):
-        info["fp8_linear_layers"] = quantize_fp8(transformer)
+        info.update(use_fp8(transformer))
     from ryla.flux.blocks import use_lean_forwards
 
     info["lean_forwards"] = use_lean_forwards(transformer)
