@@ -19,6 +19,7 @@ relative L2 difference of the final latents against stock; writes JSON and a mar
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -56,16 +57,41 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
+class GcPauses:
+    """Seconds spent in Python's cyclic garbage collector while active (a full collection
+    walks every object, the compiled model's included, while the GPU may run dry)."""
+
+    def __init__(self):
+        self.total, self._start = 0.0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.total += time.perf_counter() - self._start
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+
 def measure(fn, warmups=1, runs=TIMED_RUNS):
     warm = [sync_time(fn)[0] for _ in range(warmups)]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    times, out = [], None
+    times, cpu, pauses, out = [], [], [], None
     for _ in range(runs):
-        t, out = sync_time(fn)
+        cpu_start = time.process_time()
+        with GcPauses() as gc_pauses:
+            t, out = sync_time(fn)
         times.append(t)
+        cpu.append(time.process_time() - cpu_start)
+        pauses.append(gc_pauses.total)
     return {"median_s": statistics.median(times), "runs_s": times, "warmup_s": warm,
-            "peak_gib": peak_gib()}, out
+            "cpu_s": cpu, "gc_pause_s": pauses, "peak_gib": peak_gib()}, out
 
 
 KERNEL_KINDS = (("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
@@ -150,7 +176,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--modes", default="eager,exact,lora,fast,turbo",
-                        help="comma list of eager, exact, exact-tuned, exact-autotune, exact-cudagraphs, lora, fast, turbo")
+                        help="comma list of eager, exact, exact-tuned, exact-autotune, exact-cudagraphs, lora, "
+                             "fast-linear, fast, turbo")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny architecture")
     parser.add_argument("--profile", action="store_true", help="also profile one image per mode (kernel time by kind)")
     args = parser.parse_args()
@@ -242,7 +269,8 @@ def main() -> None:
     model = FluxModel("flux1-dev", transformer)
     if "eager" in modes:
         run_mode("ryla-eager", model)
-    for mode in ("exact", "exact-tuned", "exact-autotune", "exact-cudagraphs", "lora", "fast", "turbo"):
+    for mode in ("exact", "exact-tuned", "exact-autotune", "exact-cudagraphs", "lora", "fast-linear", "fast",
+                 "turbo"):
         if mode not in modes:
             continue
         try:
@@ -268,13 +296,29 @@ def main() -> None:
                 torch._dynamo.reset()
                 transformer.compile_repeated_blocks(fullgraph=True, mode="reduce-overhead")
                 engine.speed_info = {**engine.speed_info, "compiled": "repeated blocks (reduce-overhead)"}
-            elif mode == "fast":
-                torch._dynamo.reset()
-                transformer.compile_repeated_blocks(fullgraph=True, mode=compile_mode)
+            elif mode == "fast-linear":  # fp8 linear layers only, attention still bf16 (to attribute fast's gain)
                 from ryla.flux.speed import quantize_fp8
 
-                engine.speed_info = {**engine.speed_info, "speed": "fast", "compiled": "repeated blocks (default)",
+                torch._dynamo.reset()
+                transformer.compile_repeated_blocks(fullgraph=True, mode=compile_mode)
+                engine.speed_info = {**engine.speed_info, "speed": "fast (bf16 attention)",
+                                     "compiled": "repeated blocks (default)",
                                      "fp8_linear_layers": quantize_fp8(transformer)}
+            elif mode == "fast" and engine.speed_info.get("speed", "eager") == "eager":
+                # nothing applied yet in this process: exactly what `ryla serve --speed fast` does
+                engine.speed_info = optimize_transformer(transformer, "fast")
+            elif mode == "fast":  # on top of exact's changes, as the earlier modes left the transformer
+                from ryla.flux.fp8_attention import use_fp8_attention
+                from ryla.flux.speed import fp8_attention_kind, use_fp8
+
+                torch._dynamo.reset()
+                transformer.compile_repeated_blocks(fullgraph=True, mode=compile_mode)
+                if "fast-linear" in modes:  # layers already fp8
+                    use_fp8_attention(transformer)
+                    engine.speed_info = {**engine.speed_info, "speed": "fast", "attention": fp8_attention_kind()}
+                else:
+                    engine.speed_info = {**engine.speed_info, "speed": "fast", "compiled": "repeated blocks (default)",
+                                         **use_fp8(transformer)}
             else:
                 from diffusers.hooks import FirstBlockCacheConfig
 
@@ -292,6 +336,14 @@ def main() -> None:
                 import torch._inductor.config as inductor_config
 
                 inductor_config.coordinate_descent_tuning = False
+            if mode == "fast":  # the same after gc.freeze(), as the server does once warmed up
+                gc.freeze()
+                stats, (out, _) = measure(lambda: ryla_image(model))
+                results["modes"]["ryla-fast-gc-frozen"] = {
+                    **stats, "ratio_vs_stock": stats["median_s"] / baseline,
+                    "rel_l2_vs_stock": rel_l2(packed_model_space(out).to(device), stock_latents)}
+                print("ryla-fast-gc-frozen", json.dumps(stats), flush=True)
+                gc.unfreeze()
             if mode == "turbo":
                 results["modes"]["ryla-turbo"]["full_steps_per_image"] = count_full_steps(
                     transformer, lambda: ryla_image(model))
