@@ -307,10 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-request time limit in seconds; then 504 [default: 300, env RYLA_REQUEST_TIMEOUT]")
     serve.add_argument("--speed", choices=("auto", "eager", "exact", "fast", "turbo"),
                        default=os.environ.get("RYLA_SPEED", "auto"),
-                       help="transformer speed mode: exact (lossless compile), fast (+fp8), turbo (+first-block "
-                            "cache); auto = exact on a GPU, eager on a CPU. Compiled modes compile for 1024x1024 "
-                            "before the server answers /health (kernels cached on disk: seconds after the first "
-                            "start) [default: auto, env RYLA_SPEED]")
+                       help="transformer speed mode: exact (lossless compile), fast (+fp8 layers and attention, "
+                            "for Hopper GPUs), turbo (+first-block cache); auto = exact on a GPU, eager on a CPU. "
+                            "Compiled modes compile for 1024x1024 before the server answers /health (kernels "
+                            "cached on disk: seconds after the first start) [default: auto, env RYLA_SPEED]")
     serve.add_argument("--max-body-mb", type=float, default=None, help="largest request body [default: 32]")
 
     run = command("run-workflow", "Run a ComfyUI API-format workflow JSON file.", cmd_run_workflow)
