@@ -258,3 +258,37 @@ print("ok")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
                             env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_serve_fast_over_http_reports_fp8_and_stays_close_to_eager(server, server_env, tmp_path):
+    """`ryla serve --speed fast` end to end: /health says what the mode did (fp8 layers, fp8
+    attention and which kernel runs it), and /flux-dev's image is close to the default (eager)
+    server's for the same request, but not the same bytes."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from conftest import Server
+
+    request = {"prompt": "a red fox in the snow", "width": 128, "height": 128, "steps": 3, "seed": 11,
+               "output_format": "png"}
+    fast = Server(server_env, "--speed", "fast", log_path=tmp_path / "fast.log")
+    try:
+        speed = httpx.get(fast.url + "/health", timeout=10).json()["speed"]
+        fast_image = httpx.post(fast.url + "/flux-dev", json=request, timeout=120)
+    finally:
+        fast.stop()
+    assert speed["speed"] == "fast" and speed["fused_qkv"] and speed["fp8_linear_layers"] > 0
+    assert speed["attention"] == "fp8 (PyTorch SDPA on dequantised fp8)"  # no Hopper GPU here
+    eager_image = httpx.post(server.url + "/flux-dev", json=request, timeout=120)
+    assert fast_image.status_code == eager_image.status_code == 200
+    assert fast_image.content != eager_image.content
+    fast_pixels, eager_pixels = (np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.float32)
+                                 for r in (fast_image, eager_image))
+    other_seed = httpx.post(server.url + "/flux-dev", json={**request, "seed": 12}, timeout=120)
+    other_pixels = np.asarray(Image.open(io.BytesIO(other_seed.content)), dtype=np.float32)
+    difference = np.abs(fast_pixels - eager_pixels).mean()
+    # of 255 (0.09 measured): fp8 rounding, not another image (another seed: ~57)
+    assert difference < 1 < np.abs(other_pixels - eager_pixels).mean()
