@@ -6,7 +6,9 @@ process and on the same prompt embeddings and seeded noise, at 1024x1024 and 28 
 
   * stock diffusers FluxPipeline, bf16, eager (the baseline), and once more with another
     SDPA kernel to see how much two correct runs differ;
-  * ryla's engine in eager, exact, fast and turbo modes;
+  * ryla's engine in eager, exact, fast and turbo modes, each built from its own copy of the
+    weights as `ryla serve --speed MODE` builds it (exact's variants and the LoRA benchmark
+    reuse exact's);
   * per-request cost of switching among 3 rank-64 LoRAs on the compiled transformer, with
     recompilation turned into an error.
 
@@ -19,6 +21,7 @@ relative L2 difference of the final latents against stock; writes JSON and a mar
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import statistics
@@ -266,87 +269,73 @@ def main() -> None:
 
     modes = args.modes.split(",")
     compile_mode = AUTOTUNE if "exact-autotune" in modes else None
-    model = FluxModel("flux1-dev", transformer)
-    if "eager" in modes:
-        run_mode("ryla-eager", model)
-    for mode in ("exact", "exact-tuned", "exact-autotune", "exact-cudagraphs", "lora", "fast-linear", "fast",
+    # Each served mode starts from its own copy of the stock weights, as `ryla serve --speed MODE`
+    # would (a fast transformer built on top of exact's compiled one idled the GPU more: run 7).
+    # The stock copy waits on the CPU so that only the mode's own copy counts in its peak memory.
+    del pipe
+    pristine = transformer.to("cpu")
+    current: dict = {}
+
+    def fresh_model(speed: str) -> FluxModel:
+        nonlocal engine
+        current.clear()  # the previous mode's transformer, compiled code and all
+        engine = FluxEngine(store, device=device, dtype=dtype)  # and its LoRA state
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        model = FluxModel("flux1-dev", copy.deepcopy(pristine).to(device))
+        engine.speed_info = optimize_transformer(model.transformer, speed) if speed != "eager" else {"speed": speed}
+        current["model"] = model
+        return model
+
+    for mode in ("eager", "exact", "exact-tuned", "exact-autotune", "exact-cudagraphs", "lora", "fast-linear", "fast",
                  "turbo"):
         if mode not in modes:
             continue
         try:
-            if mode == "lora":
-                results["lora"] = lora_bench(engine, store, model, ryla_image, device)
-                print("lora", json.dumps(results["lora"]), flush=True)
-                continue
             start = time.perf_counter()
-            if mode == "exact":
-                engine.speed_info = optimize_transformer(transformer, "exact")
-            elif mode == "exact-tuned":  # same graph, Triton kernels' launch configs tuned by search
-                import torch._inductor.config as inductor_config
-
-                torch._dynamo.reset()
-                inductor_config.coordinate_descent_tuning = True
-                transformer.compile_repeated_blocks(fullgraph=True)
-                engine.speed_info = {**engine.speed_info, "compiled": "repeated blocks (coordinate descent tuning)"}
-            elif mode == "exact-autotune":  # same graph, GEMM kernels chosen by benchmarking
-                torch._dynamo.reset()
-                transformer.compile_repeated_blocks(fullgraph=True, mode=AUTOTUNE)
-                engine.speed_info = {**engine.speed_info, "compiled": f"repeated blocks ({AUTOTUNE})"}
-            elif mode == "exact-cudagraphs":  # same kernels, replayed as CUDA graphs (less launch overhead)
-                torch._dynamo.reset()
-                transformer.compile_repeated_blocks(fullgraph=True, mode="reduce-overhead")
-                engine.speed_info = {**engine.speed_info, "compiled": "repeated blocks (reduce-overhead)"}
-            elif mode == "fast-linear":  # fp8 linear layers only, attention still bf16 (to attribute fast's gain)
+            if mode in ("eager", "exact", "fast-linear", "fast", "turbo"):
+                model = None  # so that fresh_model can free the last mode's copy first
+            if mode in ("eager", "exact", "fast", "turbo"):
+                model = fresh_model(mode)
+            elif mode == "fast-linear":  # exact + fp8 linear layers, attention still bf16 (attributes fast's gain)
                 from ryla.flux.speed import quantize_fp8
 
-                torch._dynamo.reset()
-                transformer.compile_repeated_blocks(fullgraph=True, mode=compile_mode)
+                model = fresh_model("exact")
                 engine.speed_info = {**engine.speed_info, "speed": "fast (bf16 attention)",
-                                     "compiled": "repeated blocks (default)",
-                                     "fp8_linear_layers": quantize_fp8(transformer)}
-            elif mode == "fast" and engine.speed_info.get("speed", "eager") == "eager":
-                # nothing applied yet in this process: exactly what `ryla serve --speed fast` does
-                engine.speed_info = optimize_transformer(transformer, "fast")
-            elif mode == "fast":  # on top of exact's changes, as the earlier modes left the transformer
-                from ryla.flux.fp8_attention import use_fp8_attention
-                from ryla.flux.speed import fp8_attention_kind, use_fp8
-
+                                     "fp8_linear_layers": quantize_fp8(model.transformer)}
+            else:  # variants measured on exact's transformer, which must come first
+                model = current.get("model")
+                if model is None or engine.speed_info.get("speed") != "exact":
+                    raise RuntimeError(f"{mode} needs exact just before it in --modes")
+                if mode == "lora":
+                    results["lora"] = lora_bench(engine, store, model, ryla_image, device)
+                    print("lora", json.dumps(results["lora"]), flush=True)
+                    continue
                 torch._dynamo.reset()
-                transformer.compile_repeated_blocks(fullgraph=True, mode=compile_mode)
-                if "fast-linear" in modes:  # layers already fp8
-                    use_fp8_attention(transformer)
-                    engine.speed_info = {**engine.speed_info, "speed": "fast", "attention": fp8_attention_kind()}
-                else:
-                    engine.speed_info = {**engine.speed_info, "speed": "fast", "compiled": "repeated blocks (default)",
-                                         **use_fp8(transformer)}
-            else:
-                from diffusers.hooks import FirstBlockCacheConfig
+                if mode == "exact-tuned":  # same graph, Triton kernels' launch configs tuned by search
+                    import torch._inductor.config as inductor_config
 
-                from ryla.flux.speed import FIRST_BLOCK_CACHE_THRESHOLD
-
-                torch._dynamo.reset()
-                transformer.enable_cache(FirstBlockCacheConfig(threshold=FIRST_BLOCK_CACHE_THRESHOLD))
-                # The cache decides outside the graph, so graph breaks are allowed here.
-                transformer.compile_repeated_blocks(fullgraph=False, mode=compile_mode)
-                engine.speed_info = {**engine.speed_info, "speed": "turbo", "compiled": "repeated blocks (default)",
-                                     "first_block_cache": FIRST_BLOCK_CACHE_THRESHOLD}
+                    inductor_config.coordinate_descent_tuning = True
+                    model.transformer.compile_repeated_blocks(fullgraph=True)
+                    compiled = "repeated blocks (coordinate descent tuning)"
+                elif mode == "exact-autotune":  # same graph, GEMM kernels chosen by benchmarking
+                    model.transformer.compile_repeated_blocks(fullgraph=True, mode=AUTOTUNE)
+                    compiled = f"repeated blocks ({AUTOTUNE})"
+                else:  # exact-cudagraphs: same kernels, replayed as CUDA graphs (less launch overhead)
+                    model.transformer.compile_repeated_blocks(fullgraph=True, mode="reduce-overhead")
+                    compiled = "repeated blocks (reduce-overhead)"
+                engine.speed_info = {**engine.speed_info, "compiled": compiled}
             results.setdefault("setup_s", {})[mode] = time.perf_counter() - start
             run_mode(f"ryla-{mode}", model)
             if mode == "exact-tuned":  # later modes compile as the engine does
                 import torch._inductor.config as inductor_config
 
                 inductor_config.coordinate_descent_tuning = False
-            if mode == "fast":  # the same after gc.freeze(), as the server does once warmed up
-                gc.freeze()
-                stats, (out, _) = measure(lambda: ryla_image(model))
-                results["modes"]["ryla-fast-gc-frozen"] = {
-                    **stats, "ratio_vs_stock": stats["median_s"] / baseline,
-                    "rel_l2_vs_stock": rel_l2(packed_model_space(out).to(device), stock_latents)}
-                print("ryla-fast-gc-frozen", json.dumps(stats), flush=True)
-                gc.unfreeze()
             if mode == "turbo":
                 results["modes"]["ryla-turbo"]["full_steps_per_image"] = count_full_steps(
-                    transformer, lambda: ryla_image(model))
+                    model.transformer, lambda: ryla_image(model))
         except Exception as exc:
             results["modes"][f"ryla-{mode}"] = {"error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
