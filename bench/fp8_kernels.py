@@ -39,7 +39,8 @@ def rel_l2(a, b) -> float:
 def attention(results: dict) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from ryla.flux.fp8_attention import FP8_MAX, _quantize, cudnn_fp8_attention_available
+    from ryla.flux.fp8 import FP8_MAX, to_fp8
+    from ryla.flux.fp8_attention import cudnn_fp8_attention_available
 
     torch.manual_seed(0)
     shape = (1, TOKENS, HEADS, HEAD_DIM)
@@ -61,7 +62,7 @@ def attention(results: dict) -> None:
     bound = math.sqrt(HEAD_DIM) * norm_weight.abs().max() / FP8_MAX
     scale_q = scale_k = bound.reshape(1, 1, 1, 1).float()
     scale_v = (v.abs().amax().float() / FP8_MAX).reshape(1, 1, 1, 1)
-    q8, k8, v8 = _quantize(q, scale_q), _quantize(k, scale_k), _quantize(v, scale_v)
+    q8, k8, v8 = to_fp8(q, scale_q), to_fp8(k, scale_k), to_fp8(v, scale_v)
     row = {"bf16_cudnn_ms": bf16_ms, "bf16_cudnn_tflops": flops / bf16_ms / 1e9,
            "bf16_rel_l2_vs_fp32": rel_l2(bf16, reference), "cudnn_fp8_available": cudnn_fp8_attention_available()}
     scale_o = 1 / scale_v
@@ -76,8 +77,8 @@ def attention(results: dict) -> None:
     fp8 = fp8.float() * scale_v.reshape(())
     row.update(fp8_ms=fp8_ms, fp8_tflops=flops / fp8_ms / 1e9, fp8_rel_l2_vs_fp32=rel_l2(fp8, reference),
                fp8_speedup=bf16_ms / fp8_ms)
-    quantize = torch.compile(lambda q, k, v: (_quantize(q, scale_q), _quantize(k, scale_k),
-                                              _quantize(v, (v.abs().amax().float() / FP8_MAX).reshape(1, 1, 1, 1))))
+    quantize = torch.compile(lambda q, k, v: (to_fp8(q, scale_q), to_fp8(k, scale_k),
+                                              to_fp8(v, (v.abs().amax().float() / FP8_MAX).reshape(1, 1, 1, 1))))
     quantize(q, k, v)
     row["quantize_qkv_ms"] = bench_ms(lambda: quantize(q, k, v))
     results["attention"] = row
@@ -85,13 +86,12 @@ def attention(results: dict) -> None:
 
 
 def gelu_quantize(results: dict) -> None:
+    from ryla.flux.fp8 import FP8_MAX, quantize_rows
     from ryla.flux.kernels import TUNING_CONFIGS, _gelu_quantize_rows_kernel
-    from ryla.flux.fp8 import FP8, FP8_MAX
 
-    def inductor_version(x):
-        y = F.gelu(x, approximate="tanh")
-        scale = y.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-        return (y.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    def inductor_version(x):  # what the model ran before the kernel: PyTorch ops, compiled
+        x_fp8, scale = quantize_rows(F.gelu(x, approximate="tanh"))
+        return x_fp8, scale[:, None]
 
     compiled = torch.compile(inductor_version)
     results["gelu_quantize"] = {}

@@ -214,7 +214,8 @@ def test_fp8_attention_scale_bound_holds_for_the_worst_head_vector():
     unclipped, and smaller entries keep their relative precision."""
     from diffusers.models.normalization import RMSNorm
 
-    from ryla.flux.fp8_attention import FP8_MAX, _norm_weight_bound, _quantize, _rope_float
+    from ryla.flux.fp8 import FP8_MAX, to_fp8
+    from ryla.flux.fp8_attention import _norm_weight_bound, _rope_float
 
     dim = 64
     norm = RMSNorm(dim, eps=1e-6)
@@ -226,7 +227,7 @@ def test_fp8_attention_scale_bound_holds_for_the_worst_head_vector():
     rotated = _rope_float(norm(x), (angles.cos(), angles.sin()))
     scale = _norm_weight_bound(norm) * dim ** 0.5 / FP8_MAX
     assert rotated.abs().max() <= scale * FP8_MAX * (1 + 1e-6)
-    quantized = _quantize(rotated, scale).float() * scale
+    quantized = to_fp8(rotated, scale).float() * scale
     assert torch.allclose(quantized, rotated, rtol=0.07, atol=1e-6)  # e4m3: 3 mantissa bits
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ryla.flux.fp8 import Float8Linear
-from ryla.flux.fp8_attention import Fp8FluxAttnProcessor
+from ryla.flux.fp8_attention import Fp8FluxAttnProcessor, project
 
 
 def _gelu_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -63,8 +63,7 @@ def single_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_state
         # fp8 attention's output goes into proj_out as it is: no dequantise-requantise pass
         attn_fp8, attn_scale = processor.attend(self.attn, norm_hidden_states, None, image_rotary_emb)
         width = attn_fp8.shape[-1]
-        attn_projected = self.proj_out.forward_fp8(attn_fp8.reshape(-1, width), attn_scale, hidden_states.dtype,
-                                                   slice(0, width)).reshape(*attn_fp8.shape[:-1], -1)
+        attn_projected = project(self.proj_out, attn_fp8, attn_scale, hidden_states.dtype, slice(0, width))
     else:
         attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
                                 **(joint_attention_kwargs or {}))

@@ -20,25 +20,29 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
 
+def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale in e4m3, saturating at its largest value (scale broadcasts against x)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] -> (fp8 [N, K], float32 scale [N]) with weight ~= fp8 * scale per row."""
     scale = weight.float().abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
-    return (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return to_fp8(weight, scale[:, None]), scale
 
 
 _row_kernel = False  # set by quantize_linear_layers, outside compiled code
 
 
-def _load_row_quantization_kernel() -> bool:
+def _load_row_quantization_kernel() -> None:
     """Triton's fused GELU + row quantisation kernel (ryla.flux.kernels) where Triton is
     installed (PyTorch's CUDA builds bring it)."""
     global _row_kernel
     try:
         import ryla.flux.kernels  # noqa: F401  (registers torch.ops.ryla.gelu_quantize_rows)
     except ImportError:
-        return False
+        return
     _row_kernel = True
-    return True
 
 
 def quantize_activation_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,10 +53,8 @@ def quantize_activation_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch
     already, so it stays in PyTorch ops."""
     if gelu and _row_kernel and x.is_cuda and x.stride(-1) == 1:
         return torch.ops.ryla.gelu_quantize_rows(x, True)
-    if gelu:
-        x = F.gelu(x, approximate="tanh")
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    x_fp8, scale = quantize_rows(F.gelu(x, approximate="tanh") if gelu else x)
+    return x_fp8, scale[:, None]
 
 
 class Float8Linear(nn.Module):

@@ -33,10 +33,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from ryla.flux.fp8 import FP8, FP8_MAX, Float8Linear, to_fp8
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -154,8 +153,8 @@ _GRAPHS = _CudnnGraphs()
 def _reference_attention(q, k, v, descale_q, descale_k, descale_v, attn_scale: float) -> torch.Tensor:
     """The same fp8 inputs through PyTorch's attention (dequantised): CPUs, other GPUs, and
     shapes cuDNN declines."""
-    def dequantised(x, descale):
-        return (x.float() * descale.reshape(())).to(torch.bfloat16).transpose(1, 2)
+    def dequantised(x, descale):  # [batch, heads, seq, dim], as SDPA takes them
+        return dequantize(x, descale, torch.bfloat16).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(dequantised(q, descale_q), dequantised(k, descale_k),
                                          dequantised(v, descale_v), scale=attn_scale)
@@ -175,7 +174,7 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: 
         if _GRAPHS.run(q, k, v, out, descale_q, descale_k, descale_v, scale_o, attn_scale):
             return out
     reference = _reference_attention(q, k, v, descale_q, descale_k, descale_v, attn_scale)
-    out.copy_(_quantize(reference, torch.reciprocal(scale_o)))
+    out.copy_(to_fp8(reference, torch.reciprocal(scale_o)))
     return out
 
 
@@ -199,10 +198,6 @@ def _rope_float(x: torch.Tensor, rotary_emb) -> torch.Tensor:
     real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)
     return x.float() * cos + rotated * sin
-
-
-def _quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 class Fp8FluxAttnProcessor:
@@ -253,7 +248,7 @@ class Fp8FluxAttnProcessor:
         scale_k = (_norm_weight_bound(*k_norms).to(key.device) * head_bound).reshape(1, 1, 1, 1)
         scale_v = (value.abs().amax().float().clamp(min=1e-12) / FP8_MAX).reshape(1, 1, 1, 1)
         out = torch.ops.ryla.attention_fp8(
-            _quantize(query, scale_q), _quantize(key, scale_k), _quantize(value, scale_v),
+            to_fp8(query, scale_q), to_fp8(key, scale_k), to_fp8(value, scale_v),
             scale_q, scale_k, scale_v, torch.reciprocal(scale_v), 1.0 / math.sqrt(attn.head_dim))
         return out.flatten(2, 3), scale_v
 
@@ -262,14 +257,16 @@ def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return (x_fp8.float() * scale.reshape(())).to(dtype)
 
 
-def project(linear: torch.nn.Module, x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def project(linear: torch.nn.Module, x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+            columns: slice = slice(None), bias: bool = True) -> torch.Tensor:
     """linear(x) for fp8 attention output x [batch, seq, width]: an fp8 layer takes it as it
-    is (one scale for all rows), others get it dequantised."""
-    from ryla.flux.fp8 import Float8Linear
-
+    is (one scale for all rows), others get it dequantised. `columns` (fp8 layers only): the
+    product over that range of the layer's inputs, as Float8Linear.forward_columns."""
     if isinstance(linear, Float8Linear):
         rows = x_fp8.reshape(-1, x_fp8.shape[-1])
-        return linear.forward_fp8(rows, scale, dtype).reshape(*x_fp8.shape[:-1], -1)
+        return linear.forward_fp8(rows, scale, dtype, columns, bias).reshape(*x_fp8.shape[:-1], -1)
+    if columns != slice(None) or not bias:
+        raise ValueError("a column range or no bias needs an fp8 layer")
     return linear(dequantize(x_fp8, scale, dtype))
 
 

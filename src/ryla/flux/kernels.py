@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
+from ryla.flux.fp8 import FP8, FP8_MAX
+
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # a jit kernel reads globals only as constexprs
 
 
