@@ -46,6 +46,10 @@ def test_exact_fuses_qkv_and_keeps_the_image(runtimes):
     names = [name for name, _ in transformer(runtimes["exact"]).named_modules()]
     assert any(name.endswith("attn.to_qkv") for name in names)
     assert not any(name.endswith(("attn.to_q", "attn.add_q_proj")) for name in names)  # no unfused copies kept
+    from ryla.flux.attention import FusedInputsFluxAttnProcessor
+
+    processors = {type(m.processor) for m in transformer(runtimes["exact"]).modules() if hasattr(m, "processor")}
+    assert processors == {FusedInputsFluxAttnProcessor}
     # float32 on the CPU: one fused matmul instead of three changes rounding only.
     assert np.abs(exact - pixels(runtimes["eager"])).max() <= 1
 
@@ -215,7 +219,8 @@ def test_fp8_attention_scale_bound_holds_for_the_worst_head_vector():
     from diffusers.models.normalization import RMSNorm
 
     from ryla.flux.fp8 import FP8_MAX, to_fp8
-    from ryla.flux.fp8_attention import _norm_weight_bound, _rope_float
+    from ryla.flux.attention import rope_float
+    from ryla.flux.fp8_attention import _norm_weight_bound
 
     dim = 64
     norm = RMSNorm(dim, eps=1e-6)
@@ -224,11 +229,99 @@ def test_fp8_attention_scale_bound_holds_for_the_worst_head_vector():
     x[..., -1] = 5.0  # the entry with the largest weight
     x[0, 1, 0, :] = torch.randn(dim)  # an ordinary vector beside it
     angles = torch.rand(3, dim // 2).repeat_interleave(2, dim=-1) * 6.28
-    rotated = _rope_float(norm(x), (angles.cos(), angles.sin()))
+    rotated = rope_float(norm(x), (angles.cos(), angles.sin()))
     scale = _norm_weight_bound(norm) * dim ** 0.5 / FP8_MAX
     assert rotated.abs().max() <= scale * FP8_MAX * (1 + 1e-6)
     quantized = to_fp8(rotated, scale).float() * scale
     assert torch.allclose(quantized, rotated, rtol=0.07, atol=1e-6)  # e4m3: 3 mantissa bits
+
+
+def test_fused_attention_inputs_compute_what_diffusers_attention_does(monkeypatch):
+    """exact's attention processor (Q/K norms, RoPE and layout in one step) against diffusers'
+    FluxAttnProcessor: both block kinds, text and image streams, RoPE on, norms with weights
+    other than ones. On the CPU the inputs come from the PyTorch version of the kernel's
+    arithmetic; masks and unfused projections go through diffusers' processor."""
+    import copy
+
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    import ryla.flux.attention as attention
+
+    torch.manual_seed(0)
+    stock = torch.nn.ModuleList([FluxSingleTransformerBlock(dim=128, num_attention_heads=2, attention_head_dim=64),
+                                 FluxTransformerBlock(dim=128, num_attention_heads=2, attention_head_dim=64)]).eval()
+    for module in stock.modules():
+        if isinstance(module, torch.nn.RMSNorm):
+            module.weight.data.uniform_(0.5, 2.0)
+    fused = copy.deepcopy(stock)
+    for block in fused:
+        block.attn.fuse_projections()
+    assert attention.use_fused_attention_inputs(fused) == 2
+    prepared = []
+    reference = attention.reference_attention_inputs
+    monkeypatch.setattr(attention, "reference_attention_inputs", lambda *a: prepared.append(a) or reference(*a))
+    image, text, temb = torch.randn(1, 32, 128), torch.randn(1, 8, 128), torch.randn(1, 128)
+    positions = torch.randn(40, 32).cumsum(0).repeat_interleave(2, dim=-1)
+    rotary = (positions.cos(), positions.sin())
+    with torch.no_grad():
+        for stock_block, fused_block in zip(stock, fused):
+            for expected, got in zip(stock_block(image, text, temb, image_rotary_emb=rotary),
+                                     fused_block(image, text, temb, image_rotary_emb=rotary)):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert len(prepared) == 2
+        unfused = copy.deepcopy(stock)  # no to_qkv: diffusers' processor
+        attention.use_fused_attention_inputs(unfused)
+        for stock_block, unfused_block in zip(stock, unfused):
+            for expected, got in zip(stock_block(image, text, temb, image_rotary_emb=rotary),
+                                     unfused_block(image, text, temb, image_rotary_emb=rotary)):
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert len(prepared) == 2
+
+
+def test_attention_inputs_kernel_runs_in_tritons_interpreter(tmp_path):
+    """ryla.flux.kernels' attention-inputs kernel in Triton's CPU interpreter against the
+    PyTorch arithmetic: one and two batch entries, with and without a text stream and RoPE,
+    an input whose rows are wider than Q, K and V. V is copied bit for bit; Q and K are within
+    one bf16 step (the interpreter rounds to bf16 its own way). Other dtypes are refused."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    script = tmp_path / "kernel_check.py"
+    script.write_text("""
+import itertools, torch
+from ryla.flux.attention import reference_attention_inputs
+from ryla.flux.kernels import launch_attention_inputs
+torch.manual_seed(0)
+heads, dim = 3, 16
+for text_rows, rope, batch in itertools.product((0, 6), (True, False), (1, 2)):
+    rows = 37
+    wide = (torch.randn(batch, rows, 3 * heads * dim + 8) * 3).to(torch.bfloat16)
+    qkv = wide[..., 4:4 + 3 * heads * dim]
+    text = torch.randn(batch, text_rows, 3 * heads * dim).to(torch.bfloat16) if text_rows else None
+    weights = [torch.rand(dim).to(torch.bfloat16) + 0.5 for _ in range(4)]
+    angles = torch.randn(text_rows + rows, dim // 2).repeat_interleave(2, 1)
+    cos, sin = (angles.cos(), angles.sin()) if rope else (None, None)
+    expected = reference_attention_inputs(qkv.float(), weights[0], weights[1], text.float() if text_rows else None,
+                                          weights[2], weights[3], cos, sin, dim, 1e-6)
+    out = torch.full((3, batch, text_rows + rows, heads, dim), float("nan"), dtype=torch.bfloat16)
+    if text_rows:
+        launch_attention_inputs(text, weights[2], weights[3], cos, sin, out, 0, 1e-6, block_rows=16)
+    launch_attention_inputs(qkv, weights[0], weights[1], cos, sin, out, text_rows, 1e-6, block_rows=16)
+    assert torch.equal(out[2], expected[2].to(torch.bfloat16))
+    error = (out[:2].float() - expected[:2]).abs()
+    assert (error <= expected[:2].abs() * 2 ** -7 + 1e-6).all(), error.max()
+try:
+    launch_attention_inputs(qkv.float(), *weights[:2], None, None, out.float(), 0, 1e-6)
+except ValueError as exc:
+    assert "float32" in str(exc)
+else:
+    raise AssertionError("float32 accepted")
+print("ok")
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                            env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def test_gelu_quantize_kernel_runs_in_tritons_interpreter(tmp_path):

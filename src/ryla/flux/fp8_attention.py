@@ -33,6 +33,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from ryla.flux.attention import rope_float
 from ryla.flux.fp8 import FP8, FP8_MAX, Float8Linear, to_fp8
 
 log = logging.getLogger(__name__)
@@ -190,16 +191,6 @@ def _norm_weight_bound(*norms) -> torch.Tensor:
     return torch.stack(bounds).amax() if bounds else torch.tensor(1.0)
 
 
-def _rope_float(x: torch.Tensor, rotary_emb) -> torch.Tensor:
-    """FLUX's RoPE (diffusers' apply_rotary_emb, real form, pairs interleaved), kept in float32
-    so the fp8 cast rounds once."""
-    cos, sin = rotary_emb
-    cos, sin = cos[None, :, None, :].to(x.device), sin[None, :, None, :].to(x.device)
-    real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
-    return x.float() * cos + rotated * sin
-
-
 class Fp8FluxAttnProcessor:
     """diffusers' FluxAttnProcessor (0.42) with fp8 attention: same projections, norms and
     RoPE, then Q, K, V in e4m3 with the scales above. Handles fused and unfused projections,
@@ -241,7 +232,7 @@ class Fp8FluxAttnProcessor:
             q_norms.append(attn.norm_added_q)
             k_norms.append(attn.norm_added_k)
         if image_rotary_emb is not None:
-            query, key = _rope_float(query, image_rotary_emb), _rope_float(key, image_rotary_emb)
+            query, key = rope_float(query, image_rotary_emb), rope_float(key, image_rotary_emb)
 
         head_bound = math.sqrt(attn.head_dim) / FP8_MAX
         scale_q = (_norm_weight_bound(*q_norms).to(query.device) * head_bound).reshape(1, 1, 1, 1)

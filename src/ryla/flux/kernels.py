@@ -1,16 +1,24 @@
-"""Triton kernels for the `fast` speed mode (imported only where Triton is installed: with
+"""Triton kernels for the compiled speed modes (imported only where Triton is installed: with
 PyTorch's CUDA builds).
 
-`gelu_quantize_rows`: tanh-GELU, then per-row fp8 quantisation, in one pass over the MLP's
-activation. The MLP's down projection (proj_out in single blocks, ff.net.2 in double blocks)
-takes its input in fp8 with one scale per row, and each row's scale needs the row's maximum
-before any entry can be cast. Inductor writes that as a looped reduction, which ran at half
-this kernel's speed on the H200 (bench/fp8_kernels.py): here each program owns one row and
-either holds it in registers (one read) or reads it in chunks twice, the second time from
+`gelu_quantize_rows` (`fast`): tanh-GELU, then per-row fp8 quantisation, in one pass over the
+MLP's activation. The MLP's down projection (proj_out in single blocks, ff.net.2 in double
+blocks) takes its input in fp8 with one scale per row, and each row's scale needs the row's
+maximum before any entry can be cast. Inductor writes that as a looped reduction, which ran at
+half this kernel's speed on the H200 (bench/fp8_kernels.py): here each program owns one row
+and either holds it in registers (one read) or reads it in chunks twice, the second time from
 cache; the autotuner picks per row width.
 
-Registered with torch.library.triton_op, so torch.compile keeps it inside the compiled block
-(no graph break) and CPUs can run it in Triton's interpreter (TRITON_INTERPRET=1; the tests do).
+`flux_attention_inputs` (`exact`): the fused QKV projection's output -> Q and K RMS-normalised
+per head and rotated (RoPE), V copied, all three in one [3, batch, seq, heads, head_dim]
+buffer, the text stream's rows first. Inductor's kernels for the same work (norm, RoPE's pair
+swap, the text/image concatenation and the transposition to [batch, heads, seq, dim]) ran at
+1.8 TB/s on the H200; here each program owns a block of rows of one head and touches each
+byte once. Attention then reads the buffer through transposed views (no copy), and its output
+keeps that layout, so the output projection needs no transposition either.
+
+Registered with torch.library.triton_op, so torch.compile keeps them inside the compiled block
+(no graph break) and CPUs can run them in Triton's interpreter (TRITON_INTERPRET=1; the tests do).
 """
 
 from __future__ import annotations
@@ -105,3 +113,96 @@ def gelu_quantize_rows(x: torch.Tensor, apply_gelu: bool) -> tuple[torch.Tensor,
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     launch_gelu_quantize_rows(x, out, scale, apply_gelu)
     return out, scale
+
+
+@triton.jit
+def _attention_inputs_kernel(src_ptr, weight_q_ptr, weight_k_ptr, cos_ptr, sin_ptr, out_ptr,
+                             src_batch_stride, src_row_stride, out_part_stride, out_batch_stride, rows,
+                             out_row_offset, EPS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             HAS_ROPE: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """Program (row block, head, batch * 3 + part): part 0 is Q, 1 is K, 2 is V. `src` rows are
+    [Q heads | K heads | V heads] (the fused projection's output, bf16); `out` is [3, batch,
+    seq, heads, head_dim] and these rows land at `out_row_offset`, which is also their position
+    in RoPE's cos/sin tables ([seq, head_dim] float32, each value repeated for its pair, as
+    diffusers' FluxPosEmbed builds them).
+
+    RoPE rotates interleaved pairs (2i, 2i + 1), so each pair is read as one 32-bit word: the
+    bf16 at the lower address is the low half. A bf16 is the top half of a float32, so
+    unpacking is a shift or a mask; the loads and stores stay vectorised and no values move
+    between threads. Strides and offsets are in bf16 elements (all even here)."""
+    head = tl.program_id(1)
+    part = tl.program_id(2) % 3
+    batch = tl.program_id(2) // 3
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    mask = (row < rows)[:, None]
+    pair = tl.arange(0, HEAD_DIM // 2)[None, :]
+    src_words = src_ptr.to(tl.pointer_type(tl.int32))
+    out_words = out_ptr.to(tl.pointer_type(tl.int32))
+    # 32-bit offsets within one (part, batch) plane; the plane's base is a scalar
+    src = (src_words + (batch.to(tl.int64) * src_batch_stride + (part * HEADS + head) * HEAD_DIM) // 2
+           + row[:, None] * (src_row_stride // 2))
+    out = (out_words + (part.to(tl.int64) * out_part_stride + batch.to(tl.int64) * out_batch_stride
+                        + head * HEAD_DIM) // 2 + (out_row_offset + row[:, None]) * (HEADS * HEAD_DIM // 2))
+    words = tl.load(src + pair, mask=mask, other=0)
+    if part < 2:
+        even = (words << 16).to(tl.float32, bitcast=True)
+        odd = (words & -65536).to(tl.float32, bitcast=True)  # -65536 is 0xFFFF0000
+        # RMSNorm over the head (float32, as torch.nn.RMSNorm computes it), then the weight
+        inv_rms = tl.math.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / HEAD_DIM + EPS)[:, None]
+        weight_ptr = tl.where(part == 0, weight_q_ptr, weight_k_ptr)
+        even = even * inv_rms * tl.load(weight_ptr + 2 * pair).to(tl.float32)
+        odd = odd * inv_rms * tl.load(weight_ptr + 2 * pair + 1).to(tl.float32)
+        if HAS_ROPE:
+            # (a, b) -> (a cos - b sin, b cos + a sin), one angle per pair (its even column)
+            table = (out_row_offset + row[:, None]) * HEAD_DIM + 2 * pair
+            cos = tl.load(cos_ptr + table, mask=mask, other=0.0)
+            sin = tl.load(sin_ptr + table, mask=mask, other=0.0)
+            even, odd = even * cos - odd * sin, odd * cos + even * sin
+        low = even.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        high = odd.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        words = high | low
+    tl.store(out + pair, words, mask=mask)
+
+
+ATTENTION_INPUTS_BLOCK_ROWS = 4  # measured best of 4-64 rows x 1-8 warps (bench/exact_kernels.py)
+ATTENTION_INPUTS_WARPS = 1
+
+
+def launch_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
+                            cos: torch.Tensor | None, sin: torch.Tensor | None, out: torch.Tensor, row_offset: int,
+                            eps: float, block_rows: int = ATTENTION_INPUTS_BLOCK_ROWS,
+                            num_warps: int = ATTENTION_INPUTS_WARPS) -> None:
+    """One stream's fused projection `qkv` ([batch, rows, 3 * heads * head_dim] bf16, last dim
+    contiguous) into rows row_offset.. of `out` ([3, batch, seq, heads, head_dim] bf16,
+    contiguous)."""
+    batch, rows, width = qkv.shape
+    _, _, _, heads, head_dim = out.shape
+    if (width != 3 * heads * head_dim or qkv.stride(2) != 1 or not out.is_contiguous()
+            or qkv.dtype != torch.bfloat16 or out.dtype != torch.bfloat16
+            or any(stride % 2 for stride in qkv.stride()[:2]) or head_dim % 2):
+        raise ValueError(f"attention inputs: got {qkv.dtype} {tuple(qkv.shape)} (strides {qkv.stride()}) "
+                         f"into {out.dtype} {tuple(out.shape)}")
+    has_rope = cos is not None
+    grid = (triton.cdiv(rows, block_rows), heads, batch * 3)
+    wrap_triton(_attention_inputs_kernel)[grid](
+        qkv, weight_q, weight_k, cos if has_rope else weight_q, sin if has_rope else weight_q, out,
+        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), rows, row_offset,
+        EPS=eps, HEADS=heads, HEAD_DIM=head_dim, HAS_ROPE=has_rope, BLOCK_ROWS=block_rows, num_warps=num_warps)
+
+
+@triton_op("ryla::flux_attention_inputs", mutates_args={})
+def flux_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
+                          text_qkv: torch.Tensor | None, text_weight_q: torch.Tensor | None,
+                          text_weight_k: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                          head_dim: int, eps: float) -> torch.Tensor:
+    """Q, K (RMS-normalised, RoPE'd) and V as [3, batch, text + image rows, heads, head_dim]
+    from the fused projections of the image stream (`qkv`) and, in double blocks, the text
+    stream (`text_qkv`, whose rows come first, with the text norms' weights)."""
+    batch, rows, width = qkv.shape
+    text_rows = text_qkv.shape[1] if text_qkv is not None else 0
+    out = torch.empty((3, batch, text_rows + rows, width // (3 * head_dim), head_dim), dtype=qkv.dtype,
+                      device=qkv.device)
+    if text_qkv is not None:
+        launch_attention_inputs(text_qkv, text_weight_q, text_weight_k, cos, sin, out, 0, eps)
+    launch_attention_inputs(qkv, weight_q, weight_k, cos, sin, out, text_rows, eps)
+    return out

@@ -1,8 +1,9 @@
 """Speed modes for the FLUX transformer, chosen per server (`ryla serve --speed`).
 
     eager  as loaded (the default on CPUs)
-    exact  lossless: fused QKV projections, the fastest available attention kernel, GELU in
-           the GEMM epilogue and no concatenation before single blocks' proj_out
+    exact  lossless: fused QKV projections, the fastest available attention kernel with its
+           inputs (Q/K norms, RoPE, layout) prepared by one kernel (ryla.flux.attention), GELU
+           in the GEMM epilogue and no concatenation before single blocks' proj_out
            (ryla.flux.blocks), and torch.compile of the repeated blocks only (regional
            compilation: one compile per block type instead of the whole 57-block graph,
            which keeps cold start short)
@@ -132,6 +133,11 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
     info["attention"] = _attention_backend(transformer)
     if mode in ("fast", "turbo"):
         info.update(use_fp8(transformer))
+    else:
+        from ryla.flux.attention import fused_attention_inputs_available, use_fused_attention_inputs
+
+        use_fused_attention_inputs(transformer)
+        info["attention_inputs"] = "fused kernel" if fused_attention_inputs_available() else "PyTorch"
     from ryla.flux.blocks import use_lean_forwards
 
     info["lean_forwards"] = use_lean_forwards(transformer)

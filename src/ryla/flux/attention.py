@@ -1,0 +1,168 @@
+"""bf16 attention for the `exact` speed mode: Q/K normalisation, RoPE and layout in one kernel.
+
+diffusers' FluxAttnProcessor normalises Q and K per head, concatenates the text and image
+streams, applies RoPE, then (through its cuDNN backend) copies Q, K and V to [batch, heads,
+seq, dim] and the output back; compiled, that is five to seven elementwise kernels around
+each attention, 0.19 s of a 3.7 s image on the H200 (bench/results/README.md). Here one
+kernel (ryla.flux.kernels.flux_attention_inputs) reads the fused projections once and writes
+Q, K and V where attention reads them, in [batch, seq, heads, dim] memory order: cuDNN's
+attention takes them as transposed views and writes its output in the same order, so the
+output projection reads it as it is.
+
+The arithmetic is diffusers': RMSNorm in float32 with the norm's weight, FLUX's interleaved
+RoPE in float32, one rounding to the compute dtype at the end (diffusers rounds once more,
+between the norm and RoPE: the difference is within one bf16 step).
+
+Without Triton or a GPU (CPUs), or in another dtype than bf16, the same arithmetic runs as
+PyTorch operations.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@functools.cache
+def fused_attention_inputs_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import ryla.flux.kernels  # noqa: F401  (registers torch.ops.ryla.flux_attention_inputs)
+    except ImportError:
+        return False
+    return True
+
+
+def reference_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
+                               text_qkv: torch.Tensor | None, text_weight_q: torch.Tensor | None,
+                               text_weight_k: torch.Tensor | None, cos: torch.Tensor | None,
+                               sin: torch.Tensor | None, head_dim: int, eps: float) -> torch.Tensor:
+    """What the kernel computes, in PyTorch: [3, batch, seq, heads, head_dim]."""
+    def split(projection, norm_weight_q, norm_weight_k):
+        q, k, v = projection.float().unflatten(-1, (3, -1, head_dim)).unbind(2)
+        return _rms_norm(q, norm_weight_q, eps), _rms_norm(k, norm_weight_k, eps), v
+
+    q, k, v = split(qkv, weight_q, weight_k)
+    if text_qkv is not None:
+        text_q, text_k, text_v = split(text_qkv, text_weight_q, text_weight_k)
+        q, k, v = torch.cat([text_q, q], 1), torch.cat([text_k, k], 1), torch.cat([text_v, v], 1)
+    if cos is not None:
+        q, k = rope_float(q, (cos, sin)), rope_float(k, (cos, sin))
+    return torch.stack([q, k, v]).to(qkv.dtype)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def rope_float(x: torch.Tensor, rotary_emb) -> torch.Tensor:
+    """FLUX's RoPE on [batch, seq, heads, dim] (diffusers' apply_rotary_emb, real form, pairs
+    interleaved), kept in float32 so that the result is rounded once, by the caller."""
+    cos, sin = rotary_emb
+    cos, sin = cos[None, :, None, :].to(x.device), sin[None, :, None, :].to(x.device)
+    real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return x.float() * cos + rotated * sin
+
+
+def attention_inputs(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                     image_rotary_emb, kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K, V of a FLUX attention with fused projections, each [batch, seq, heads, head_dim]
+    (text tokens first in double blocks), views into one buffer. `kernel`: Triton's (on the
+    GPU), else PyTorch operations."""
+    qkv = attn.to_qkv(hidden_states)
+    text = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+    text_qkv = attn.to_added_qkv(encoder_hidden_states) if text else None
+    cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+    if cos is not None:
+        cos, sin = cos.to(qkv.device, torch.float32), sin.to(qkv.device, torch.float32)
+    args = (qkv, attn.norm_q.weight, attn.norm_k.weight, text_qkv,
+            attn.norm_added_q.weight if text else None, attn.norm_added_k.weight if text else None,
+            cos, sin, attn.head_dim, attn.norm_q.eps or torch.finfo(torch.float32).eps)
+    if kernel and qkv.is_cuda and qkv.dtype == torch.bfloat16:
+        stacked = torch.ops.ryla.flux_attention_inputs(*args)
+    else:
+        stacked = reference_attention_inputs(*args)
+    return stacked.unbind(0)
+
+
+def _takes_fused_inputs(attn) -> bool:
+    """Fused projections and weighted RMSNorms (how FLUX is built): the fused path's inputs."""
+    norms = [attn.norm_q, attn.norm_k]
+    if attn.added_kv_proj_dim is not None:
+        norms += [attn.norm_added_q, attn.norm_added_k]
+    return (getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv")
+            and (attn.added_kv_proj_dim is None or hasattr(attn, "to_added_qkv"))
+            and all(isinstance(n, torch.nn.RMSNorm) and n.weight is not None for n in norms))
+
+
+class FusedInputsFluxAttnProcessor:
+    """diffusers' FluxAttnProcessor (0.42) with the inputs prepared by one kernel and the
+    output left in the layout the output projection reads. Attention itself is PyTorch's
+    (cuDNN's where diffusers' backend says `_native_cudnn`). Attention masks and layers
+    without fused projections go through diffusers' processor."""
+
+    _parallel_config = None
+
+    def __init__(self):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        self._diffusers = FluxAttnProcessor()
+        self._backend, self._cudnn = None, False
+        # decided here, outside compiled code
+        self._kernel = fused_attention_inputs_available()
+
+    @property
+    def _attention_backend(self):
+        return self._backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:  # diffusers' set_attention_backend sets this
+        self._backend = backend
+        self._cudnn = str(getattr(backend, "value", backend)) == "_native_cudnn"
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
+        if attention_mask is not None or self._parallel_config is not None or not _takes_fused_inputs(attn):
+            self._diffusers._attention_backend = self._attention_backend
+            self._diffusers._parallel_config = self._parallel_config
+            return self._diffusers(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value = attention_inputs(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                             self._kernel)
+        out = _attend(query, key, value, self._cudnn).flatten(2, 3)
+        if encoder_hidden_states is None:
+            return out
+        text_len = encoder_hidden_states.shape[1]
+        hidden_states = attn.to_out[1](attn.to_out[0](out[:, text_len:]))
+        return hidden_states, attn.to_add_out(out[:, :text_len])
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cudnn: bool) -> torch.Tensor:
+    """SDPA on [batch, seq, heads, dim] tensors through transposed views; cuDNN allocates its
+    output in the query's memory order, so the result is [batch, seq, heads, dim] with no copy."""
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    if cudnn:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2)
+
+
+def use_fused_attention_inputs(model: torch.nn.Module) -> int:
+    """Give every FLUX attention module in `model` the processor above, keeping the attention
+    backend diffusers chose for it; returns how many."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, FluxAttention):
+            processor = FusedInputsFluxAttnProcessor()
+            processor._attention_backend = getattr(module.processor, "_attention_backend", None)
+            module.set_processor(processor)
+            changed += 1
+    return changed
