@@ -1,0 +1,232 @@
+"""The kernels around exact mode's attention, measured alone on the GPU (full FLUX sizes).
+
+  * one FLUX attention (fused projections, cuDNN attention, torch.compile'd), its inputs
+    prepared by diffusers' processor (Inductor's kernels) vs ryla.flux.attention's one kernel,
+    for a single block (4608 tokens) and a double block (512 text + 4096 image tokens);
+  * cuDNN attention through PyTorch on [batch, heads, seq, dim] tensors vs transposed views of
+    [batch, seq, heads, dim] ones, FlashAttention-2 beside them;
+  * cuDNN bf16 attention through cudnn-frontend, every execution plan it offers, timed;
+  * the VAE decoder's GroupNorm at 1024x1024: eager vs torch.compile'd.
+
+    python bench/exact_kernels.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_floors import cuda_time as seconds_per_call  # noqa: E402
+
+HEADS, HEAD_DIM, DIM = 24, 128, 3072
+TEXT, IMAGE = 512, 4096
+
+
+def cuda_time(fn, iters: int = 50) -> float:
+    """Median milliseconds per call (CUDA events, after warm-up)."""
+    return seconds_per_call(fn, iters) * 1000
+
+
+def rel_l2(a, b) -> float:
+    a, b = a.float().flatten(), b.float().flatten()
+    return float((a - b).norm() / b.norm())
+
+
+def rotary(seq: int):
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    ids = torch.zeros(seq, 3, device="cuda")
+    ids[TEXT:, 1] = torch.arange(seq - TEXT, device="cuda") // 64
+    ids[TEXT:, 2] = torch.arange(seq - TEXT, device="cuda") % 64
+    return FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids)
+
+
+def attention_modules() -> dict:
+    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+
+    from ryla.flux.attention import FusedInputsFluxAttnProcessor
+
+    results = {}
+    torch.manual_seed(0)
+    for kind in ("single", "double"):
+        double = kind == "double"
+        attn = FluxAttention(query_dim=DIM, heads=HEADS, dim_head=HEAD_DIM, out_dim=DIM, bias=True,
+                             added_kv_proj_dim=DIM if double else None, context_pre_only=False if double else None,
+                             pre_only=not double, eps=1e-6).to("cuda", torch.bfloat16).eval()
+        for name, p in attn.named_parameters():
+            if "norm" in name:
+                p.data.uniform_(0.5, 1.5)
+        attn.fuse_projections()
+        image = torch.randn(1, IMAGE if double else TEXT + IMAGE, DIM, device="cuda", dtype=torch.bfloat16)
+        text = torch.randn(1, TEXT, DIM, device="cuda", dtype=torch.bfloat16) if double else None
+        rope = rotary(TEXT + IMAGE)
+        outputs, entry = {}, {}
+        for label, processor in (("diffusers", FluxAttnProcessor()), ("fused_inputs", FusedInputsFluxAttnProcessor())):
+            processor._attention_backend = "_native_cudnn"
+            attn.set_processor(processor)
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda: attn(image, text, image_rotary_emb=rope), fullgraph=True)
+            with torch.inference_mode():
+                outputs[label] = compiled()
+                entry[f"{label}_ms"] = cuda_time(compiled)
+        diff = [rel_l2(a, b) for a, b in zip(_tuple(outputs["fused_inputs"]), _tuple(outputs["diffusers"]))]
+        entry["rel_l2"] = max(diff)
+        results[kind] = entry
+        print(kind, entry, flush=True)
+    return results
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def graphed_time(launch, repeats: int = 20) -> float:
+    """Milliseconds of GPU time per launch: `repeats` launches captured in one CUDA graph and
+    replayed, so host launch overhead does not count (a lone eager launch of a small kernel
+    is host-bound)."""
+    launch()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            launch()
+    return cuda_time(graph.replay, iters=20) / repeats
+
+
+def attention_inputs_configs() -> dict:
+    """ryla's attention-inputs kernel alone, per launch shape: a single block's projection
+    (4608 rows) and a double block's (512 text + 4096 image rows, two launches)."""
+    from ryla.flux.kernels import launch_attention_inputs
+
+    rows = TEXT + IMAGE
+    qkv = torch.randn(1, rows, 3 * DIM, device="cuda", dtype=torch.bfloat16)
+    weights = [torch.rand(HEAD_DIM, device="cuda", dtype=torch.bfloat16) + 0.5 for _ in range(2)]
+    cos, sin = rotary(rows)
+    out = torch.empty(3, 1, rows, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    moved = 2 * qkv.numel() * qkv.element_size()  # read once, written once
+    text, image = qkv[:, :TEXT].contiguous(), qkv[:, TEXT:].contiguous()
+    results = {}
+    for block_rows, warps in ((4, 1), (8, 1), (8, 2), (16, 2), (16, 4), (32, 4), (64, 8)):
+        def single():
+            launch_attention_inputs(qkv, *weights, cos, sin, out, 0, 1e-6, block_rows, warps)
+
+        def double():
+            launch_attention_inputs(text, *weights, cos, sin, out, 0, 1e-6, block_rows, warps)
+            launch_attention_inputs(image, *weights, cos, sin, out, TEXT, 1e-6, block_rows, warps)
+
+        entry = {}
+        for label, launch in (("single", single), ("double", double)):
+            ms = graphed_time(launch)
+            entry[label] = {"ms": ms, "tb_per_s": moved / ms / 1e9}
+        results[f"{block_rows}x{warps}"] = entry
+    print("attention inputs", results, flush=True)
+    return results
+
+
+def sdpa_layouts() -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    seq = TEXT + IMAGE
+    bshd = [torch.randn(1, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    views = [x.transpose(1, 2) for x in bshd]
+    contiguous = [x.contiguous() for x in views]
+    flops = 4 * seq * seq * HEAD_DIM * HEADS
+    results = {}
+    for label, backend, inputs in (("cudnn_bhsd", SDPBackend.CUDNN_ATTENTION, contiguous),
+                                   ("cudnn_bshd_views", SDPBackend.CUDNN_ATTENTION, views),
+                                   ("flash2_bhsd", SDPBackend.FLASH_ATTENTION, contiguous)):
+        with sdpa_kernel(backend), torch.inference_mode():
+            ms = cuda_time(lambda: F.scaled_dot_product_attention(*inputs))
+            out = F.scaled_dot_product_attention(*inputs)
+        results[label] = {"ms": ms, "tflops": flops / ms / 1e9, "out_stride": list(out.stride())}
+    print("sdpa", results, flush=True)
+    return results
+
+
+def cudnn_frontend_plans() -> dict:
+    try:
+        import cudnn
+    except ImportError as exc:
+        return {"error": str(exc)}
+    seq = TEXT + IMAGE
+    q, k, v = (torch.randn(1, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = torch.empty_like(q)
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    graph = cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
+                          compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+    dims, strides = [1, HEADS, seq, HEAD_DIM], [seq * HEADS * HEAD_DIM, HEAD_DIM, HEADS * HEAD_DIM, 1]
+    tq, tk, tv = (graph.tensor(name=n, dim=dims, stride=strides, data_type=cudnn.data_type.BFLOAT16) for n in "qkv")
+    o, _ = graph.sdpa(q=tq, k=tk, v=tv, is_inference=True, attn_scale=HEAD_DIM ** -0.5, use_causal_mask=False)
+    o.set_output(True).set_dim(dims).set_stride(strides).set_data_type(cudnn.data_type.BFLOAT16)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans(cudnn.build_plan_policy.ALL)
+    count = graph.get_execution_plan_count()
+    workspace = torch.empty(max(graph.get_workspace_size(), 1 << 20), device="cuda", dtype=torch.uint8)
+    pack = {tq: q, tk: k, tv: v, o: out}
+    flops = 4 * seq * seq * HEAD_DIM * HEADS
+    plans = []
+    for index in range(count):
+        try:
+            ms = cuda_time(lambda: graph.execute_plan_at_index(pack, workspace, index, handle=handle), iters=30)
+            plans.append({"index": index, "ms": ms, "tflops": flops / ms / 1e9})
+        except Exception as exc:  # a plan that needs more workspace, say
+            plans.append({"index": index, "error": str(exc)[:200]})
+    default_ms = cuda_time(lambda: graph.execute(pack, workspace, handle=handle), iters=30)
+    result = {"plans": plans, "default_ms": default_ms, "default_tflops": flops / default_ms / 1e9}
+    print("cudnn-frontend", result, flush=True)
+    return result
+
+
+def vae_group_norm() -> dict:
+    results = {}
+    norm = torch.compile(lambda x, w, b: F.silu(F.group_norm(x, 32, w, b, 1e-6)))
+    for channels, size in ((512, 128), (512, 256), (512, 512), (256, 1024), (128, 1024)):
+        x = torch.randn(1, channels, size, size, device="cuda", dtype=torch.bfloat16)
+        w, b = torch.randn(channels, device="cuda", dtype=torch.bfloat16), torch.randn(channels, device="cuda",
+                                                                                       dtype=torch.bfloat16)
+        with torch.inference_mode():
+            eager = cuda_time(lambda: F.silu(F.group_norm(x, 32, w, b, 1e-6)), iters=20)
+            compiled = cuda_time(lambda: norm(x, w, b), iters=20)
+            diff = rel_l2(norm(x, w, b), F.silu(F.group_norm(x, 32, w, b, 1e-6)))
+        results[f"{channels}x{size}x{size}"] = {"eager_ms": eager, "compiled_ms": compiled, "rel_l2": diff}
+    print("group_norm", results, flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--only", default="", help="comma list of parts to run (default: all)")
+    args = parser.parse_args()
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "cudnn": torch.backends.cudnn.version()}
+    for name, fn in (("attention_module_ms", attention_modules), ("attention_inputs_kernel", attention_inputs_configs),
+                     ("sdpa", sdpa_layouts),
+                     ("cudnn_frontend_bf16", cudnn_frontend_plans), ("vae_group_norm", vae_group_norm)):
+        if args.only and name not in args.only.split(","):
+            continue
+        try:
+            results[name] = fn()
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "exact_kernels.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
