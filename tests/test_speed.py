@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import lora_files
@@ -184,32 +185,47 @@ def test_fp8_weight_storage_works_with_speed_modes(speed_store):
     torch.testing.assert_close(latents["exact"], latents["eager"], rtol=1e-4, atol=1e-4)
 
 
+def flux_block_pair(dtype=torch.float32):
+    """A FLUX single block and double block (2 heads of 64), with RMSNorm weights other than
+    ones, as in trained models."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([FluxSingleTransformerBlock(dim=128, num_attention_heads=2, attention_head_dim=64),
+                                  FluxTransformerBlock(dim=128, num_attention_heads=2, attention_head_dim=64)])
+    for module in blocks.modules():
+        if isinstance(module, torch.nn.RMSNorm) and module.weight is not None:
+            module.weight.data.uniform_(0.5, 2.0)
+    return blocks.eval().to(dtype)
+
+
+def paired_block_outputs(stock, changed, dtype=torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(stock's, changed's) outputs of each block on the same inputs: text and image streams,
+    RoPE on (FLUX's tables: each angle serves a pair of columns)."""
+    image, text, temb = (torch.randn(*shape).to(dtype) for shape in ((1, 32, 128), (1, 8, 128), (1, 128)))
+    positions = torch.randn(40, 32).cumsum(0).repeat_interleave(2, dim=-1)
+    rotary = (positions.cos(), positions.sin())
+    pairs = []
+    with torch.no_grad():
+        for stock_block, changed_block in zip(stock, changed):
+            pairs += zip(stock_block(image, text, temb, image_rotary_emb=rotary),
+                         changed_block(image, text, temb, image_rotary_emb=rotary))
+    return pairs
+
+
 def test_fp8_attention_stays_within_fp8_error_of_attention():
     """Both FLUX block kinds, text and image streams, RoPE on: the fp8 processor's output is
     close to diffusers' attention, and not identical to it (Q, K, V really went through e4m3)."""
     import copy
 
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-
     from ryla.flux.fp8_attention import use_fp8_attention
 
-    torch.manual_seed(0)
-    stock = torch.nn.ModuleList([FluxSingleTransformerBlock(dim=128, num_attention_heads=2, attention_head_dim=64),
-                                 FluxTransformerBlock(dim=128, num_attention_heads=2, attention_head_dim=64)]).eval()
-    for module in stock.modules():  # norms with weights other than ones, as in trained models
-        if type(module).__name__ == "RMSNorm" and module.weight is not None:
-            module.weight.data.uniform_(0.5, 2.0)
+    stock = flux_block_pair()
     fp8 = copy.deepcopy(stock)
     assert use_fp8_attention(fp8) == 2
-    image, text, temb = torch.randn(1, 32, 128), torch.randn(1, 8, 128), torch.randn(1, 128)
-    positions = torch.randn(40, 64).cumsum(0)
-    rotary = (positions.cos(), positions.sin())
-    with torch.no_grad():
-        for stock_block, fp8_block in zip(stock, fp8):
-            for expected, got in zip(stock_block(image, text, temb, image_rotary_emb=rotary),
-                                     fp8_block(image, text, temb, image_rotary_emb=rotary)):
-                error = ((got - expected).norm() / expected.norm()).item()
-                assert 0 < error < 0.03
+    for expected, got in paired_block_outputs(stock, fp8):
+        error = ((got - expected).norm() / expected.norm()).item()
+        assert 0 < error < 0.03
 
 
 def test_fp8_attention_scale_bound_holds_for_the_worst_head_vector():
@@ -243,16 +259,9 @@ def test_fused_attention_inputs_compute_what_diffusers_attention_does(monkeypatc
     arithmetic; masks and unfused projections go through diffusers' processor."""
     import copy
 
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-
     import ryla.flux.attention as attention
 
-    torch.manual_seed(0)
-    stock = torch.nn.ModuleList([FluxSingleTransformerBlock(dim=128, num_attention_heads=2, attention_head_dim=64),
-                                 FluxTransformerBlock(dim=128, num_attention_heads=2, attention_head_dim=64)]).eval()
-    for module in stock.modules():
-        if isinstance(module, torch.nn.RMSNorm):
-            module.weight.data.uniform_(0.5, 2.0)
+    stock = flux_block_pair()
     fused = copy.deepcopy(stock)
     for block in fused:
         block.attn.fuse_projections()
@@ -260,22 +269,142 @@ def test_fused_attention_inputs_compute_what_diffusers_attention_does(monkeypatc
     prepared = []
     reference = attention.reference_attention_inputs
     monkeypatch.setattr(attention, "reference_attention_inputs", lambda *a: prepared.append(a) or reference(*a))
-    image, text, temb = torch.randn(1, 32, 128), torch.randn(1, 8, 128), torch.randn(1, 128)
-    positions = torch.randn(40, 32).cumsum(0).repeat_interleave(2, dim=-1)
-    rotary = (positions.cos(), positions.sin())
-    with torch.no_grad():
-        for stock_block, fused_block in zip(stock, fused):
-            for expected, got in zip(stock_block(image, text, temb, image_rotary_emb=rotary),
-                                     fused_block(image, text, temb, image_rotary_emb=rotary)):
-                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        assert len(prepared) == 2
-        unfused = copy.deepcopy(stock)  # no to_qkv: diffusers' processor
-        attention.use_fused_attention_inputs(unfused)
-        for stock_block, unfused_block in zip(stock, unfused):
-            for expected, got in zip(stock_block(image, text, temb, image_rotary_emb=rotary),
-                                     unfused_block(image, text, temb, image_rotary_emb=rotary)):
-                torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for expected, got in paired_block_outputs(stock, fused):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert len(prepared) == 2
+    unfused = copy.deepcopy(stock)  # no to_qkv: diffusers' processor
+    attention.use_fused_attention_inputs(unfused)
+    for expected, got in paired_block_outputs(stock, unfused):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert len(prepared) == 2
+
+
+# FlashAttention-3's forward op as its Hopper build declares it (the schema xformers checks).
+FA3_FORWARD_SCHEMA = (
+    "fwd(Tensor q, Tensor k, Tensor v, Tensor(k_new!)? k_new=None, Tensor(v_new!)? v_new=None, Tensor? q_v=None, "
+    "Tensor(out!)? out=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, Tensor? cu_seqlens_k_new=None, "
+    "Tensor? seqused_q=None, Tensor? seqused_k=None, int? max_seqlen_q=None, int? max_seqlen_k=None, "
+    "Tensor? page_table=None, Tensor? kv_batch_idx=None, Tensor? leftpad_k=None, Tensor? rotary_cos=None, "
+    "Tensor? rotary_sin=None, Tensor? seqlens_rotary=None, Tensor? q_descale=None, Tensor? k_descale=None, "
+    "Tensor? v_descale=None, float? softmax_scale=None, bool is_causal=False, int window_size_left=-1, "
+    "int window_size_right=-1, int attention_chunk=0, float softcap=0., bool is_rotary_interleaved=False, "
+    "Tensor? scheduler_metadata=None, int num_splits=0, bool? pack_gqa=None, int sm_margin=0) "
+    "-> (Tensor(out!), Tensor, Tensor, Tensor)")
+
+
+@pytest.fixture(scope="module")
+def fake_flash_attention_3():
+    """torch.ops.flash_attn_3.fwd with FA3's schema, computed by PyTorch's attention on the CPU
+    (FA3's kernels are Hopper-only): what ryla's FA3 path calls, the calls it got, and a
+    switch that makes it wrong."""
+    if hasattr(torch.ops.flash_attn_3, "fwd"):
+        pytest.skip("a real flash_attn_3 is loaded")
+    calls, state = [], {"broken": False}
+
+    def forward(q, k, v, *args):
+        scale = args[20] if len(args) > 20 else None
+        calls.append({"shape": tuple(q.shape), "scale": scale, "args": len(args) + 3})
+        if state["broken"]:
+            return v.contiguous(), torch.zeros(q.shape[0], q.shape[2], q.shape[1]), torch.empty(0), torch.empty(0)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+        lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+        return out.transpose(1, 2).contiguous(), lse, torch.empty(0), torch.empty(0)
+
+    library = torch.library.Library("flash_attn_3", "DEF")
+    library.define(FA3_FORWARD_SCHEMA)
+    library.impl("fwd", forward, "CPU")
+    yield calls, state
+    library._destroy()
+
+
+def test_flash_attention_3_path_computes_attention_on_our_layout(fake_flash_attention_3):
+    """With FlashAttention-3 present, exact's processor hands it [batch, seq, heads, dim]
+    views of the prepared buffer and FLUX's scale; the blocks' outputs match diffusers'. The
+    start-up check accepts a build that computes attention and refuses one that does not."""
+    import copy
+
+    from ryla.flux.attention import FusedInputsFluxAttnProcessor, use_fused_attention_inputs
+
+    stock = flux_block_pair(torch.bfloat16)
+    fused = copy.deepcopy(stock)
+    for block in fused:
+        block.attn.fuse_projections()
+    use_fused_attention_inputs(fused)
+    processors = [m.processor for m in fused.modules() if isinstance(getattr(m, "processor", None),
+                                                                        FusedInputsFluxAttnProcessor)]
+    assert len(processors) == 2 and not any(p.flash_attention_3 for p in processors)  # no GPU here
+    for processor in processors:
+        processor.flash_attention_3 = True  # as on a Hopper GPU with FA3 installed
+    for expected, got in paired_block_outputs(stock, fused, torch.bfloat16):
+        assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 0.01
+    calls, state = fake_flash_attention_3
+    assert [c["shape"] for c in calls] == [(1, 40, 2, 64), (1, 40, 2, 64)]
+    assert all(c["scale"] == pytest.approx(64 ** -0.5) for c in calls)
+
+    from ryla.flux.attention import _flash_attention_3_agrees_with_pytorch
+
+    assert _flash_attention_3_agrees_with_pytorch("cpu")
+    state["broken"] = True
+    try:
+        assert not _flash_attention_3_agrees_with_pytorch("cpu")
+    finally:
+        state["broken"] = False
+
+
+def test_fast_group_norms_keep_the_vae_decode():
+    """The VAE's GroupNorms with the SiLU after them moved inside: every norm of the tiny VAE
+    changes, the blocks' own SiLUs go, and decoding gives the same bits (on the CPU the norms
+    run PyTorch's GroupNorm, so this checks the rewiring; the kernel has its own test)."""
+    import copy
+
+    from diffusers import AutoencoderKL
+
+    from ryla.flux.loading import _public
+    from ryla.flux.vae_norms import use_fast_group_norms
+    from ryla.models.tiny import TINY_VAE
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**_public(TINY_VAE)).eval()
+    fast = copy.deepcopy(vae)
+    norms = [m for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert use_fast_group_norms(fast) == len(norms)
+    assert not any(isinstance(m, torch.nn.SiLU) for m in fast.decoder.modules())
+    latent = torch.randn(1, TINY_VAE["latent_channels"], 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fast.decode(latent).sample, vae.decode(latent).sample)
+        image = torch.rand(1, 3, 32, 32) * 2 - 1
+        assert torch.equal(fast.encode(image).latent_dist.mode(), vae.encode(image).latent_dist.mode())
+
+
+def test_group_norm_kernel_runs_in_tritons_interpreter(tmp_path):
+    """ryla.flux.kernels' two-pass GroupNorm (+ SiLU) in Triton's CPU interpreter against
+    PyTorch: groups split into several chunks, a mean far from zero, two images; the start-up
+    check accepts it and refuses a kernel that computes something else."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    script = tmp_path / "group_norm_check.py"
+    script.write_text("""
+import torch, torch.nn.functional as F
+from ryla.flux.kernels import group_norm
+from ryla.flux.vae_norms import _agrees_with_pytorch
+torch.manual_seed(0)
+for shape, groups, silu, offset in (((1, 4, 64, 64), 2, True, 0.0), ((2, 12, 9, 7), 3, False, 30.0),
+                                    ((1, 8, 40, 40), 4, True, 5.0)):
+    x = (torch.randn(shape) * 2 + offset).to(torch.bfloat16)
+    weight, bias = (torch.rand(shape[1]) + 0.5).to(torch.bfloat16), torch.randn(shape[1]).to(torch.bfloat16)
+    got = group_norm(x, groups, weight, bias, 1e-6, silu).float()
+    expected = F.group_norm(x.float(), groups, weight.float(), bias.float(), 1e-6)
+    expected = F.silu(expected) if silu else expected
+    assert ((got - expected).abs() <= expected.abs() * 2 ** -7 + 0.02).all(), (got - expected).abs().max()
+assert _agrees_with_pytorch(group_norm, "cpu")
+assert not _agrees_with_pytorch(lambda x, *args, **kwargs: x.clone(), "cpu")
+print("ok")
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def test_attention_inputs_kernel_runs_in_tritons_interpreter(tmp_path):

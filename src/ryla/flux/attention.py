@@ -15,15 +15,117 @@ between the norm and RoPE: the difference is within one bf16 step).
 
 Without Triton or a GPU (CPUs), or in another dtype than bf16, the same arithmetic runs as
 PyTorch operations.
+
+Attention itself: FlashAttention-3 where its Hopper kernels are installed (the flash_attn_3
+package, or the build xformers 0.0.34 ships inside its wheel; both use PyTorch's stable ABI,
+so one build serves later PyTorch versions too), else PyTorch's cuDNN attention. FA3 reads
+and writes [batch, seq, heads, dim] as they are.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def flash_attention_3_available() -> bool:
+    """`torch.ops.flash_attn_3.fwd` on a Hopper GPU (FA3's kernels are built for sm90 only)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return False
+    if not _has_flash_attention_3():
+        _load_flash_attention_3()
+    return _has_flash_attention_3() and _flash_attention_3_agrees_with_pytorch()
+
+
+def _flash_attention_3_agrees_with_pytorch(device: str = "cuda") -> bool:
+    """One small attention through FA3 and through PyTorch: a build that fails to run here, or
+    computes something else, is not used (a warning says why)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, 256, 2, 128, generator=generator, device=device).to(torch.bfloat16) for _ in range(3))
+    try:
+        got = flash_attention_3(q, k, v, 128 ** -0.5).float()
+    except Exception as exc:  # a build for another GPU or PyTorch: fall back
+        log.warning("FlashAttention-3 does not run here (%s); using cuDNN attention", exc)
+        return False
+    expected = F.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v))).transpose(1, 2)
+    error = float((got - expected).norm() / expected.norm())
+    if error > 0.01:
+        log.warning("FlashAttention-3 differs from PyTorch's attention by %.3g; using cuDNN attention", error)
+        return False
+    return True
+
+
+def _has_flash_attention_3() -> bool:
+    try:
+        return hasattr(torch.ops.flash_attn_3, "fwd")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _load_flash_attention_3() -> None:
+    """The flash_attn_3 package's extension, else the copy inside xformers' package folder,
+    loaded as a library (without importing xformers, whose own extension is tied to one
+    PyTorch version)."""
+    try:
+        import flash_attn_3._C  # noqa: F401  (registers torch.ops.flash_attn_3)
+        return
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec("xformers")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        library = Path(folder) / "flash_attn_3" / "_C.so"
+        if library.exists():
+            _preload_cuda12_runtime()
+            try:
+                torch.ops.load_library(str(library))
+                log.info("FlashAttention-3 loaded from %s", library)
+            except OSError as exc:
+                log.warning("FlashAttention-3 in %s could not be loaded (%s); using cuDNN attention", library, exc)
+            return
+
+
+def _preload_cuda12_runtime() -> None:
+    """xformers 0.0.34's FA3 build links the CUDA 12 runtime (libcudart.so.12), which PyTorch's
+    CUDA 12 builds bring and its CUDA 13 builds do not (seen on the H200 with torch 2.11+cu130).
+    The nvidia-cuda-runtime-cu12 wheel provides it; the driver serves both runtimes."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcudart.so.12", mode=ctypes.RTLD_GLOBAL)
+        return
+    except OSError:
+        pass
+    spec = importlib.util.find_spec("nvidia")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        runtime = Path(folder) / "cuda_runtime" / "lib" / "libcudart.so.12"
+        if runtime.exists():
+            ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
+            return
+
+
+@torch.library.custom_op("ryla::flash_attention_3", mutates_args=())
+def flash_attention_3(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      softmax_scale: float) -> torch.Tensor:
+    """softmax(Q K^T * softmax_scale) V for [batch, seq, heads, dim] tensors (last dim
+    contiguous), through FlashAttention-3's forward kernel; the output is [batch, seq, heads,
+    dim], contiguous. A custom op of our own so that torch.compile knows its output's shape
+    (FA3's op comes without one)."""
+    return torch.ops.flash_attn_3.fwd(query, key, value, softmax_scale=softmax_scale)[0].contiguous()
+
+
+@flash_attention_3.register_fake
+def _(query, key, value, softmax_scale):
+    return query.new_empty(query.shape)
 
 
 @functools.cache
@@ -102,9 +204,10 @@ def _takes_fused_inputs(attn) -> bool:
 
 class FusedInputsFluxAttnProcessor:
     """diffusers' FluxAttnProcessor (0.42) with the inputs prepared by one kernel and the
-    output left in the layout the output projection reads. Attention itself is PyTorch's
-    (cuDNN's where diffusers' backend says `_native_cudnn`). Attention masks and layers
-    without fused projections go through diffusers' processor."""
+    output left in the layout the output projection reads. Attention itself is FlashAttention-3
+    where it is installed, else PyTorch's (cuDNN's where diffusers' backend says
+    `_native_cudnn`). Attention masks and layers without fused projections go through
+    diffusers' processor."""
 
     _parallel_config = None
 
@@ -115,6 +218,7 @@ class FusedInputsFluxAttnProcessor:
         self._backend, self._cudnn = None, False
         # decided here, outside compiled code
         self._kernel = fused_attention_inputs_available()
+        self.flash_attention_3 = flash_attention_3_available()
 
     @property
     def _attention_backend(self):
@@ -133,7 +237,11 @@ class FusedInputsFluxAttnProcessor:
             return self._diffusers(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value = attention_inputs(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
                                              self._kernel)
-        out = _attend(query, key, value, self._cudnn).flatten(2, 3)
+        if self.flash_attention_3 and query.dtype in (torch.bfloat16, torch.float16):
+            out = torch.ops.ryla.flash_attention_3(query, key, value, attn.head_dim ** -0.5)
+        else:
+            out = _attend(query, key, value, self._cudnn)
+        out = out.flatten(2, 3)
         if encoder_hidden_states is None:
             return out
         text_len = encoder_hidden_states.shape[1]

@@ -19,7 +19,7 @@ import torch
 from ryla.flux import loading, sampling
 from ryla.flux.components import Cond, Conditioning, FluxModel, LoraPatch, TextEncoder, Vae
 from ryla.flux.lora import LoraWeights, WeightPatcher, convert, linear_shapes
-from ryla.flux.speed import SPEED_MODES, optimize_transformer
+from ryla.flux.speed import SPEED_MODES, optimize_transformer, optimize_vae
 from ryla.models import formats
 from ryla.models.store import ModelStore
 
@@ -91,8 +91,13 @@ class FluxEngine:
             return self._models[key]
 
     def _optimized(self, transformer, compile: bool = True):
-        self.speed_info = optimize_transformer(transformer, self.speed, compile=compile)
+        vae_info = {k: v for k, v in self.speed_info.items() if k.startswith("vae_")}
+        self.speed_info = {**optimize_transformer(transformer, self.speed, compile=compile), **vae_info}
         return transformer
+
+    def _optimized_vae(self, vae):
+        self.speed_info.update(optimize_vae(vae, self.speed))
+        return vae
 
     def loaded_models(self) -> list[str]:
         return sorted(f"{key[0]}:{key[1]}" for key in self._models)
@@ -109,7 +114,8 @@ class FluxEngine:
         path = self.store.resolve("checkpoints", name)
         prefix = formats.CHECKPOINT_PREFIXES[component]
         build = {"transformer": lambda *a, **k: self._optimized(loading.build_transformer(*a, **k)),
-                 "clip_l": loading.build_clip, "t5xxl": loading.build_t5, "vae": loading.build_vae}[component]
+                 "clip_l": loading.build_clip, "t5xxl": loading.build_t5,
+                 "vae": lambda *a, **k: self._optimized_vae(loading.build_vae(*a, **k))}[component]
 
         def load():
             tensors, meta = loading.read_tensors(path, prefix, self.device)
@@ -185,7 +191,7 @@ class FluxEngine:
 
         def load():
             tensors, meta = loading.read_tensors(path, device=self.device)
-            return loading.build_vae(tensors, meta, self.dtype, self.device, what=name)
+            return self._optimized_vae(loading.build_vae(tensors, meta, self.dtype, self.device, what=name))
 
         return Vae(name, self._cached(("vae", str(path)), load))
 

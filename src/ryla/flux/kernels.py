@@ -206,3 +206,91 @@ def flux_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: t
         launch_attention_inputs(text_qkv, text_weight_q, text_weight_k, cos, sin, out, 0, eps)
     launch_attention_inputs(qkv, weight_q, weight_k, cos, sin, out, text_rows, eps)
     return out
+
+
+# ---------------------------------------------------------------------- GroupNorm (VAE decoder)
+# PyTorch's GroupNorm computes each group's statistics in one thread block: 32 blocks for the
+# VAE decoder's 32 groups of up to 16M values at 1024x1024, half of the decode's time on the
+# H200 (bench/exact_kernels.py). Here each group is split into chunks across the GPU: one
+# kernel sums each chunk, the next reduces the group's partial sums (a fixed order, so the same
+# input gives the same bits) and normalises its chunk, with the SiLU that follows every
+# GroupNorm in the decoder's ResNet blocks applied on the way out.
+
+@triton.jit
+def _group_sums_kernel(x_ptr, partial_ptr, group_numel, splits, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (group, chunk): sum and sum of squares of x - shift over the chunk, float32,
+    with the group's first value as the shift (keeps the variance exact-ish when the mean is
+    large against the spread)."""
+    group = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    base = x_ptr + group * group_numel
+    shift = tl.load(base).to(tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    squares = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, CHUNK, BLOCK):
+        offset = chunk * CHUNK + start + tl.arange(0, BLOCK)
+        mask = offset < group_numel
+        x = tl.load(base + offset, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x - shift, 0.0)
+        total += x
+        squares += x * x
+    out = partial_ptr + (group * splits + chunk) * 2
+    tl.store(out, tl.sum(total, axis=0))
+    tl.store(out + 1, tl.sum(squares, axis=0))
+
+
+@triton.jit
+def _group_norm_apply_kernel(x_ptr, out_ptr, partial_ptr, weight_ptr, bias_ptr, group_numel, splits, spatial,
+                             groups, channels_per_group, eps, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                             SPLITS_BLOCK: tl.constexpr, APPLY_SILU: tl.constexpr):
+    """Program (group, chunk): the group's mean and variance from all its chunks' sums, then
+    (x - mean) / sqrt(var + eps) * weight + bias (and SiLU) over this chunk."""
+    group = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    index = tl.arange(0, SPLITS_BLOCK)
+    sums = partial_ptr + (group * splits + index) * 2
+    total = tl.sum(tl.load(sums, mask=index < splits, other=0.0), axis=0)
+    squares = tl.sum(tl.load(sums + 1, mask=index < splits, other=0.0), axis=0)
+    base = x_ptr + group * group_numel
+    shift = tl.load(base).to(tl.float32)
+    shifted_mean = total / group_numel
+    variance = tl.maximum(squares / group_numel - shifted_mean * shifted_mean, 0.0)
+    mean = shifted_mean + shift
+    inv_std = tl.math.rsqrt(variance + eps)
+    first_channel = (group % groups) * channels_per_group
+    for start in range(0, CHUNK, BLOCK):
+        offset = chunk * CHUNK + start + tl.arange(0, BLOCK)
+        mask = offset < group_numel
+        channel = first_channel + offset // spatial
+        weight = tl.load(weight_ptr + channel, mask=mask, other=1.0).to(tl.float32)
+        bias = tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+        y = (tl.load(base + offset, mask=mask, other=0.0).to(tl.float32) - mean) * inv_std * weight + bias
+        if APPLY_SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(out_ptr + group * group_numel + offset, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+GROUP_NORM_BLOCK = 2048
+GROUP_NORM_MAX_CHUNK = 65536
+
+
+def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               silu: bool = False) -> torch.Tensor:
+    """F.group_norm (then F.silu) for a contiguous [batch, channels, ...] tensor with affine
+    weights, in two launches spread over the whole GPU."""
+    batch, channels = x.shape[:2]
+    if channels % groups or not x.is_contiguous():
+        raise ValueError(f"group norm: {groups} groups over {tuple(x.shape)} (contiguous: {x.is_contiguous()})")
+    spatial = x[0, 0].numel()
+    group_numel = channels // groups * spatial
+    # about 32 chunks a group (1024 programs for FLUX's VAE), each a whole number of blocks
+    chunk = min(GROUP_NORM_MAX_CHUNK, max(GROUP_NORM_BLOCK, triton.next_power_of_2(triton.cdiv(group_numel, 32))))
+    splits = triton.cdiv(group_numel, chunk)
+    partial = torch.empty((batch * groups, splits, 2), dtype=torch.float32, device=x.device)
+    out = torch.empty_like(x)
+    grid = (batch * groups, splits)
+    _group_sums_kernel[grid](x, partial, group_numel, splits, CHUNK=chunk, BLOCK=GROUP_NORM_BLOCK, num_warps=8)
+    _group_norm_apply_kernel[grid](x, out, partial, weight, bias, group_numel, splits, spatial, groups,
+                                   channels // groups, eps, CHUNK=chunk, BLOCK=GROUP_NORM_BLOCK,
+                                   SPLITS_BLOCK=triton.next_power_of_2(splits), APPLY_SILU=silu, num_warps=8)
+    return out

@@ -1,8 +1,9 @@
 """Speed modes for the FLUX transformer, chosen per server (`ryla serve --speed`).
 
     eager  as loaded (the default on CPUs)
-    exact  lossless: fused QKV projections, the fastest available attention kernel with its
-           inputs (Q/K norms, RoPE, layout) prepared by one kernel (ryla.flux.attention), GELU
+    exact  lossless: fused QKV projections, the fastest available attention kernel
+           (FlashAttention-3 where installed, else cuDNN's) with its inputs (Q/K norms, RoPE,
+           layout) prepared by one kernel (ryla.flux.attention), GELU
            in the GEMM epilogue and no concatenation before single blocks' proj_out
            (ryla.flux.blocks), and torch.compile of the repeated blocks only (regional
            compilation: one compile per block type instead of the whole 57-block graph,
@@ -12,6 +13,9 @@
            flash attention; ryla.flux.fp8_attention), for Hopper-class GPUs
     turbo  fast + first-block caching (diffusers FirstBlockCacheConfig): steps whose first
            block changes little reuse the rest of the network's last residual
+
+The compiled modes also give the VAE's GroupNorms a kernel that uses the whole GPU, with the
+SiLU after them fused in (ryla.flux.vae_norms).
 
 Compiled artifacts go to a cache folder (a Volume on Modal) so a new process reuses them.
 """
@@ -114,6 +118,17 @@ def compile_blocks(model, fullgraph: bool = True, mode: str | None = None, dynam
     return len(blocks)
 
 
+def optimize_vae(vae, mode: str) -> dict:
+    """The VAE's part of a speed mode (in place): fast GroupNorms on GPUs in compiled modes."""
+    if mode not in SPEED_MODES:
+        raise ValueError(f"speed must be one of {', '.join(SPEED_MODES)}, got {mode!r}")
+    from ryla.flux.vae_norms import fast_group_norm_available, use_fast_group_norms
+
+    if mode == "eager" or not fast_group_norm_available():
+        return {}
+    return {"vae_fast_group_norms": use_fast_group_norms(vae)}
+
+
 def optimize_transformer(transformer, mode: str, compile: bool = True, compile_mode: str | None = None,
                          controlnet: bool = False) -> dict:
     """Apply a speed mode in place; returns what was done (for logs and /health).
@@ -134,10 +149,16 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
     if mode in ("fast", "turbo"):
         info.update(use_fp8(transformer))
     else:
-        from ryla.flux.attention import fused_attention_inputs_available, use_fused_attention_inputs
+        from ryla.flux.attention import (
+            flash_attention_3_available,
+            fused_attention_inputs_available,
+            use_fused_attention_inputs,
+        )
 
         use_fused_attention_inputs(transformer)
         info["attention_inputs"] = "fused kernel" if fused_attention_inputs_available() else "PyTorch"
+        if flash_attention_3_available():
+            info["attention"] = "flash_attention_3"
     from ryla.flux.blocks import use_lean_forwards
 
     info["lean_forwards"] = use_lean_forwards(transformer)
