@@ -4,7 +4,8 @@
     prepared by diffusers' processor (Inductor's kernels) vs ryla.flux.attention's one kernel,
     for a single block (4608 tokens) and a double block (512 text + 4096 image tokens);
   * cuDNN attention through PyTorch on [batch, heads, seq, dim] tensors vs transposed views of
-    [batch, seq, heads, dim] ones, FlashAttention-2 beside them;
+    [batch, seq, heads, dim] ones, FlashAttention-2 beside them, and FlashAttention-3 where it
+    is installed (bench/fetch_flash_attention_3.sh);
   * cuDNN bf16 attention through cudnn-frontend, every execution plan it offers, timed;
   * the VAE decoder's GroupNorm at 1024x1024: eager vs torch.compile'd.
 
@@ -146,6 +147,17 @@ def sdpa_layouts() -> dict:
             ms = cuda_time(lambda: F.scaled_dot_product_attention(*inputs))
             out = F.scaled_dot_product_attention(*inputs)
         results[label] = {"ms": ms, "tflops": flops / ms / 1e9, "out_stride": list(out.stride())}
+    from ryla.flux.attention import flash_attention_3_available
+
+    if flash_attention_3_available():
+        with torch.inference_mode():
+            ms = cuda_time(lambda: torch.ops.ryla.flash_attention_3(*bshd, HEAD_DIM ** -0.5))
+            out = torch.ops.ryla.flash_attention_3(*bshd, HEAD_DIM ** -0.5)
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                reference = F.scaled_dot_product_attention(*contiguous).transpose(1, 2)
+        results["flash3_bshd"] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_l2_vs_cudnn": rel_l2(out, reference)}
+    else:
+        results["flash3_bshd"] = {"error": "FlashAttention-3 not installed (bench/fetch_flash_attention_3.sh)"}
     print("sdpa", results, flush=True)
     return results
 
@@ -189,17 +201,22 @@ def cudnn_frontend_plans() -> dict:
 
 
 def vae_group_norm() -> dict:
+    """GroupNorm + SiLU at the VAE decoder's shapes for 1024x1024: PyTorch's eager kernels vs
+    ryla.flux.kernels.group_norm (what the compiled speed modes give the VAE)."""
+    from ryla.flux.kernels import group_norm
+
     results = {}
-    norm = torch.compile(lambda x, w, b: F.silu(F.group_norm(x, 32, w, b, 1e-6)))
     for channels, size in ((512, 128), (512, 256), (512, 512), (256, 1024), (128, 1024)):
         x = torch.randn(1, channels, size, size, device="cuda", dtype=torch.bfloat16)
         w, b = torch.randn(channels, device="cuda", dtype=torch.bfloat16), torch.randn(channels, device="cuda",
                                                                                        dtype=torch.bfloat16)
         with torch.inference_mode():
             eager = cuda_time(lambda: F.silu(F.group_norm(x, 32, w, b, 1e-6)), iters=20)
-            compiled = cuda_time(lambda: norm(x, w, b), iters=20)
-            diff = rel_l2(norm(x, w, b), F.silu(F.group_norm(x, 32, w, b, 1e-6)))
-        results[f"{channels}x{size}x{size}"] = {"eager_ms": eager, "compiled_ms": compiled, "rel_l2": diff}
+            ryla = cuda_time(lambda: group_norm(x, 32, w, b, 1e-6, silu=True), iters=20)
+            diff = rel_l2(group_norm(x, 32, w, b, 1e-6, silu=True), F.silu(F.group_norm(x, 32, w, b, 1e-6)))
+        moved = 3 * x.numel() * x.element_size()  # read twice, written once
+        results[f"{channels}x{size}x{size}"] = {"eager_ms": eager, "ryla_ms": ryla, "ryla_tb_per_s": moved / ryla / 1e9,
+                                                "rel_l2": diff}
     print("group_norm", results, flush=True)
     return results
 

@@ -179,8 +179,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--modes", default="eager,exact,lora,fast,turbo",
-                        help="comma list of eager, exact, exact-diffusers-inputs, exact-tuned, exact-autotune, "
-                             "exact-cudagraphs, lora, fast-linear, fast, turbo")
+                        help="comma list of eager, exact, exact-cudnn, exact-diffusers-inputs, exact-tuned, "
+                             "exact-autotune, exact-cudagraphs, lora, fast-linear, fast, turbo")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny architecture")
     parser.add_argument("--profile", action="store_true", help="also profile one image per mode (kernel time by kind)")
     args = parser.parse_args()
@@ -196,7 +196,7 @@ def main() -> None:
     from ryla.flux import sampling
     from ryla.flux.components import Cond, FluxModel, Vae
     from ryla.flux.engine import FluxEngine
-    from ryla.flux.speed import configure_compile_cache, optimize_transformer
+    from ryla.flux.speed import configure_compile_cache, optimize_transformer, optimize_vae
     from ryla.models.store import ModelStore
 
     import diffusers
@@ -245,12 +245,12 @@ def main() -> None:
     store = ModelStore(store_dir)
     engine = FluxEngine(store, device=device, dtype=dtype)
     cond = Cond(t5=t5_embeds, pooled=pooled, guidance=GUIDANCE)
-    vae_handle = Vae("ae", vae)
+    vae_handle = Vae("ae", vae)  # PyTorch's VAE; each mode gets its own copy, as the engine optimises it
     latent = torch.zeros(1, 16, HEIGHT // 8, WIDTH // 8)
 
     def ryla_image(model):
         out = engine.sample(model, (cond,), None, latent, noise, sigmas, 1.0)
-        return out, engine.decode(vae_handle, out)
+        return out, engine.decode(current.get("vae", vae_handle), out)
 
     def packed_model_space(vae_space):
         return sampling.pack_latents((vae_space - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE)
@@ -260,7 +260,11 @@ def main() -> None:
         stats["ratio_vs_stock"] = stats["median_s"] / baseline
         stats["rel_l2_vs_stock"] = rel_l2(packed_model_space(out).to(device), stock_latents)
         stats["speed_info"] = engine.speed_info
-        stats["decode_s"] = statistics.median(sync_time(lambda: engine.decode(vae_handle, out))[0] for _ in range(3))
+        stats["decode_s"] = statistics.median(
+            sync_time(lambda: engine.decode(current.get("vae", vae_handle), out))[0] for _ in range(3))
+        if "decode_pytorch_vae_s" not in results:  # the same latents through PyTorch's own GroupNorm
+            results["decode_pytorch_vae_s"] = statistics.median(
+                sync_time(lambda: engine.decode(vae_handle, out))[0] for _ in range(3))
         if args.profile and torch.cuda.is_available():
             with torch.inference_mode():
                 stats["profile"] = profile_image(lambda: ryla_image(model))
@@ -285,11 +289,13 @@ def main() -> None:
             torch.cuda.empty_cache()
         model = FluxModel("flux1-dev", copy.deepcopy(pristine).to(device))
         engine.speed_info = optimize_transformer(model.transformer, speed) if speed != "eager" else {"speed": speed}
-        current["model"] = model
+        mode_vae = copy.deepcopy(vae)
+        engine.speed_info.update(optimize_vae(mode_vae, speed))
+        current.update(model=model, vae=Vae("ae", mode_vae))
         return model
 
-    for mode in ("eager", "exact", "exact-diffusers-inputs", "exact-tuned", "exact-autotune", "exact-cudagraphs",
-                 "lora", "fast-linear", "fast", "turbo"):
+    for mode in ("eager", "exact", "exact-cudnn", "exact-diffusers-inputs", "exact-tuned", "exact-autotune",
+                 "exact-cudagraphs", "lora", "fast-linear", "fast", "turbo"):
         if mode not in modes:
             continue
         try:
@@ -313,7 +319,15 @@ def main() -> None:
                     print("lora", json.dumps(results["lora"]), flush=True)
                     continue
                 torch._dynamo.reset()
-                if mode == "exact-diffusers-inputs":  # attention inputs by diffusers' processor (attributes the gain)
+                if mode == "exact-cudnn":  # cuDNN's attention where FlashAttention-3 is installed (attributes FA3)
+                    from ryla.flux.attention import FusedInputsFluxAttnProcessor
+
+                    for module in model.transformer.modules():
+                        if isinstance(getattr(module, "processor", None), FusedInputsFluxAttnProcessor):
+                            module.processor.flash_attention_3 = False
+                    engine.speed_info = {**engine.speed_info, "attention": "_native_cudnn"}
+                    compiled = engine.speed_info.get("compiled", "not compiled")
+                elif mode == "exact-diffusers-inputs":  # attention inputs by diffusers' processor (attributes the gain)
                     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
                     for module in model.transformer.modules():
