@@ -87,9 +87,12 @@ def _load_flash_attention_3() -> None:
         if library.exists():
             _preload_cuda12_runtime()
             try:
-                torch.ops.load_library(str(library))
+                # as an extension module of its own name: dlopen plus its init function, which
+                # registers torch.ops.flash_attn_3, without running xformers/__init__.py
+                spec = importlib.util.spec_from_file_location("xformers.flash_attn_3._C", library)
+                spec.loader.exec_module(importlib.util.module_from_spec(spec))
                 log.info("FlashAttention-3 loaded from %s", library)
-            except OSError as exc:
+            except (ImportError, OSError) as exc:
                 log.warning("FlashAttention-3 in %s could not be loaded (%s); using cuDNN attention", library, exc)
             return
 
