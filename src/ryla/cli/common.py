@@ -46,8 +46,6 @@ def numbered_paths(path: Path, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i + 1}{path.suffix}") for i in range(count)]
 
 
-
-
 def run_cli(action: Callable[[], None]) -> int:
     """Run a command: `error: ...` and status 1 for a CliError, 130 on Ctrl-C, never a traceback
     for what the user can fix."""

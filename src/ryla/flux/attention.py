@@ -48,21 +48,15 @@ def flash_attention_3_available() -> bool:
 
 
 def _flash_attention_3_agrees_with_pytorch(device: str = "cuda") -> bool:
-    """One small attention through FA3 and through PyTorch: a build that fails to run here, or
-    computes something else, is not used (a warning says why)."""
+    """One small attention through FA3 and through PyTorch (ryla.flux.speed.agrees_with_pytorch)."""
+    from ryla.flux.speed import agrees_with_pytorch
+
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, 256, 2, 128, generator=generator, device=device).to(torch.bfloat16) for _ in range(3))
-    try:
-        got = flash_attention_3(q, k, v, 128 ** -0.5).float()
-    except Exception as exc:  # a build for another GPU or PyTorch: fall back
-        log.warning("FlashAttention-3 does not run here (%s); using cuDNN attention", exc)
-        return False
-    expected = F.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v))).transpose(1, 2)
-    error = float((got - expected).norm() / expected.norm())
-    if error > 0.01:
-        log.warning("FlashAttention-3 differs from PyTorch's attention by %.3g; using cuDNN attention", error)
-        return False
-    return True
+    return agrees_with_pytorch(
+        "FlashAttention-3", lambda: flash_attention_3(q, k, v, 128 ** -0.5),
+        lambda: F.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v))).transpose(1, 2),
+        "using cuDNN attention")
 
 
 def _has_flash_attention_3() -> bool:
@@ -81,20 +75,29 @@ def _load_flash_attention_3() -> None:
         return
     except ImportError:
         pass
-    spec = importlib.util.find_spec("xformers")
+    library = _package_file("xformers", "flash_attn_3", "_C.so")
+    if library is None:
+        return
+    _preload_cuda12_runtime()
+    try:
+        # as an extension module of its own name: dlopen plus its init function, which
+        # registers torch.ops.flash_attn_3, without running xformers/__init__.py
+        spec = importlib.util.spec_from_file_location("xformers.flash_attn_3._C", library)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        log.info("FlashAttention-3 loaded from %s", library)
+    except (ImportError, OSError) as exc:
+        log.warning("FlashAttention-3 in %s could not be loaded (%s); using cuDNN attention", library, exc)
+
+
+def _package_file(package: str, *parts: str) -> Path | None:
+    """A file inside an installed package's folder (any of a namespace package's folders),
+    found without importing the package."""
+    spec = importlib.util.find_spec(package)
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        library = Path(folder) / "flash_attn_3" / "_C.so"
-        if library.exists():
-            _preload_cuda12_runtime()
-            try:
-                # as an extension module of its own name: dlopen plus its init function, which
-                # registers torch.ops.flash_attn_3, without running xformers/__init__.py
-                spec = importlib.util.spec_from_file_location("xformers.flash_attn_3._C", library)
-                spec.loader.exec_module(importlib.util.module_from_spec(spec))
-                log.info("FlashAttention-3 loaded from %s", library)
-            except (ImportError, OSError) as exc:
-                log.warning("FlashAttention-3 in %s could not be loaded (%s); using cuDNN attention", library, exc)
-            return
+        path = Path(folder).joinpath(*parts)
+        if path.exists():
+            return path
+    return None
 
 
 def _preload_cuda12_runtime() -> None:
@@ -105,15 +108,10 @@ def _preload_cuda12_runtime() -> None:
 
     try:
         ctypes.CDLL("libcudart.so.12", mode=ctypes.RTLD_GLOBAL)
-        return
     except OSError:
-        pass
-    spec = importlib.util.find_spec("nvidia")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        runtime = Path(folder) / "cuda_runtime" / "lib" / "libcudart.so.12"
-        if runtime.exists():
+        runtime = _package_file("nvidia", "cuda_runtime", "lib", "libcudart.so.12")
+        if runtime is not None:
             ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
-            return
 
 
 @torch.library.custom_op("ryla::flash_attention_3", mutates_args=())

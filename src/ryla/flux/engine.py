@@ -19,7 +19,7 @@ import torch
 from ryla.flux import loading, sampling
 from ryla.flux.components import Cond, Conditioning, FluxModel, LoraPatch, TextEncoder, Vae
 from ryla.flux.lora import LoraWeights, WeightPatcher, convert, linear_shapes
-from ryla.flux.speed import SPEED_MODES, optimize_transformer, optimize_vae
+from ryla.flux.speed import check_speed_mode, optimize_transformer, optimize_vae
 from ryla.models import formats
 from ryla.models.store import ModelStore
 
@@ -56,11 +56,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
 class FluxEngine:
     def __init__(self, store: ModelStore, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, prompt_cache_size: int = 64, speed: str = "eager"):
-        if speed not in SPEED_MODES:
-            raise ValueError(f"speed must be one of {', '.join(SPEED_MODES)}, got {speed!r}")
+        check_speed_mode(speed)
         self.store = store
         self.speed = speed
-        self.speed_info: dict = {"speed": speed}
+        self.speed_info: dict = {"speed": speed}  # the transformer's speed mode and the VAE's (/health)
+        self._vae_speed_info: dict = {}
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.stats = EngineStats()
@@ -91,12 +91,12 @@ class FluxEngine:
             return self._models[key]
 
     def _optimized(self, transformer, compile: bool = True):
-        vae_info = {k: v for k, v in self.speed_info.items() if k.startswith("vae_")}
-        self.speed_info = {**optimize_transformer(transformer, self.speed, compile=compile), **vae_info}
+        self.speed_info = {**optimize_transformer(transformer, self.speed, compile=compile), **self._vae_speed_info}
         return transformer
 
     def _optimized_vae(self, vae):
-        self.speed_info.update(optimize_vae(vae, self.speed))
+        self._vae_speed_info = optimize_vae(vae, self.speed)
+        self.speed_info.update(self._vae_speed_info)
         return vae
 
     def loaded_models(self) -> list[str]:

@@ -34,6 +34,28 @@ SPEED_MODES = ("eager", "exact", "fast", "turbo")
 FIRST_BLOCK_CACHE_THRESHOLD = 0.12
 
 
+def check_speed_mode(mode: str) -> None:
+    if mode not in SPEED_MODES:
+        raise ValueError(f"speed must be one of {', '.join(SPEED_MODES)}, got {mode!r}")
+
+
+def agrees_with_pytorch(what: str, run, reference, fallback: str) -> bool:
+    """Start-up check of an optional kernel: `run()` on a small input against PyTorch's
+    `reference()`. A kernel that cannot build or run here, or computes something else, is not
+    used for requests; a warning says why and what runs instead (`fallback`)."""
+    try:
+        got = run().float()
+    except Exception as exc:  # a build for another GPU or PyTorch, a Triton that cannot compile it
+        log.warning("%s does not run here (%s); %s", what, exc, fallback)
+        return False
+    expected = reference().float()
+    error = float((got - expected).norm() / expected.norm())
+    if error > 0.01:
+        log.warning("%s differs from PyTorch's by %.3g; %s", what, error, fallback)
+        return False
+    return True
+
+
 def configure_compile_cache(cache_dir: Path | str) -> None:
     """Point Inductor's and Triton's on-disk caches at `cache_dir` (unless already set)."""
     cache_dir = Path(cache_dir)
@@ -120,8 +142,7 @@ def compile_blocks(model, fullgraph: bool = True, mode: str | None = None, dynam
 
 def optimize_vae(vae, mode: str) -> dict:
     """The VAE's part of a speed mode (in place): fast GroupNorms on GPUs in compiled modes."""
-    if mode not in SPEED_MODES:
-        raise ValueError(f"speed must be one of {', '.join(SPEED_MODES)}, got {mode!r}")
+    check_speed_mode(mode)
     from ryla.flux.vae_norms import fast_group_norm_available, use_fast_group_norms
 
     if mode == "eager" or not fast_group_norm_available():
@@ -138,8 +159,7 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
     Its blocks are the transformer's classes, whose compiled graphs dynamo keeps in one list
     per class; InfuseNet's text is 8 identity tokens, not 512, and a dynamic-shape graph made
     for it would otherwise be picked for the transformer's calls too."""
-    if mode not in SPEED_MODES:
-        raise ValueError(f"speed must be one of {', '.join(SPEED_MODES)}, got {mode!r}")
+    check_speed_mode(mode)
     info: dict = {"speed": mode}
     if mode == "eager":
         return info

@@ -35,21 +35,16 @@ def fast_group_norm_available() -> bool:
 
 
 def _agrees_with_pytorch(group_norm, device: str) -> bool:
+    from ryla.flux.speed import agrees_with_pytorch
+
     generator = torch.Generator(device=device).manual_seed(0)
     x = (torch.randn(1, 64, 48, 48, generator=generator, device=device) * 3 + 2).to(torch.bfloat16)
     weight = torch.rand(64, generator=generator, device=device).to(torch.bfloat16) + 0.5
     bias = torch.randn(64, generator=generator, device=device).to(torch.bfloat16)
-    try:
-        got = group_norm(x, 32, weight, bias, 1e-6, silu=True).float()
-    except Exception as exc:  # Triton cannot build or run it here: PyTorch's GroupNorm stays
-        log.warning("fast GroupNorm does not run here (%s); the VAE keeps PyTorch's", exc)
-        return False
-    expected = F.silu(F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-6))
-    error = float((got - expected).norm() / expected.norm())
-    if error > 0.01:
-        log.warning("fast GroupNorm differs from PyTorch's by %.3g; the VAE keeps PyTorch's", error)
-        return False
-    return True
+    return agrees_with_pytorch(
+        "fast GroupNorm", lambda: group_norm(x, 32, weight, bias, 1e-6, silu=True),
+        lambda: F.silu(F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-6)),
+        "the VAE keeps PyTorch's")
 
 
 def _fast_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
