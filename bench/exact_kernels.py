@@ -7,7 +7,10 @@
     [batch, seq, heads, dim] ones, FlashAttention-2 beside them, and FlashAttention-3 where it
     is installed (bench/fetch_flash_attention_3.sh);
   * cuDNN bf16 attention through cudnn-frontend, every execution plan it offers, timed;
-  * the VAE decoder's GroupNorm at 1024x1024: eager vs torch.compile'd.
+  * the VAE decoder's GroupNorm at 1024x1024: eager vs torch.compile'd;
+  * a double block's text and image projections (same shapes, different weights): two cuBLAS
+    products (512 and 4096 rows) vs one grouped product over the 4608 rows (torch._grouped_mm),
+    beside one 4608-row product (what a single block gets).
 
     python bench/exact_kernels.py --out bench/results
 """
@@ -114,19 +117,21 @@ def attention_inputs_configs() -> dict:
     moved = 2 * qkv.numel() * qkv.element_size()  # read once, written once
     text, image = qkv[:, :TEXT].contiguous(), qkv[:, TEXT:].contiguous()
     results = {}
-    for block_rows, warps in ((4, 1), (8, 1), (8, 2), (16, 2), (16, 4), (32, 4), (64, 8)):
+    # (rows, warps, all heads a program): one head a program was the first version's layout
+    for block_rows, warps, all_heads in ((4, 1, False), (1, 1, True), (2, 1, True), (4, 1, True), (4, 2, True),
+                                         (8, 1, True), (8, 2, True), (8, 4, True), (16, 4, True)):
         def single():
-            launch_attention_inputs(qkv, *weights, cos, sin, out, 0, 1e-6, block_rows, warps)
+            launch_attention_inputs(qkv, *weights, cos, sin, out, 0, 1e-6, block_rows, warps, all_heads)
 
         def double():
-            launch_attention_inputs(text, *weights, cos, sin, out, 0, 1e-6, block_rows, warps)
-            launch_attention_inputs(image, *weights, cos, sin, out, TEXT, 1e-6, block_rows, warps)
+            launch_attention_inputs(text, *weights, cos, sin, out, 0, 1e-6, block_rows, warps, all_heads)
+            launch_attention_inputs(image, *weights, cos, sin, out, TEXT, 1e-6, block_rows, warps, all_heads)
 
         entry = {}
         for label, launch in (("single", single), ("double", double)):
             ms = graphed_time(launch)
             entry[label] = {"ms": ms, "tb_per_s": moved / ms / 1e9}
-        results[f"{block_rows}x{warps}"] = entry
+        results[f"{block_rows}x{warps}{' all heads' if all_heads else ''}"] = entry
     print("attention inputs", results, flush=True)
     return results
 
@@ -221,6 +226,42 @@ def vae_group_norm() -> dict:
     return results
 
 
+def double_block_gemms() -> dict:
+    """The double blocks' text-stream products have 512 rows: 3 x 16 output tiles for a
+    3072-wide layer, on 132 multiprocessors. Timed: the text and image products as two
+    launches, as one grouped launch, and one 4608-row product with one weight (the floor)."""
+    results = {}
+    torch.manual_seed(0)
+    offsets = torch.tensor([TEXT, TEXT + IMAGE], device="cuda", dtype=torch.int32)
+    for name, k, n in (("qkv", DIM, 3 * DIM), ("out", DIM, DIM), ("mlp_up", DIM, 4 * DIM), ("mlp_down", 4 * DIM, DIM)):
+        x = torch.randn(TEXT + IMAGE, k, device="cuda", dtype=torch.bfloat16)
+        weights = torch.randn(2, n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        bias = torch.randn(2, n, device="cuda", dtype=torch.bfloat16)
+        text, image = x[:TEXT], x[TEXT:]
+
+        def separate():
+            return torch.cat([F.linear(text, weights[0], bias[0]), F.linear(image, weights[1], bias[1])])
+
+        with torch.inference_mode():
+            row = {"text_ms": cuda_time(lambda: F.linear(text, weights[0], bias[0])),
+                   "image_ms": cuda_time(lambda: F.linear(image, weights[1], bias[1])),
+                   "one_4608_rows_ms": cuda_time(lambda: F.linear(x, weights[1], bias[1]))}
+            try:
+                grouped = lambda: torch._grouped_mm(x, weights.transpose(-2, -1), offs=offsets)  # noqa: E731
+                row["grouped_ms"] = cuda_time(grouped)
+                row["grouped_rel_l2"] = rel_l2(grouped() + torch.repeat_interleave(
+                    bias, torch.tensor([TEXT, IMAGE], device="cuda"), dim=0), separate())
+            except Exception as exc:  # noqa: BLE001 -- reported, not fatal
+                row["grouped_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        flops = 2 * (TEXT + IMAGE) * k * n
+        for key in [key for key in row if key.endswith("_ms")]:
+            rows = {"text_ms": TEXT, "image_ms": IMAGE}.get(key, TEXT + IMAGE)
+            row[key.replace("_ms", "_tflops")] = flops * rows / (TEXT + IMAGE) / row[key] / 1e9
+        results[name] = row
+    print("double_block_gemms", json.dumps(results), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results")
@@ -230,7 +271,8 @@ def main() -> None:
                "cudnn": torch.backends.cudnn.version()}
     for name, fn in (("attention_module_ms", attention_modules), ("attention_inputs_kernel", attention_inputs_configs),
                      ("sdpa", sdpa_layouts),
-                     ("cudnn_frontend_bf16", cudnn_frontend_plans), ("vae_group_norm", vae_group_norm)):
+                     ("cudnn_frontend_bf16", cudnn_frontend_plans), ("vae_group_norm", vae_group_norm),
+                     ("double_block_gemms", double_block_gemms)):
         if args.only and name not in args.only.split(","):
             continue
         try:

@@ -9,8 +9,9 @@
 #   bash bench/fetch_flash_attention_3.sh --assemble /tmp/site   # -> /tmp/site/xformers/flash_attn_3/_C.so
 # ryla.flux.attention finds it through the `xformers` package folder on PYTHONPATH. The build
 # links the CUDA 12 runtime, which the device's torch (cu130) lacks (seen: "libcudart.so.12:
-# not found"), so the part folder also holds nvidia-cuda-runtime-cu12's wheel, installed by
-# --assemble; ryla loads that runtime before FA3.
+# not found"), so the part folder also holds nvidia-cuda-runtime-cu12's wheel; --assemble puts
+# its libcudart.so.12 next to _C.so, where ryla loads it before FA3. Not installed as a package:
+# in site-packages beside a CUDA 13 torch it made cudnn-frontend decline fast's fp8 attention.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--assemble" ]]; then
@@ -18,7 +19,9 @@ if [[ "${1:-}" == "--assemble" ]]; then
   mkdir -p "$site/xformers/flash_attn_3"
   touch "$site/xformers/__init__.py" "$site/xformers/flash_attn_3/__init__.py"
   cat /tmp/fa3/part-* | xz -d -T0 > "$site/xformers/flash_attn_3/_C.so"
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" /tmp/fa3/nvidia_cuda_runtime_cu12-*.whl
+  # python's zipfile, not unzip: the device image has no unzip
+  python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("nvidia/cuda_runtime/lib/libcudart.so.12"))' \
+    /tmp/fa3/nvidia_cuda_runtime_cu12-*.whl "$site/xformers/flash_attn_3/libcudart.so.12"
   ls -l "$site/xformers/flash_attn_3/_C.so"
   exit 0
 fi

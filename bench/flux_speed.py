@@ -12,7 +12,7 @@ process and on the same prompt embeddings and seeded noise, at 1024x1024 and 28 
   * per-request cost of switching among 3 rank-64 LoRAs on the compiled transformer, with
     recompilation turned into an error.
 
-Reports the median of 3 timed runs after warm-up, the ratio to stock, peak GPU memory and the
+Reports the median of 5 timed runs after 2 warm-ups, the ratio to stock, peak GPU memory and the
 relative L2 difference of the final latents against stock; writes JSON and a markdown table.
 
     python bench/flux_speed.py --out bench/results
@@ -39,7 +39,10 @@ WIDTH = HEIGHT = 1024
 STEPS = 28
 GUIDANCE = 3.5
 SEED = 0
-TIMED_RUNS = 3
+# 5 runs after 2 warm-ups: fast's image times jittered by up to 0.5 s in some runs (host
+# side, right after a fresh compile; bench/results/README.md), and 3 gave a poor median.
+TIMED_RUNS = 5
+WARMUPS = 2
 AUTOTUNE = "max-autotune-no-cudagraphs"
 
 
@@ -81,7 +84,7 @@ class GcPauses:
         gc.callbacks.remove(self)
 
 
-def measure(fn, warmups=1, runs=TIMED_RUNS):
+def measure(fn, warmups=WARMUPS, runs=TIMED_RUNS):
     warm = [sync_time(fn)[0] for _ in range(warmups)]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -179,8 +182,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--modes", default="eager,exact,lora,fast,turbo",
-                        help="comma list of eager, exact, exact-cudnn, exact-diffusers-inputs, exact-tuned, "
-                             "exact-autotune, exact-cudagraphs, lora, fast-linear, fast, turbo")
+                        help="comma list, run in this order, of eager, exact, exact-cudnn, exact-looped, "
+                             "exact-diffusers-inputs, exact-tuned, exact-autotune, exact-cudagraphs, lora, "
+                             "fast-linear, fast, turbo (variants of exact right after exact)")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny architecture")
     parser.add_argument("--profile", action="store_true", help="also profile one image per mode (kernel time by kind)")
     args = parser.parse_args()
@@ -245,12 +249,13 @@ def main() -> None:
     store = ModelStore(store_dir)
     engine = FluxEngine(store, device=device, dtype=dtype)
     cond = Cond(t5=t5_embeds, pooled=pooled, guidance=GUIDANCE)
-    vae_handle = Vae("ae", vae)  # PyTorch's VAE; each mode gets its own copy, as the engine optimises it
+    # PyTorch's VAE waits on the CPU (see pristine below); each mode gets its own GPU copy, which
+    # the engine optimises as `ryla serve --speed MODE` does
     latent = torch.zeros(1, 16, HEIGHT // 8, WIDTH // 8)
 
     def ryla_image(model):
         out = engine.sample(model, (cond,), None, latent, noise, sigmas, 1.0)
-        return out, engine.decode(current.get("vae", vae_handle), out)
+        return out, engine.decode(current["vae"], out)
 
     def packed_model_space(vae_space):
         return sampling.pack_latents((vae_space - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE)
@@ -261,10 +266,12 @@ def main() -> None:
         stats["rel_l2_vs_stock"] = rel_l2(packed_model_space(out).to(device), stock_latents)
         stats["speed_info"] = engine.speed_info
         stats["decode_s"] = statistics.median(
-            sync_time(lambda: engine.decode(current.get("vae", vae_handle), out))[0] for _ in range(3))
+            sync_time(lambda: engine.decode(current["vae"], out))[0] for _ in range(3))
         if "decode_pytorch_vae_s" not in results:  # the same latents through PyTorch's own GroupNorm
+            pytorch_vae = Vae("ae", copy.deepcopy(pristine_vae).to(device))  # after the peak was taken
             results["decode_pytorch_vae_s"] = statistics.median(
-                sync_time(lambda: engine.decode(vae_handle, out))[0] for _ in range(3))
+                sync_time(lambda: engine.decode(pytorch_vae, out))[0] for _ in range(3))
+            del pytorch_vae
         if args.profile and torch.cuda.is_available():
             with torch.inference_mode():
                 stats["profile"] = profile_image(lambda: ryla_image(model))
@@ -274,9 +281,9 @@ def main() -> None:
     modes = args.modes.split(",")
     # Each served mode starts from its own copy of the stock weights, as `ryla serve --speed MODE`
     # would (a fast transformer built on top of exact's compiled one idled the GPU more: run 7).
-    # The stock copy waits on the CPU so that only the mode's own copy counts in its peak memory.
+    # The stock copies wait on the CPU so that only the mode's own copies count in its peak memory.
     del pipe
-    pristine = transformer.to("cpu")
+    pristine, pristine_vae = transformer.to("cpu"), vae.to("cpu")
     current: dict = {}
 
     def fresh_model(speed: str) -> FluxModel:
@@ -289,15 +296,19 @@ def main() -> None:
             torch.cuda.empty_cache()
         model = FluxModel("flux1-dev", copy.deepcopy(pristine).to(device))
         engine.speed_info = optimize_transformer(model.transformer, speed) if speed != "eager" else {"speed": speed}
-        mode_vae = copy.deepcopy(vae)
+        mode_vae = copy.deepcopy(pristine_vae).to(device)
         engine.speed_info.update(optimize_vae(mode_vae, speed))
         current.update(model=model, vae=Vae("ae", mode_vae))
         return model
 
-    for mode in ("eager", "exact", "exact-cudnn", "exact-diffusers-inputs", "exact-tuned", "exact-autotune",
-                 "exact-cudagraphs", "lora", "fast-linear", "fast", "turbo"):
-        if mode not in modes:
-            continue
+    known = ("eager", "exact", "exact-cudnn", "exact-looped", "exact-diffusers-inputs", "exact-tuned",
+             "exact-autotune", "exact-cudagraphs", "lora", "fast-linear", "fast", "turbo")
+    if unknown := [mode for mode in modes if mode not in known]:
+        parser.error(f"--modes: unknown {unknown}; known: {', '.join(known)}")
+    # In the order given: FlashAttention-3's build (exact, where installed) loads the CUDA 12
+    # runtime beside torch's CUDA 13 one, after which cudnn-frontend refuses fp8 attention
+    # ("Multiple libcudart libraries found"); list fast before exact where both are measured.
+    for mode in modes:
         try:
             start = time.perf_counter()
             if mode in ("eager", "exact", "fast-linear", "fast", "turbo"):
@@ -326,6 +337,16 @@ def main() -> None:
                         if isinstance(getattr(module, "processor", None), FusedInputsFluxAttnProcessor):
                             module.processor.flash_attention_3 = False
                     engine.speed_info = {**engine.speed_info, "attention": "_native_cudnn"}
+                    compiled = engine.speed_info.get("compiled", "not compiled")
+                elif mode == "exact-looped":  # Inductor's own reduction rule (attributes the persistent rows)
+                    import torch._inductor.config as inductor_config
+                    from torch._inductor.choices import InductorChoices
+                    from torch._inductor.virtualized import V
+
+                    if hasattr(inductor_config, "inductor_choices_class"):
+                        inductor_config.inductor_choices_class = None
+                    V.set_choices_handler(InductorChoices())
+                    engine.speed_info = {k: v for k, v in engine.speed_info.items() if k != "persistent_row_reductions"}
                     compiled = engine.speed_info.get("compiled", "not compiled")
                 elif mode == "exact-diffusers-inputs":  # attention inputs by diffusers' processor (attributes the gain)
                     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
@@ -446,7 +467,7 @@ def markdown(results: dict) -> str:
              "",
              f"{results['gpu']}; torch {results['torch']}, diffusers {results['diffusers']}, "
              f"transformers {results['transformers']}. Random weights, full-size architecture. "
-             f"Median of {TIMED_RUNS} runs after warm-up; latency includes VAE decoding.",
+             f"Median of {TIMED_RUNS} runs after {WARMUPS} warm-ups; latency includes VAE decoding.",
              "",
              "| mode | latency (s) | vs stock | peak GPU memory (GiB) | rel. L2 of latents vs stock | notes |",
              "|---|---|---|---|---|---|"]

@@ -410,7 +410,8 @@ print("ok")
 def test_attention_inputs_kernel_runs_in_tritons_interpreter(tmp_path):
     """ryla.flux.kernels' attention-inputs kernel in Triton's CPU interpreter against the
     PyTorch arithmetic: one and two batch entries, with and without a text stream and RoPE,
-    an input whose rows are wider than Q, K and V. V is copied bit for bit; Q and K are within
+    an input whose rows are wider than Q, K and V, one head or all heads a program. V is copied
+    bit for bit; Q and K are within
     one bf16 step (the interpreter rounds to bf16 its own way). Other dtypes are refused."""
     pytest.importorskip("triton")
     import subprocess
@@ -423,7 +424,7 @@ from ryla.flux.attention import reference_attention_inputs
 from ryla.flux.kernels import launch_attention_inputs
 torch.manual_seed(0)
 heads, dim = 3, 16
-for text_rows, rope, batch in itertools.product((0, 6), (True, False), (1, 2)):
+for text_rows, rope, batch, all_heads in itertools.product((0, 6), (True, False), (1, 2), (True, False)):
     rows = 37
     wide = (torch.randn(batch, rows, 3 * heads * dim + 8) * 3).to(torch.bfloat16)
     qkv = wide[..., 4:4 + 3 * heads * dim]
@@ -435,8 +436,10 @@ for text_rows, rope, batch in itertools.product((0, 6), (True, False), (1, 2)):
                                           weights[2], weights[3], cos, sin, dim, 1e-6)
     out = torch.full((3, batch, text_rows + rows, heads, dim), float("nan"), dtype=torch.bfloat16)
     if text_rows:
-        launch_attention_inputs(text, weights[2], weights[3], cos, sin, out, 0, 1e-6, block_rows=16)
-    launch_attention_inputs(qkv, weights[0], weights[1], cos, sin, out, text_rows, 1e-6, block_rows=16)
+        launch_attention_inputs(text, weights[2], weights[3], cos, sin, out, 0, 1e-6, block_rows=16,
+                                all_heads=all_heads)
+    launch_attention_inputs(qkv, weights[0], weights[1], cos, sin, out, text_rows, 1e-6, block_rows=16,
+                            all_heads=all_heads)
     assert torch.equal(out[2], expected[2].to(torch.bfloat16))
     error = (out[:2].float() - expected[:2]).abs()
     assert (error <= expected[:2].abs() * 2 ** -7 + 1e-6).all(), error.max()
@@ -515,3 +518,41 @@ def test_serve_fast_over_http_reports_fp8_and_stays_close_to_eager(server, serve
     difference = np.abs(fast_pixels - eager_pixels).mean()
     # of 255 (0.09 measured): fp8 rounding, not another image (another seed: ~57)
     assert difference < 1 < np.abs(other_pixels - eager_pixels).mean()
+
+
+def test_wide_row_reductions_become_persistent_in_inductors_heuristics():
+    """FLUX's 3072-wide LayerNorm rows get one-pass reductions; wider rows, column-wise
+    reductions and cooperative ones are left to Inductor's own rule."""
+    import sympy
+    import torch._inductor.config as inductor_config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    from ryla.flux.inductor_heuristics import PERSISTENT_ROW_LIMIT, persistent_row_reduction
+    from ryla.flux.speed import use_wide_persistent_reductions
+
+    assert persistent_row_reduction(3072, True, False) is True
+    assert persistent_row_reduction(sympy.Integer(PERSISTENT_ROW_LIMIT), True, False) is True
+    assert persistent_row_reduction(2 * PERSISTENT_ROW_LIMIT, True, False) is None
+    assert persistent_row_reduction(3072, False, False) is None
+    assert persistent_row_reduction(3072, True, True) is None
+    assert persistent_row_reduction(sympy.Symbol("s0"), True, False) is None
+
+    class RowReduction:  # what Inductor asks about: a kernel's reduction features
+        def __init__(self, width):
+            self.reduction_numel = sympy.Integer(width)
+
+        def get_reduction_hint(self):
+            return ReductionHint.INNER
+
+    try:
+        assert use_wide_persistent_reductions()
+        assert V.choices.should_use_persistent_reduction(RowReduction(3072), False)
+        assert V.choices.uuid() == f"ryla-persistent-rows-{PERSISTENT_ROW_LIMIT}"  # keys the compile cache
+        if hasattr(inductor_config, "inductor_choices_class"):  # other threads' compiles too
+            assert inductor_config.inductor_choices_class().should_use_persistent_reduction(RowReduction(3072), False)
+    finally:
+        if hasattr(inductor_config, "inductor_choices_class"):
+            inductor_config.inductor_choices_class = None
+        V.set_choices_handler(InductorChoices())

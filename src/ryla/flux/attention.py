@@ -78,7 +78,7 @@ def _load_flash_attention_3() -> None:
     library = _package_file("xformers", "flash_attn_3", "_C.so")
     if library is None:
         return
-    _preload_cuda12_runtime()
+    _preload_cuda12_runtime(library.parent)
     try:
         # as an extension module of its own name: dlopen plus its init function, which
         # registers torch.ops.flash_attn_3, without running xformers/__init__.py
@@ -100,18 +100,25 @@ def _package_file(package: str, *parts: str) -> Path | None:
     return None
 
 
-def _preload_cuda12_runtime() -> None:
+def _preload_cuda12_runtime(folder: Path) -> None:
     """xformers 0.0.34's FA3 build links the CUDA 12 runtime (libcudart.so.12), which PyTorch's
-    CUDA 12 builds bring and its CUDA 13 builds do not (seen on the H200 with torch 2.11+cu130).
-    The nvidia-cuda-runtime-cu12 wheel provides it; the driver serves both runtimes."""
+    CUDA 12 builds bring and its CUDA 13 builds do not (seen on the H200 with torch 2.11+cu130);
+    the driver serves both runtimes. Looked for as already loadable, then next to the FA3 build
+    (where bench/fetch_flash_attention_3.sh and the Modal image put it), then in
+    nvidia-cuda-runtime-cu12's package folder. Next to the build, not in site-packages: with
+    that wheel installed beside a CUDA 13 PyTorch, cudnn-frontend declines fp8 attention
+    ("Multiple libcudart libraries found"), which is the `fast` mode's."""
     import ctypes
 
-    try:
-        ctypes.CDLL("libcudart.so.12", mode=ctypes.RTLD_GLOBAL)
-    except OSError:
-        runtime = _package_file("nvidia", "cuda_runtime", "lib", "libcudart.so.12")
-        if runtime is not None:
-            ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
+    for candidate in ("libcudart.so.12", folder / "libcudart.so.12",
+                      _package_file("nvidia", "cuda_runtime", "lib", "libcudart.so.12")):
+        if candidate is None or (isinstance(candidate, Path) and not candidate.exists()):
+            continue
+        try:
+            ctypes.CDLL(str(candidate), mode=ctypes.RTLD_GLOBAL)
+            return
+        except OSError:
+            continue
 
 
 @torch.library.custom_op("ryla::flash_attention_3", mutates_args=())

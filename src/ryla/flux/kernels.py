@@ -119,18 +119,19 @@ def gelu_quantize_rows(x: torch.Tensor, apply_gelu: bool) -> tuple[torch.Tensor,
 def _attention_inputs_kernel(src_ptr, weight_q_ptr, weight_k_ptr, cos_ptr, sin_ptr, out_ptr,
                              src_batch_stride, src_row_stride, out_part_stride, out_batch_stride, rows,
                              out_row_offset, EPS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             HAS_ROPE: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    """Program (row block, head, batch * 3 + part): part 0 is Q, 1 is K, 2 is V. `src` rows are
-    [Q heads | K heads | V heads] (the fused projection's output, bf16); `out` is [3, batch,
-    seq, heads, head_dim] and these rows land at `out_row_offset`, which is also their position
-    in RoPE's cos/sin tables ([seq, head_dim] float32, each value repeated for its pair, as
-    diffusers' FluxPosEmbed builds them).
+                             HAS_ROPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr):
+    """Program (row block, head group, batch * 3 + part): part 0 is Q, 1 is K, 2 is V. `src`
+    rows are [Q heads | K heads | V heads] (the fused projection's output, bf16); `out` is [3,
+    batch, seq, heads, head_dim] and these rows land at `out_row_offset`, which is also their
+    position in RoPE's cos/sin tables ([seq, head_dim] float32, each value repeated for its pair,
+    as diffusers' FluxPosEmbed builds them). A program loads the rows' cos/sin and the norm's
+    weight once for all HEADS_PER_PROGRAM heads it handles.
 
     RoPE rotates interleaved pairs (2i, 2i + 1), so each pair is read as one 32-bit word: the
     bf16 at the lower address is the low half. A bf16 is the top half of a float32, so
     unpacking is a shift or a mask; the loads and stores stay vectorised and no values move
     between threads. Strides and offsets are in bf16 elements (all even here)."""
-    head = tl.program_id(1)
+    first_head = tl.program_id(1) * HEADS_PER_PROGRAM
     part = tl.program_id(2) % 3
     batch = tl.program_id(2) // 3
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -139,42 +140,56 @@ def _attention_inputs_kernel(src_ptr, weight_q_ptr, weight_k_ptr, cos_ptr, sin_p
     src_words = src_ptr.to(tl.pointer_type(tl.int32))
     out_words = out_ptr.to(tl.pointer_type(tl.int32))
     # 32-bit offsets within one (part, batch) plane; the plane's base is a scalar
-    src = (src_words + (batch.to(tl.int64) * src_batch_stride + (part * HEADS + head) * HEAD_DIM) // 2
+    src = (src_words + (batch.to(tl.int64) * src_batch_stride + (part * HEADS + first_head) * HEAD_DIM) // 2
            + row[:, None] * (src_row_stride // 2))
     out = (out_words + (part.to(tl.int64) * out_part_stride + batch.to(tl.int64) * out_batch_stride
-                        + head * HEAD_DIM) // 2 + (out_row_offset + row[:, None]) * (HEADS * HEAD_DIM // 2))
-    words = tl.load(src + pair, mask=mask, other=0)
+                        + first_head * HEAD_DIM) // 2 + (out_row_offset + row[:, None]) * (HEADS * HEAD_DIM // 2))
     if part < 2:
-        even = (words << 16).to(tl.float32, bitcast=True)
-        odd = (words & -65536).to(tl.float32, bitcast=True)  # -65536 is 0xFFFF0000
-        # RMSNorm over the head (float32, as torch.nn.RMSNorm computes it), then the weight
-        inv_rms = tl.math.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / HEAD_DIM + EPS)[:, None]
         weight_ptr = tl.where(part == 0, weight_q_ptr, weight_k_ptr)
-        even = even * inv_rms * tl.load(weight_ptr + 2 * pair).to(tl.float32)
-        odd = odd * inv_rms * tl.load(weight_ptr + 2 * pair + 1).to(tl.float32)
-        if HAS_ROPE:
-            # (a, b) -> (a cos - b sin, b cos + a sin), one angle per pair (its even column)
+        weight_even = tl.load(weight_ptr + 2 * pair).to(tl.float32)
+        weight_odd = tl.load(weight_ptr + 2 * pair + 1).to(tl.float32)
+        if HAS_ROPE:  # one angle per pair (its even column)
             table = (out_row_offset + row[:, None]) * HEAD_DIM + 2 * pair
             cos = tl.load(cos_ptr + table, mask=mask, other=0.0)
             sin = tl.load(sin_ptr + table, mask=mask, other=0.0)
-            even, odd = even * cos - odd * sin, odd * cos + even * sin
-        low = even.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
-        high = odd.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
-        words = high | low
-    tl.store(out + pair, words, mask=mask)
+        for head in tl.static_range(HEADS_PER_PROGRAM):
+            words = tl.load(src + head * (HEAD_DIM // 2) + pair, mask=mask, other=0)
+            even = (words << 16).to(tl.float32, bitcast=True)
+            odd = (words & -65536).to(tl.float32, bitcast=True)  # -65536 is 0xFFFF0000
+            # RMSNorm over the head (float32, as torch.nn.RMSNorm computes it), then the weight
+            inv_rms = tl.math.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / HEAD_DIM
+                                    + EPS)[:, None]
+            even = even * inv_rms * weight_even
+            odd = odd * inv_rms * weight_odd
+            if HAS_ROPE:  # (a, b) -> (a cos - b sin, b cos + a sin)
+                even, odd = even * cos - odd * sin, odd * cos + even * sin
+            low = even.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+            high = odd.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+            tl.store(out + head * (HEAD_DIM // 2) + pair, high | low, mask=mask)
+    else:
+        for head in tl.static_range(HEADS_PER_PROGRAM):
+            words = tl.load(src + head * (HEAD_DIM // 2) + pair, mask=mask, other=0)
+            tl.store(out + head * (HEAD_DIM // 2) + pair, words, mask=mask)
 
 
-ATTENTION_INPUTS_BLOCK_ROWS = 4  # measured best of 4-64 rows x 1-8 warps (bench/exact_kernels.py)
+# Measured best of 1-64 rows x 1-8 warps x one or all heads a program (bench/exact_kernels.py,
+# H200): 4 rows, 1 warp. All heads a program (cos/sin and the norm's weight loaded once for 24
+# heads) took a single block's 4608 rows from 0.059 to 0.048 ms (2.9 -> 3.5 TB/s), but the
+# 512-row text launch then has 384 programs for 132 multiprocessors and ran slower; launches
+# with fewer programs than this keep one head a program.
+ATTENTION_INPUTS_BLOCK_ROWS = 4
 ATTENTION_INPUTS_WARPS = 1
+ATTENTION_INPUTS_ALL_HEADS_MIN_PROGRAMS = 2048
 
 
 def launch_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
                             cos: torch.Tensor | None, sin: torch.Tensor | None, out: torch.Tensor, row_offset: int,
                             eps: float, block_rows: int = ATTENTION_INPUTS_BLOCK_ROWS,
-                            num_warps: int = ATTENTION_INPUTS_WARPS) -> None:
+                            num_warps: int = ATTENTION_INPUTS_WARPS, all_heads: bool | None = None) -> None:
     """One stream's fused projection `qkv` ([batch, rows, 3 * heads * head_dim] bf16, last dim
     contiguous) into rows row_offset.. of `out` ([3, batch, seq, heads, head_dim] bf16,
-    contiguous)."""
+    contiguous). `all_heads`: a program handles all its rows' heads (else one each); by
+    default, where that still makes ATTENTION_INPUTS_ALL_HEADS_MIN_PROGRAMS programs."""
     batch, rows, width = qkv.shape
     _, _, _, heads, head_dim = out.shape
     if (width != 3 * heads * head_dim or qkv.stride(2) != 1 or not out.is_contiguous()
@@ -183,11 +198,15 @@ def launch_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k:
         raise ValueError(f"attention inputs: got {qkv.dtype} {tuple(qkv.shape)} (strides {qkv.stride()}) "
                          f"into {out.dtype} {tuple(out.shape)}")
     has_rope = cos is not None
-    grid = (triton.cdiv(rows, block_rows), heads, batch * 3)
+    if all_heads is None:
+        all_heads = batch * 3 * triton.cdiv(rows, block_rows) >= ATTENTION_INPUTS_ALL_HEADS_MIN_PROGRAMS
+    heads_per_program = heads if all_heads else 1
+    grid = (triton.cdiv(rows, block_rows), heads // heads_per_program, batch * 3)
     wrap_triton(_attention_inputs_kernel)[grid](
         qkv, weight_q, weight_k, cos if has_rope else weight_q, sin if has_rope else weight_q, out,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), rows, row_offset,
-        EPS=eps, HEADS=heads, HEAD_DIM=head_dim, HAS_ROPE=has_rope, BLOCK_ROWS=block_rows, num_warps=num_warps)
+        EPS=eps, HEADS=heads, HEAD_DIM=head_dim, HAS_ROPE=has_rope, BLOCK_ROWS=block_rows,
+        HEADS_PER_PROGRAM=heads_per_program, num_warps=num_warps)
 
 
 @triton_op("ryla::flux_attention_inputs", mutates_args={})

@@ -122,6 +122,22 @@ def use_fp8(transformer) -> dict:
 
 
 # The FLUX block classes, shared by the transformer and InfuseNet (a FluxControlNetModel):
+def use_wide_persistent_reductions() -> bool:
+    """One-pass reductions for FLUX's 3072-wide LayerNorm rows in every compile of this process
+    (ryla.flux.inductor_heuristics). Returns whether this PyTorch has the hook."""
+    try:
+        import torch._inductor.config as inductor_config
+        from torch._inductor.virtualized import V
+
+        from ryla.flux.inductor_heuristics import WideRowChoices
+    except ImportError:
+        return False
+    if hasattr(inductor_config, "inductor_choices_class"):  # every thread's compiles (PyTorch >= 2.12)
+        inductor_config.inductor_choices_class = WideRowChoices
+    V.set_choices_handler(WideRowChoices())  # this thread's, which may have made its default already
+    return True
+
+
 # compiled once per class and shape, so InfuseNet's blocks reuse the transformer's kernels.
 REPEATED_BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
@@ -194,5 +210,9 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
         compile_mode = compile_mode or os.environ.get("RYLA_COMPILE_MODE") or None
         compile_blocks(transformer, fullgraph=not caching, mode=compile_mode, dynamic=False if controlnet else None)
         info["compiled"] = f"repeated blocks ({compile_mode or 'default'})"
+        if use_wide_persistent_reductions():
+            from ryla.flux.inductor_heuristics import PERSISTENT_ROW_LIMIT
+
+            info["persistent_row_reductions"] = PERSISTENT_ROW_LIMIT
     log.info("%s speed mode: %s", type(transformer).__name__, info)
     return info
