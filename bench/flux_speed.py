@@ -12,7 +12,7 @@ process and on the same prompt embeddings and seeded noise, at 1024x1024 and 28 
   * per-request cost of switching among 3 rank-64 LoRAs on the compiled transformer, with
     recompilation turned into an error.
 
-Reports the median of 5 timed runs after 2 warm-ups, the ratio to stock, peak GPU memory and the
+Reports the median of 5 timed runs after 2 warm-ups and a wait for the process to go quiet, the ratio to stock, peak GPU memory and the
 relative L2 difference of the final latents against stock; writes JSON and a markdown table.
 
     python bench/flux_speed.py --out bench/results
@@ -39,10 +39,16 @@ WIDTH = HEIGHT = 1024
 STEPS = 28
 GUIDANCE = 3.5
 SEED = 0
-# 5 runs after 2 warm-ups: fast's image times jittered by up to 0.5 s in some runs (host
-# side, right after a fresh compile; bench/results/README.md), and 3 gave a poor median.
+# Timed runs start once the process is quiet. Right after a fresh compile, the process used
+# extra CPU (0.3-0.6 s per image beyond the main thread's, which spins while it waits for the
+# GPU) for some 10-20 s, and images were 1-20 % slower meanwhile (run 15: exact 3.525, 3.517,
+# 3.514, then 3.484, 3.481 s once it stopped; bench/results/README.md). So after the 2
+# warm-ups, wait (up to 30 s) until the idle process uses under 5 % of a core over a second,
+# as a server is some seconds after start-up; then 5 timed runs.
 TIMED_RUNS = 5
 WARMUPS = 2
+QUIET_CPU_SHARE = 0.05
+QUIET_WAIT_MAX_S = 30
 AUTOTUNE = "max-autotune-no-cudagraphs"
 
 
@@ -84,8 +90,21 @@ class GcPauses:
         gc.callbacks.remove(self)
 
 
+def wait_until_quiet() -> float:
+    """Seconds waited until this process, idle, used under QUIET_CPU_SHARE of a core for one
+    second (background work left by compilation), at most QUIET_WAIT_MAX_S."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < QUIET_WAIT_MAX_S:
+        cpu = time.process_time()
+        time.sleep(1.0)
+        if time.process_time() - cpu < QUIET_CPU_SHARE:
+            break
+    return time.perf_counter() - start
+
+
 def measure(fn, warmups=WARMUPS, runs=TIMED_RUNS):
     warm = [sync_time(fn)[0] for _ in range(warmups)]
+    quiet_after_s = wait_until_quiet()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     times, cpu, pauses, out = [], [], [], None
@@ -96,7 +115,7 @@ def measure(fn, warmups=WARMUPS, runs=TIMED_RUNS):
         times.append(t)
         cpu.append(time.process_time() - cpu_start)
         pauses.append(gc_pauses.total)
-    return {"median_s": statistics.median(times), "runs_s": times, "warmup_s": warm,
+    return {"median_s": statistics.median(times), "runs_s": times, "warmup_s": warm, "quiet_after_s": quiet_after_s,
             "cpu_s": cpu, "gc_pause_s": pauses, "peak_gib": peak_gib()}, out
 
 
@@ -467,7 +486,8 @@ def markdown(results: dict) -> str:
              "",
              f"{results['gpu']}; torch {results['torch']}, diffusers {results['diffusers']}, "
              f"transformers {results['transformers']}. Random weights, full-size architecture. "
-             f"Median of {TIMED_RUNS} runs after {WARMUPS} warm-ups; latency includes VAE decoding.",
+             f"Median of {TIMED_RUNS} runs after {WARMUPS} warm-ups and a wait until the process was quiet; "
+             "latency includes VAE decoding.",
              "",
              "| mode | latency (s) | vs stock | peak GPU memory (GiB) | rel. L2 of latents vs stock | notes |",
              "|---|---|---|---|---|---|"]

@@ -7,7 +7,8 @@
            in the GEMM epilogue and no concatenation before single blocks' proj_out
            (ryla.flux.blocks), and torch.compile of the repeated blocks only (regional
            compilation: one compile per block type instead of the whole 57-block graph,
-           which keeps cold start short)
+           which keeps cold start short), with one-pass LayerNorm reductions
+           (ryla.flux.inductor_heuristics)
     fast   exact + fp8 linear layers in the transformer blocks (per-row weight scales,
            dynamically scaled activations; ryla.flux.fp8) and fp8 attention (cuDNN's fp8
            flash attention; ryla.flux.fp8_attention), for Hopper-class GPUs
