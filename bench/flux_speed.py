@@ -24,6 +24,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -90,21 +91,48 @@ class GcPauses:
         gc.callbacks.remove(self)
 
 
-def wait_until_quiet() -> float:
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of this process's threads other than the main one, summed by thread
+    name (Linux /proc; empty elsewhere): which background work costs the timed runs."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    totals: dict[str, float] = {}
+    try:
+        tasks = [t for t in os.listdir("/proc/self/task") if t != str(os.getpid())]
+    except OSError:
+        return totals
+    for tid in tasks:
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return totals
+
+
+def busy_threads_since(before: dict[str, float]) -> dict[str, float]:
+    now = thread_cpu_s()
+    return {name: round(cpu - before.get(name, 0.0), 3) for name, cpu in now.items()
+            if cpu - before.get(name, 0.0) >= 0.01}
+
+
+def wait_until_quiet() -> tuple[float, dict[str, float]]:
     """Seconds waited until this process, idle, used under QUIET_CPU_SHARE of a core for one
-    second (background work left by compilation), at most QUIET_WAIT_MAX_S."""
-    start = time.perf_counter()
+    second (background work left by compilation), at most QUIET_WAIT_MAX_S; and which threads
+    were busy meanwhile."""
+    start, threads = time.perf_counter(), thread_cpu_s()
     while time.perf_counter() - start < QUIET_WAIT_MAX_S:
         cpu = time.process_time()
         time.sleep(1.0)
         if time.process_time() - cpu < QUIET_CPU_SHARE:
             break
-    return time.perf_counter() - start
+    return time.perf_counter() - start, busy_threads_since(threads)
 
 
 def measure(fn, warmups=WARMUPS, runs=TIMED_RUNS):
     warm = [sync_time(fn)[0] for _ in range(warmups)]
-    quiet_after_s = wait_until_quiet()
+    quiet_after_s, busy_while_waiting = wait_until_quiet()
+    threads = thread_cpu_s()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     times, cpu, pauses, out = [], [], [], None
@@ -116,6 +144,8 @@ def measure(fn, warmups=WARMUPS, runs=TIMED_RUNS):
         cpu.append(time.process_time() - cpu_start)
         pauses.append(gc_pauses.total)
     return {"median_s": statistics.median(times), "runs_s": times, "warmup_s": warm, "quiet_after_s": quiet_after_s,
+            "busy_threads_while_waiting_cpu_s": busy_while_waiting,
+            "busy_threads_during_runs_cpu_s": busy_threads_since(threads),
             "cpu_s": cpu, "gc_pause_s": pauses, "peak_gib": peak_gib()}, out
 
 
