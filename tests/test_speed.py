@@ -556,3 +556,96 @@ def test_wide_row_reductions_become_persistent_in_inductors_heuristics():
         if hasattr(inductor_config, "inductor_choices_class"):
             inductor_config.inductor_choices_class = None
         V.set_choices_handler(InductorChoices())
+
+
+def test_precomputed_modulation_serves_every_call_and_keeps_the_latents(runtimes, monkeypatch):
+    """exact computes the blocks' modulations for all steps before sampling: with CFG, two
+    positive conditionings and a batch of 2, every block's modulation in every call comes from
+    the plan, the latents match per-call products, and nothing stays selected afterwards."""
+    from ryla.flux import modulation
+    from ryla.flux.components import Cond
+
+    engine = runtimes["exact"].engine
+    model = engine.load_checkpoint("flux1-dev-fp8.safetensors")[0]
+    layers = model.transformer._ryla_modulation_layers
+    blocks = len(model.transformer.transformer_blocks) * 2 + len(model.transformer.single_transformer_blocks)
+    assert len(layers) == blocks
+    config = model.transformer.config
+    generator = torch.Generator().manual_seed(0)
+
+    def cond(guidance):
+        return Cond(t5=torch.randn(1, 16, config.joint_attention_dim, generator=generator),
+                    pooled=torch.randn(1, config.pooled_projection_dim, generator=generator), guidance=guidance)
+
+    positive, negative = (cond(3.5), cond(2.0)), (cond(None),)
+    noise = torch.randn(2, 16, 8, 8, generator=generator)
+    sigmas = torch.tensor([1.0, 0.7, 0.3, 0.0])
+    served = []  # per modulation call: did it get planned rows, and are they the product?
+
+    def observe(layer, args, output):
+        planned = modulation._SELECTED.get(layer.weight.data_ptr())
+        served.append(planned is not None and torch.allclose(
+            output, torch.nn.functional.linear(args[0], layer.weight, layer.bias), rtol=1e-5, atol=1e-6))
+
+    hooks = [layer.register_forward_hook(observe) for layer in layers]
+    try:
+        planned = engine.sample(model, positive, negative, torch.zeros_like(noise), noise, sigmas, 2.5)
+        calls = 3 * (len(positive) + len(negative))
+        assert len(served) == calls * blocks and all(served)
+        assert not modulation._SELECTED
+        served.clear()
+        monkeypatch.setattr(modulation, "MAX_PLAN_BYTES", 0)  # too large a plan: per-call products
+        per_call = engine.sample(model, positive, negative, torch.zeros_like(noise), noise, sigmas, 2.5)
+        assert len(served) == calls * blocks and not any(served)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(planned, per_call, rtol=1e-5, atol=1e-5)
+
+
+def test_modulation_rows_are_dropped_when_the_transformer_returns(runtimes):
+    """A transformer call the engine did not plan never sees another call's rows."""
+    from ryla.flux import modulation
+
+    transformer = runtimes["exact"].engine.load_checkpoint("flux1-dev-fp8.safetensors")[0].transformer
+    config = transformer.config
+    calls = {"only": (torch.tensor([0.5]), torch.tensor([3.5]), torch.randn(1, config.pooled_projection_dim))}
+    plan = modulation.ModulationPlan(transformer, calls, torch.float32)
+    plan.select("only")
+    assert len(modulation._SELECTED) == len(transformer._ryla_modulation_layers)
+    tokens = 4
+    with torch.inference_mode():
+        transformer(hidden_states=torch.randn(1, tokens, config.in_channels),
+                    encoder_hidden_states=torch.randn(1, 3, config.joint_attention_dim),
+                    pooled_projections=calls["only"][2], timestep=calls["only"][0], guidance=calls["only"][1],
+                    img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(3, 3), return_dict=False)
+    assert not modulation._SELECTED
+    plan.close()
+
+
+def test_compiled_blocks_read_the_selected_modulation_rows_without_recompiling():
+    """Inside a torch.compile'd block the modulation is looked up when the block runs: rows
+    selected for one call, then another, give each call its rows, with no recompilation."""
+    from ryla.flux import modulation
+
+    single, double = flux_block_pair()
+    holder = torch.nn.Module()
+    holder.transformer_blocks, holder.single_transformer_blocks = torch.nn.ModuleList([double]), torch.nn.ModuleList([single])
+    assert modulation.use_precomputed_modulation(holder) == 3
+    generator = torch.Generator().manual_seed(1)
+    image, text = torch.randn(1, 8, 128, generator=generator), torch.randn(1, 4, 128, generator=generator)
+    embeddings = [torch.randn(1, 128, generator=generator) for _ in range(3)]
+    linear = single.norm.linear
+    with torch.inference_mode():
+        expected = [single(image, text, emb) for emb in embeddings[:2]]  # nothing selected: computed
+        compiled = torch.compile(single, fullgraph=True, backend="inductor")
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for emb, reference in zip(embeddings[:2], expected):
+                modulation._SELECTED[linear.weight.data_ptr()] = F.linear(F.silu(emb), linear.weight, linear.bias)
+                try:
+                    out = compiled(image, text, embeddings[2])  # another temb: the selected rows decide
+                finally:
+                    modulation._SELECTED.clear()
+                for got, want in zip(out, reference):
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

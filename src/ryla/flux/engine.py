@@ -19,6 +19,7 @@ import torch
 from ryla.flux import loading, sampling
 from ryla.flux.components import Cond, Conditioning, FluxModel, LoraPatch, TextEncoder, Vae
 from ryla.flux.lora import LoraWeights, WeightPatcher, convert, linear_shapes
+from ryla.flux.modulation import ModulationPlan
 from ryla.flux.speed import check_speed_mode, optimize_transformer, optimize_vae
 from ryla.models import formats
 from ryla.models.store import ModelStore
@@ -333,27 +334,55 @@ class FluxEngine:
         x = sigma0 * noise.float() + (1.0 - sigma0) * x0 if noise is not None else x0
         x = x.to(self.device)
         use_cfg = negative is not None and not _isclose(cfg, 1.0)
-        predict = self._velocity_fn(model, x.shape, positive)
-
-        def velocity(x_t: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
-            v_cond = predict(x_t, sigma, positive, step, len(sigmas) - 1)
-            if not use_cfg:
-                return v_cond
-            v_uncond = predict(x_t, sigma, negative, step, len(sigmas) - 1)
-            return v_uncond + cfg * (v_cond - v_uncond)
+        streams = [positive, negative] if use_cfg else [positive]
 
         with self._use_lock:
             self._patch(model.transformer, model.loras)
+            # after the LoRA patch: the modulation rows come from the patched weights
+            plan = self._modulation_plan(model.transformer, x.shape[0], streams, sigmas)
+            predict = self._velocity_fn(model, x.shape, positive, plan)
+
+            def velocity(x_t: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                v_cond = predict(x_t, sigma, positive, step, len(sigmas) - 1)
+                if not use_cfg:
+                    return v_cond
+                v_uncond = predict(x_t, sigma, negative, step, len(sigmas) - 1)
+                return v_uncond + cfg * (v_cond - v_uncond)
+
             try:
                 x = sampling.euler(velocity, x, sigmas, callback)
             finally:
+                if plan is not None:
+                    plan.close()
                 if getattr(model.transformer, "is_cache_enabled", False):
                     model.transformer._reset_stateful_cache()  # first-block cache: per image
         return (x / sampling.LATENT_SCALE + sampling.LATENT_SHIFT).cpu()
 
-    def _velocity_fn(self, model: FluxModel, shape: torch.Size, positive_conds: Conditioning):
+    def _time_inputs(self, transformer, cond: Cond, sigma: float, batch: int):
+        """The transformer's (timestep, guidance, pooled_projections) for one conditioning."""
+        timestep = torch.full((batch,), sigma, device=self.device, dtype=self.dtype)
+        guidance = cond.guidance if cond.guidance is not None else 3.5  # ComfyUI's default
+        guidance_tensor = (torch.full((batch,), guidance, device=self.device, dtype=self.dtype)
+                           if transformer.config.guidance_embeds else None)
+        return timestep, guidance_tensor, cond.pooled.to(self.device).expand(batch, -1)
+
+    def _modulation_plan(self, transformer, batch: int, streams: list[Conditioning],
+                         sigmas: torch.Tensor) -> ModulationPlan | None:
+        """Every step's block modulations at once, where the speed mode routes them through
+        ryla.flux.modulation (exact) and they fit in ModulationPlan.MAX_PLAN_BYTES."""
+        steps = len(sigmas) - 1
+        calls = steps * sum(len(conds) for conds in streams)
+        if not ModulationPlan.affordable(transformer, calls, batch, torch.finfo(self.dtype).bits // 8):
+            return None
+        inputs = {(step, _stream_name(conds, streams[0], index)): self._time_inputs(transformer, cond,
+                                                                                   float(sigmas[step]), batch)
+                  for step in range(steps) for conds in streams for index, cond in enumerate(conds)}
+        return ModulationPlan(transformer, inputs, self.dtype)
+
+    def _velocity_fn(self, model: FluxModel, shape: torch.Size, positive_conds: Conditioning,
+                     plan: ModulationPlan | None = None):
         batch, channels, h, w = shape
         transformer = model.transformer
         img_ids = sampling.latent_image_ids(h, w, self.device, self.dtype)
@@ -363,17 +392,14 @@ class FluxEngine:
 
         def predict(x: torch.Tensor, sigma: float, conds: Conditioning, step: int, total: int) -> torch.Tensor:
             packed = sampling.pack_latents(x).to(self.device, self.dtype)
-            timestep = torch.full((batch,), sigma, device=self.device, dtype=self.dtype)
             outputs = []
             for index, cond in enumerate(conds):
                 txt_ids = torch.zeros(cond.t5.shape[1], 3, device=self.device, dtype=self.dtype)
-                guidance = cond.guidance if cond.guidance is not None else 3.5  # ComfyUI's default
-                guidance_tensor = (torch.full((batch,), guidance, device=self.device, dtype=self.dtype)
-                                   if transformer.config.guidance_embeds else None)
+                timestep, guidance_tensor, pooled = self._time_inputs(transformer, cond, sigma, batch)
                 kwargs = dict(
                     hidden_states=packed,
                     encoder_hidden_states=cond.t5.to(self.device).expand(batch, -1, -1),
-                    pooled_projections=cond.pooled.to(self.device).expand(batch, -1),
+                    pooled_projections=pooled,
                     timestep=timestep,
                     img_ids=img_ids,
                     txt_ids=txt_ids,
@@ -382,9 +408,12 @@ class FluxEngine:
                 )
                 if identity is not None and identity.active(step, total):
                     kwargs.update(identity.residuals(packed, control, timestep, img_ids, guidance_tensor,
-                                                     kwargs["pooled_projections"], batch))
+                                                     pooled, batch))
+                stream = _stream_name(conds, positive_conds, index)
+                if plan is not None:
+                    plan.select((step, stream))
                 # First-block caching (turbo) keeps one cache per conditioning stream.
-                with _cache_context(transformer, f"{'uncond' if conds is not positive_conds else 'cond'}{index}"):
+                with _cache_context(transformer, stream):
                     out = transformer(**kwargs)[0]
                 outputs.append(out.float())
             v = torch.stack(outputs).mean(0) if len(outputs) > 1 else outputs[0]
@@ -402,6 +431,11 @@ class FluxEngine:
         with self._use_lock:
             pixels = vae.vae.decode(latent.to(self.device, vae.vae.dtype), return_dict=False)[0]
         return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def _stream_name(conds: Conditioning, positive: Conditioning, index: int) -> str:
+    """One conditioning stream of a sampling run: 'cond0', 'cond1', ... or 'uncond0', ..."""
+    return f"{'uncond' if conds is not positive else 'cond'}{index}"
 
 
 def _cache_context(transformer, name: str):

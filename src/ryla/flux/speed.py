@@ -8,7 +8,8 @@
            (ryla.flux.blocks), and torch.compile of the repeated blocks only (regional
            compilation: one compile per block type instead of the whole 57-block graph,
            which keeps cold start short), with one-pass LayerNorm reductions
-           (ryla.flux.inductor_heuristics)
+           (ryla.flux.inductor_heuristics); the blocks' AdaLayerNorm modulations for all
+           steps computed before sampling (ryla.flux.modulation)
     fast   exact + fp8 linear layers in the transformer blocks (per-row weight scales,
            dynamically scaled activations; ryla.flux.fp8) and fp8 attention (cuDNN's fp8
            flash attention; ryla.flux.fp8_attention), for Hopper-class GPUs
@@ -194,6 +195,10 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
 
         use_fused_attention_inputs(transformer)
         info["attention_inputs"] = "fused kernel" if fused_attention_inputs_available() else "PyTorch"
+        if not controlnet:
+            from ryla.flux.modulation import use_precomputed_modulation
+
+            info["precomputed_modulation_layers"] = use_precomputed_modulation(transformer)
         if flash_attention_3_available():
             info["attention"] = "flash_attention_3"
     from ryla.flux.blocks import use_lean_forwards
