@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--modes", default="fast,turbo,exact,lora",
                         help="comma list, run in this order, of eager, exact, exact-cudnn, exact-looped, "
-                             "exact-diffusers-inputs, exact-tuned, exact-autotune, exact-cudagraphs, lora, "
+                             "exact-per-step-modulation, exact-diffusers-inputs, exact-tuned, exact-autotune, exact-cudagraphs, lora, "
                              "fast-linear, fast, turbo (variants of exact right after exact)")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny architecture")
     parser.add_argument("--profile", action="store_true", help="also profile one image per mode (kernel time by kind)")
@@ -350,13 +350,14 @@ def main() -> None:
         current.update(model=model, vae=Vae("ae", mode_vae))
         return model
 
-    known = ("eager", "exact", "exact-cudnn", "exact-looped", "exact-diffusers-inputs", "exact-tuned",
-             "exact-autotune", "exact-cudagraphs", "lora", "fast-linear", "fast", "turbo")
+    known = ("eager", "exact", "exact-cudnn", "exact-looped", "exact-per-step-modulation", "exact-diffusers-inputs",
+             "exact-tuned", "exact-autotune", "exact-cudagraphs", "lora", "fast-linear", "fast", "turbo")
     if unknown := [mode for mode in modes if mode not in known]:
         parser.error(f"--modes: unknown {unknown}; known: {', '.join(known)}")
     # In the order given: FlashAttention-3's build (exact, where installed) loads the CUDA 12
     # runtime beside torch's CUDA 13 one, after which cudnn-frontend refuses fp8 attention
     # ("Multiple libcudart libraries found"); list fast and turbo before exact (the default does).
+    plan_bytes = None  # ryla.flux.modulation's plan limit, while exact-per-step-modulation sets it to 0
     for mode in modes:
         try:
             start = time.perf_counter()
@@ -397,6 +398,12 @@ def main() -> None:
                     V.set_choices_handler(InductorChoices())
                     engine.speed_info = {k: v for k, v in engine.speed_info.items() if k != "persistent_row_reductions"}
                     compiled = engine.speed_info.get("compiled", "not compiled")
+                elif mode == "exact-per-step-modulation":  # no plan: each step's products (attributes the plan)
+                    from ryla.flux import modulation
+
+                    plan_bytes, modulation.MAX_PLAN_BYTES = modulation.MAX_PLAN_BYTES, 0
+                    engine.speed_info = {**engine.speed_info, "precomputed_modulation_layers": 0}
+                    compiled = engine.speed_info.get("compiled", "not compiled")
                 elif mode == "exact-diffusers-inputs":  # attention inputs by diffusers' processor (attributes the gain)
                     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
@@ -431,6 +438,11 @@ def main() -> None:
         except Exception as exc:
             results["modes"][f"ryla-{mode}"] = {"error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
+        finally:
+            if plan_bytes is not None:  # later modes plan as the engine does
+                from ryla.flux import modulation
+
+                modulation.MAX_PLAN_BYTES, plan_bytes = plan_bytes, None
         (out_dir / "flux_speed.json").write_text(json.dumps(results, indent=2, default=str))
 
     (out_dir / "flux_speed.json").write_text(json.dumps(results, indent=2, default=str))
