@@ -104,7 +104,7 @@ def _preload_cuda12_runtime(folder: Path) -> None:
     """xformers 0.0.34's FA3 build links the CUDA 12 runtime (libcudart.so.12), which PyTorch's
     CUDA 12 builds bring and its CUDA 13 builds do not (seen on the H200 with torch 2.11+cu130);
     the driver serves both runtimes. Looked for as already loadable, then next to the FA3 build
-    (where bench/fetch_flash_attention_3.sh and the Modal image put it), then in
+    (where bench/fetch_flash_attention_3.sh puts it), then in
     nvidia-cuda-runtime-cu12's package folder. Next to the build, not in site-packages: with
     that wheel installed beside a CUDA 13 PyTorch, cudnn-frontend declines fp8 attention
     ("Multiple libcudart libraries found"), which is the `fast` mode's."""

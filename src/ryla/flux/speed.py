@@ -123,7 +123,6 @@ def use_fp8(transformer) -> dict:
     return {"fp8_linear_layers": quantize_fp8(transformer), "attention": fp8_attention_kind()}
 
 
-# The FLUX block classes, shared by the transformer and InfuseNet (a FluxControlNetModel):
 def use_wide_persistent_reductions() -> bool:
     """One-pass reductions for FLUX's 3072-wide LayerNorm rows in every compile of this process
     (ryla.flux.inductor_heuristics). Returns whether this PyTorch has the hook."""
@@ -140,6 +139,7 @@ def use_wide_persistent_reductions() -> bool:
     return True
 
 
+# The FLUX block classes, shared by the transformer and InfuseNet (a FluxControlNetModel):
 # compiled once per class and shape, so InfuseNet's blocks reuse the transformer's kernels.
 REPEATED_BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
