@@ -371,7 +371,7 @@ class FluxEngine:
     def _modulation_plan(self, transformer, batch: int, streams: list[Conditioning],
                          sigmas: torch.Tensor) -> ModulationPlan | None:
         """Every step's block modulations at once, where the speed mode routes them through
-        ryla.flux.modulation (exact) and they fit in ModulationPlan.MAX_PLAN_BYTES."""
+        ryla.flux.modulation (exact) and they fit in its MAX_PLAN_BYTES."""
         steps = len(sigmas) - 1
         calls = steps * sum(len(conds) for conds in streams)
         if not ModulationPlan.affordable(transformer, calls, batch, torch.finfo(self.dtype).bits // 8):
