@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_floors import cuda_time as seconds_per_call  # noqa: E402
+from kernel_floors import cuda_time as seconds_per_call, rel_l2  # noqa: E402
 
 HEADS, HEAD_DIM, DIM = 24, 128, 3072
 TEXT, IMAGE = 512, 4096
@@ -37,11 +37,6 @@ TEXT, IMAGE = 512, 4096
 def cuda_time(fn, iters: int = 50) -> float:
     """Median milliseconds per call (CUDA events, after warm-up)."""
     return seconds_per_call(fn, iters) * 1000
-
-
-def rel_l2(a, b) -> float:
-    a, b = a.float().flatten(), b.float().flatten()
-    return float((a - b).norm() / b.norm())
 
 
 def rotary(seq: int):

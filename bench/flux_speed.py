@@ -35,6 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_floors import rel_l2  # noqa: E402
 
 WIDTH = HEIGHT = 1024
 STEPS = 28
@@ -176,11 +179,6 @@ def profile_image(run) -> dict:
     busy = sum(kinds.values())
     return {"wall_s": wall, "kernel_s": busy, "idle_share": 1 - busy / wall if wall else 0.0,
             "by_kind_s": kinds, "top_kernels": [{"s": t, "calls": c, "name": n} for t, c, n in kernels[:25]]}
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float().flatten(), b.float().flatten()
-    return float((a - b).norm() / b.norm())
 
 
 def build_models(device, tiny: bool = False):

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_floors import rel_l2  # noqa: E402
 
 TOKENS, HEADS, HEAD_DIM = 4096 + 512, 24, 128
 
@@ -30,10 +33,6 @@ def bench_ms(fn) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=200)
-
-
-def rel_l2(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def attention(results: dict) -> None:

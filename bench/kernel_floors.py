@@ -34,6 +34,12 @@ LINEARS = {
 }
 
 
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 difference of `a` from `b`, in float32 (the benchmarks' accuracy measure)."""
+    a, b = a.float().flatten(), b.float().flatten()
+    return float((a - b).norm() / b.norm())
+
+
 def cuda_time(fn, iters: int = 50) -> float:
     """Median seconds per call, by CUDA events, after warm-up."""
     for _ in range(5):

@@ -376,16 +376,26 @@ def test_fast_group_norms_keep_the_vae_decode():
         assert torch.equal(fast.encode(image).latent_dist.mode(), vae.encode(image).latent_dist.mode())
 
 
+def run_in_tritons_interpreter(tmp_path, source: str, timeout: int) -> None:
+    """Run a check script in a fresh Python with TRITON_INTERPRET=1 (the interpreter is chosen
+    when kernels are defined, so not in this process); it must print "ok" last."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "kernel_check.py"
+    script.write_text(source)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 def test_group_norm_kernel_runs_in_tritons_interpreter(tmp_path):
     """ryla.flux.kernels' two-pass GroupNorm (+ SiLU) in Triton's CPU interpreter against
     PyTorch: groups split into several chunks, a mean far from zero, two images; the start-up
     check accepts it and refuses a kernel that computes something else."""
     pytest.importorskip("triton")
-    import subprocess
-    import sys
-
-    script = tmp_path / "group_norm_check.py"
-    script.write_text("""
+    run_in_tritons_interpreter(tmp_path, """
 import torch, torch.nn.functional as F
 from ryla.flux.kernels import group_norm
 from ryla.flux.vae_norms import _agrees_with_pytorch
@@ -401,24 +411,17 @@ for shape, groups, silu, offset in (((1, 4, 64, 64), 2, True, 0.0), ((2, 12, 9, 
 assert _agrees_with_pytorch(group_norm, "cpu")
 assert not _agrees_with_pytorch(lambda x, *args, **kwargs: x.clone(), "cpu")
 print("ok")
-""")
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+""", timeout=300)
 
 
 def test_attention_inputs_kernel_runs_in_tritons_interpreter(tmp_path):
     """ryla.flux.kernels' attention-inputs kernel in Triton's CPU interpreter against the
     PyTorch arithmetic: one and two batch entries, with and without a text stream and RoPE,
     an input whose rows are wider than Q, K and V, one head or all heads a program. V is copied
-    bit for bit; Q and K are within
-    one bf16 step (the interpreter rounds to bf16 its own way). Other dtypes are refused."""
+    bit for bit; Q and K are within one bf16 step (the interpreter rounds to bf16 its own way).
+    Other dtypes are refused."""
     pytest.importorskip("triton")
-    import subprocess
-    import sys
-
-    script = tmp_path / "kernel_check.py"
-    script.write_text("""
+    run_in_tritons_interpreter(tmp_path, """
 import itertools, torch
 from ryla.flux.attention import reference_attention_inputs
 from ryla.flux.kernels import launch_attention_inputs
@@ -450,10 +453,7 @@ except ValueError as exc:
 else:
     raise AssertionError("float32 accepted")
 print("ok")
-""")
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
-                            env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+""", timeout=240)
 
 
 def test_gelu_quantize_kernel_runs_in_tritons_interpreter(tmp_path):
@@ -461,11 +461,7 @@ def test_gelu_quantize_kernel_runs_in_tritons_interpreter(tmp_path):
     (a fresh process: the interpreter is chosen when kernels are defined), against PyTorch.
     The output is float32 here: the interpreter's own fp8 rounding differs from the GPU's."""
     pytest.importorskip("triton")
-    import subprocess
-    import sys
-
-    script = tmp_path / "kernel_check.py"
-    script.write_text("""
+    run_in_tritons_interpreter(tmp_path, """
 import itertools, torch, torch.nn.functional as F
 from ryla.flux.kernels import FP8_MAX, TUNING_CONFIGS, launch_gelu_quantize_rows
 torch.manual_seed(0)
@@ -480,10 +476,7 @@ for x, gelu, config in itertools.product((wide[:, 100:2600], wide), (True, False
         torch.testing.assert_close(out, y / expected_scale, rtol=1e-5, atol=1e-4)
         assert out.abs().max() <= FP8_MAX
 print("ok")
-""")
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
-                            env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+""", timeout=240)
 
 
 @pytest.mark.slow
