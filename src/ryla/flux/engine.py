@@ -374,7 +374,7 @@ class FluxEngine:
         ryla.flux.modulation (exact) and they fit in its MAX_PLAN_BYTES."""
         steps = len(sigmas) - 1
         calls = steps * sum(len(conds) for conds in streams)
-        if not ModulationPlan.affordable(transformer, calls, batch, torch.finfo(self.dtype).bits // 8):
+        if not ModulationPlan.affordable(transformer, calls, batch, self.dtype):
             return None
         inputs = {(step, _stream_name(conds, streams[0], index)): self._time_inputs(transformer, cond,
                                                                                    float(sigmas[step]), batch)

@@ -96,6 +96,12 @@ def time_embedding(transformer: nn.Module, timestep: torch.Tensor, guidance: tor
     return transformer.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled)
 
 
+def _planned_layers(transformer: nn.Module, dtype: torch.dtype) -> list[nn.Linear]:
+    """The routed layers whose weights are in the compute dtype (fp8 weight storage casts
+    them per call: those compute their own products)."""
+    return [layer for layer in getattr(transformer, "_ryla_modulation_layers", ()) if layer.weight.dtype == dtype]
+
+
 class ModulationPlan:
     """Every planned transformer call's modulation rows, computed at once.
 
@@ -104,7 +110,7 @@ class ModulationPlan:
 
     def __init__(self, transformer: nn.Module, calls: dict[Hashable, tuple], dtype: torch.dtype):
         self.transformer = transformer
-        layers = [layer for layer in getattr(transformer, "_ryla_modulation_layers", ()) if layer.weight.dtype == dtype]
+        layers = _planned_layers(transformer, dtype)
         self.rows: dict[Hashable, dict[int, torch.Tensor]] = {key: {} for key in calls}
         if not layers or not calls:
             return
@@ -122,9 +128,10 @@ class ModulationPlan:
                 self.rows[key][layer.weight.data_ptr()] = rows
 
     @staticmethod
-    def affordable(transformer: nn.Module, calls: int, batch: int, element_size: int) -> bool:
-        width = sum(layer.weight.shape[0] for layer in getattr(transformer, "_ryla_modulation_layers", ()))
-        return 0 < width * calls * batch * element_size <= MAX_PLAN_BYTES
+    def affordable(transformer: nn.Module, calls: int, batch: int, dtype: torch.dtype) -> bool:
+        """Some layers to plan, and their rows for `calls` calls fit in MAX_PLAN_BYTES."""
+        width = sum(layer.weight.shape[0] for layer in _planned_layers(transformer, dtype))
+        return 0 < width * calls * batch * (torch.finfo(dtype).bits // 8) <= MAX_PLAN_BYTES
 
     def select(self, key: Hashable) -> None:
         """The rows for the next transformer call (dropped when it returns)."""
