@@ -356,6 +356,7 @@ def main() -> None:
     # runtime beside torch's CUDA 13 one, after which cudnn-frontend refuses fp8 attention
     # ("Multiple libcudart libraries found"); list fast and turbo before exact (the default does).
     plan_bytes = None  # ryla.flux.modulation's plan limit, while exact-per-step-modulation sets it to 0
+    planned_layers = None
     for mode in modes:
         try:
             start = time.perf_counter()
@@ -400,6 +401,7 @@ def main() -> None:
                     from ryla.flux import modulation
 
                     plan_bytes, modulation.MAX_PLAN_BYTES = modulation.MAX_PLAN_BYTES, 0
+                    planned_layers = engine.speed_info.get("precomputed_modulation_layers")
                     engine.speed_info = {**engine.speed_info, "precomputed_modulation_layers": 0}
                     compiled = engine.speed_info.get("compiled", "not compiled")
                 elif mode == "exact-diffusers-inputs":  # attention inputs by diffusers' processor (attributes the gain)
@@ -441,6 +443,9 @@ def main() -> None:
                 from ryla.flux import modulation
 
                 modulation.MAX_PLAN_BYTES, plan_bytes = plan_bytes, None
+                # and say so: the next variant reuses this model's speed_info (run 16's
+                # exact-cudnn row read 0 planned layers while its plan ran)
+                engine.speed_info = {**engine.speed_info, "precomputed_modulation_layers": planned_layers}
         (out_dir / "flux_speed.json").write_text(json.dumps(results, indent=2, default=str))
 
     (out_dir / "flux_speed.json").write_text(json.dumps(results, indent=2, default=str))

@@ -1,0 +1,43 @@
+"""The benchmarks' own machinery where a mistake would skew a number (the timings themselves
+need the GPU: bench/)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import product_env
+
+
+def test_product_environment_holds_ryla_closure_and_nothing_else(tmp_path):
+    """The cold start is timed in it: packages the machine has beyond ryla's dependencies
+    (diffusers imports peft when present) must not be importable there, and ryla's must be."""
+    summary = product_env.make(tmp_path / "env")
+    # pytest is a dev dependency: installed here, outside what `pip install ryla[gpu]` brings
+    assert "pytest" in summary["left_out"] and importlib.util.find_spec("pytest") is not None
+    assert summary["without_file_list"] == []
+    probe = ("import importlib.util, importlib.metadata as m; import torch, diffusers, transformers, fastapi, ryla; "
+             "print(importlib.util.find_spec('pytest') is None, m.version('transformers'), ryla.__file__)")
+    out = subprocess.run([summary["python"], "-c", probe], capture_output=True, text=True, timeout=240, check=False,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    hidden, transformers_version, ryla_file = out.stdout.split()
+    import transformers
+
+    assert hidden == "True"
+    assert transformers_version == transformers.__version__
+    assert ryla_file == str(ROOT / "src" / "ryla" / "__init__.py")
+
+
+def test_closure_follows_markers_and_extras():
+    """A requirement behind an extra is followed only when that extra is asked for."""
+    closure = product_env.dependency_closure(["httpx==0.28.1"])
+    assert {"httpx", "httpcore", "anyio", "idna", "certifi"} <= set(closure)
+    assert "h2" not in closure  # httpx[http2] only
+    assert "pytest" not in closure
+    if importlib.util.find_spec("h2") is not None:
+        assert "h2" in product_env.dependency_closure(["httpx[http2]==0.28.1"])
