@@ -642,3 +642,30 @@ def test_compiled_blocks_read_the_selected_modulation_rows_without_recompiling()
                     modulation._SELECTED.clear()
                 for got, want in zip(out, reference):
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("speed", ["exact", "fast"])
+def test_model_code_imported_ahead_leaves_loading_nothing_to_import(tiny_dir, speed):
+    """Modal's memory snapshot is taken after import_model_code: a module that loading or the
+    speed mode still imports afterwards is imported again at every cold start."""
+    import subprocess
+    import sys
+
+    probe = f"""
+import sys
+from pathlib import Path
+from ryla.flux.engine import FluxEngine, import_model_code
+from ryla.models.store import ModelStore
+import_model_code({speed!r})
+loaded = {{id(module) for module in sys.modules.values()}}
+engine = FluxEngine(ModelStore(Path({str(tiny_dir)!r}), tiny=True), speed={speed!r})
+engine.preload("flux1-dev-fp8.safetensors", 64, 64)
+# by module object: transformers registers its *_fast tokenizer names as aliases of loaded modules
+late = [name for name, module in list(sys.modules.items()) if id(module) not in loaded
+        and name.startswith(("diffusers.", "ryla.", "torch._dynamo", "torch._inductor", "transformers.models.clip",
+                            "transformers.models.t5"))]
+print(sorted(late))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=240, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

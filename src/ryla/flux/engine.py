@@ -45,6 +45,42 @@ class EngineStats:
     prompt_cache_misses: int = 0
 
 
+# What loading a checkpoint and a speed mode import on first use. They are imported late, so
+# that `ryla --help`, a CPU `ryla generate` and the tests do not pay for them; a process that is
+# snapshotted after its imports (Modal's memory snapshots) imports them before the snapshot.
+MODEL_CODE = ("diffusers.models.transformers.transformer_flux", "diffusers.models.autoencoders.autoencoder_kl",
+              "diffusers.loaders.single_file_utils", "transformers.models.auto.tokenization_auto",
+              "transformers.models.clip.modeling_clip", "transformers.models.clip.tokenization_clip",
+              "transformers.models.t5.modeling_t5", "transformers.models.t5.tokenization_t5",
+              "ryla.flux.blocks", "ryla.flux.attention", "ryla.flux.vae_norms")
+COMPILED_MODE_CODE = ("torch._dynamo", "torch._inductor.compile_fx", "torch._inductor.config",
+                      "ryla.flux.inductor_heuristics", "ryla.flux.kernels")
+FP8_MODE_CODE = ("ryla.flux.fp8_attention", "diffusers.hooks")
+
+
+def import_model_code(speed: str) -> list[str]:
+    """Imports the code that loading FLUX and running `speed` will need, and nothing that
+    touches a GPU. Returns the module names. (Triton, which ryla.flux.kernels imports, is
+    skipped where it is not installed: speed modes then fall back to PyTorch's kernels.)"""
+    import importlib
+
+    check_speed_mode(speed)
+    names = list(MODEL_CODE)
+    if speed != "eager":
+        names += COMPILED_MODE_CODE
+    if speed in ("fast", "turbo"):
+        names += FP8_MODE_CODE
+    imported = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # an optional kernel's dependency (Triton on a CPU machine)
+            log.debug("not imported ahead: %s (%s)", name, exc)
+            continue
+        imported.append(name)
+    return imported
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
