@@ -303,7 +303,7 @@ def fake_flash_attention_3():
 
     def forward(q, k, v, *args):
         scale = args[20] if len(args) > 20 else None
-        calls.append({"shape": tuple(q.shape), "scale": scale, "args": len(args) + 3})
+        calls.append({"shape": tuple(q.shape), "scale": scale, "args": len(args) + 3, "v_row_stride": v.stride(1)})
         if state["broken"]:
             return v.contiguous(), torch.zeros(q.shape[0], q.shape[2], q.shape[1]), torch.empty(0), torch.empty(0)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
@@ -319,8 +319,9 @@ def fake_flash_attention_3():
 
 def test_flash_attention_3_path_computes_attention_on_our_layout(fake_flash_attention_3):
     """With FlashAttention-3 present, exact's processor hands it [batch, seq, heads, dim]
-    views of the prepared buffer and FLUX's scale; the blocks' outputs match diffusers'. The
-    start-up check accepts a build that computes attention and refuses one that does not."""
+    views of the prepared buffer and FLUX's scale (in single blocks, V straight from the
+    projection's output, rows 3x wider); the blocks' outputs match diffusers'. The start-up
+    check accepts a build that computes attention and refuses one that does not."""
     import copy
 
     from ryla.flux.attention import FusedInputsFluxAttnProcessor, use_fused_attention_inputs
@@ -340,6 +341,8 @@ def test_flash_attention_3_path_computes_attention_on_our_layout(fake_flash_atte
     calls, state = fake_flash_attention_3
     assert [c["shape"] for c in calls] == [(1, 40, 2, 64), (1, 40, 2, 64)]
     assert all(c["scale"] == pytest.approx(64 ** -0.5) for c in calls)
+    # the single block's V is read in place; the double block's is copied beside its text rows
+    assert [c["v_row_stride"] for c in calls] == [3 * 2 * 64, 2 * 64]
 
     from ryla.flux.attention import _flash_attention_3_agrees_with_pytorch
 
@@ -417,9 +420,9 @@ print("ok")
 def test_attention_inputs_kernel_runs_in_tritons_interpreter(tmp_path):
     """ryla.flux.kernels' attention-inputs kernel in Triton's CPU interpreter against the
     PyTorch arithmetic: one and two batch entries, with and without a text stream and RoPE,
-    an input whose rows are wider than Q, K and V, one head or all heads a program. V is copied
-    bit for bit; Q and K are within one bf16 step (the interpreter rounds to bf16 its own way).
-    Other dtypes are refused."""
+    an input whose rows are wider than Q, K and V, one head or all heads a program, with and
+    without V. V is copied bit for bit; Q and K are within one bf16 step (the interpreter rounds
+    to bf16 its own way). Other dtypes are refused."""
     pytest.importorskip("triton")
     run_in_tritons_interpreter(tmp_path, """
 import itertools, torch
@@ -446,6 +449,11 @@ for text_rows, rope, batch, all_heads in itertools.product((0, 6), (True, False)
     assert torch.equal(out[2], expected[2].to(torch.bfloat16))
     error = (out[:2].float() - expected[:2]).abs()
     assert (error <= expected[:2].abs() * 2 ** -7 + 1e-6).all(), error.max()
+    if not text_rows:  # Q and K only (single blocks with FA3 read V in place)
+        only_qk = torch.full((2, batch, rows, heads, dim), float("nan"), dtype=torch.bfloat16)
+        launch_attention_inputs(qkv, weights[0], weights[1], cos, sin, only_qk, 0, 1e-6, block_rows=16,
+                                all_heads=all_heads)
+        assert torch.equal(only_qk, out[:2])
 try:
     launch_attention_inputs(qkv.float(), *weights[:2], None, None, out.float(), 0, 1e-6)
 except ValueError as exc:

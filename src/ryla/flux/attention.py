@@ -19,7 +19,9 @@ PyTorch operations.
 Attention itself: FlashAttention-3 where its Hopper kernels are installed (the flash_attn_3
 package, or the build xformers 0.0.34 ships inside its wheel; both use PyTorch's stable ABI,
 so one build serves later PyTorch versions too), else PyTorch's cuDNN attention. FA3 reads
-and writes [batch, seq, heads, dim] as they are.
+and writes [batch, seq, heads, dim] as they are, with any row stride: in single blocks (one
+stream, nothing to concatenate) it reads V straight from the projection's output, and the
+kernel writes only Q and K.
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ def _flash_attention_3_agrees_with_pytorch(device: str = "cuda") -> bool:
     from ryla.flux.speed import agrees_with_pytorch
 
     generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, 256, 2, 128, generator=generator, device=device).to(torch.bfloat16) for _ in range(3))
+    q, k = (torch.randn(1, 256, 2, 128, generator=generator, device=device).to(torch.bfloat16) for _ in range(2))
+    # V as single blocks pass it: a view into the projection's output, rows 3x wider than V's
+    v = torch.randn(1, 256, 3 * 2 * 128, generator=generator, device=device).to(torch.bfloat16)
+    v = v[..., 2 * 256:].unflatten(-1, (2, 128))
     return agrees_with_pytorch(
         "FlashAttention-3", lambda: flash_attention_3(q, k, v, 128 ** -0.5),
         lambda: F.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v))).transpose(1, 2),
@@ -150,8 +155,10 @@ def fused_attention_inputs_available() -> bool:
 def reference_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
                                text_qkv: torch.Tensor | None, text_weight_q: torch.Tensor | None,
                                text_weight_k: torch.Tensor | None, cos: torch.Tensor | None,
-                               sin: torch.Tensor | None, head_dim: int, eps: float) -> torch.Tensor:
-    """What the kernel computes, in PyTorch: [3, batch, seq, heads, head_dim]."""
+                               sin: torch.Tensor | None, head_dim: int, eps: float,
+                               with_value: bool = True) -> torch.Tensor:
+    """What the kernel computes, in PyTorch: [3, batch, seq, heads, head_dim] ([2, ...]
+    without `with_value`)."""
     def split(projection, norm_weight_q, norm_weight_k):
         q, k, v = projection.float().unflatten(-1, (3, -1, head_dim)).unbind(2)
         return _rms_norm(q, norm_weight_q, eps), _rms_norm(k, norm_weight_k, eps), v
@@ -162,7 +169,7 @@ def reference_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight
         q, k, v = torch.cat([text_q, q], 1), torch.cat([text_k, k], 1), torch.cat([text_v, v], 1)
     if cos is not None:
         q, k = rope_float(q, (cos, sin)), rope_float(k, (cos, sin))
-    return torch.stack([q, k, v]).to(qkv.dtype)
+    return torch.stack([q, k, v] if with_value else [q, k]).to(qkv.dtype)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -180,24 +187,31 @@ def rope_float(x: torch.Tensor, rotary_emb) -> torch.Tensor:
 
 
 def attention_inputs(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
-                     image_rotary_emb, kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     image_rotary_emb, kernel: bool,
+                     value_in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q, K, V of a FLUX attention with fused projections, each [batch, seq, heads, head_dim]
     (text tokens first in double blocks), views into one buffer. `kernel`: Triton's (on the
-    GPU), else PyTorch operations."""
+    GPU), else PyTorch operations. `value_in_place`: where there is one stream (single
+    blocks), V is a view into the projection's output, whose rows are 3x wider than V's (for an
+    attention kernel that takes any row stride: FA3), instead of a copy."""
     qkv = attn.to_qkv(hidden_states)
     text = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+    value_in_place = value_in_place and not text
     text_qkv = attn.to_added_qkv(encoder_hidden_states) if text else None
     cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
     if cos is not None:
         cos, sin = cos.to(qkv.device, torch.float32), sin.to(qkv.device, torch.float32)
     args = (qkv, attn.norm_q.weight, attn.norm_k.weight, text_qkv,
             attn.norm_added_q.weight if text else None, attn.norm_added_k.weight if text else None,
-            cos, sin, attn.head_dim, attn.norm_q.eps or torch.finfo(torch.float32).eps)
+            cos, sin, attn.head_dim, attn.norm_q.eps or torch.finfo(torch.float32).eps, not value_in_place)
     if kernel and qkv.is_cuda and qkv.dtype == torch.bfloat16:
         stacked = torch.ops.ryla.flux_attention_inputs(*args)
     else:
         stacked = reference_attention_inputs(*args)
-    return stacked.unbind(0)
+    if not value_in_place:
+        return stacked.unbind(0)
+    query, key = stacked.unbind(0)
+    return query, key, qkv[..., 2 * qkv.shape[-1] // 3:].unflatten(-1, (-1, attn.head_dim))
 
 
 def _takes_fused_inputs(attn) -> bool:
@@ -243,9 +257,10 @@ class FusedInputsFluxAttnProcessor:
             self._diffusers._attention_backend = self._attention_backend
             self._diffusers._parallel_config = self._parallel_config
             return self._diffusers(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        flash_attention_3 = self.flash_attention_3 and hidden_states.dtype in (torch.bfloat16, torch.float16)
         query, key, value = attention_inputs(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
-                                             self._kernel)
-        if self.flash_attention_3 and query.dtype in (torch.bfloat16, torch.float16):
+                                             self._kernel, value_in_place=flash_attention_3)
+        if flash_attention_3:
             out = torch.ops.ryla.flash_attention_3(query, key, value, attn.head_dim ** -0.5)
         else:
             out = _attend(query, key, value, self._cudnn)

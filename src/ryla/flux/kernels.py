@@ -119,10 +119,12 @@ def gelu_quantize_rows(x: torch.Tensor, apply_gelu: bool) -> tuple[torch.Tensor,
 def _attention_inputs_kernel(src_ptr, weight_q_ptr, weight_k_ptr, cos_ptr, sin_ptr, out_ptr,
                              src_batch_stride, src_row_stride, out_part_stride, out_batch_stride, rows,
                              out_row_offset, EPS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             HAS_ROPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr):
-    """Program (row block, head group, batch * 3 + part): part 0 is Q, 1 is K, 2 is V. `src`
-    rows are [Q heads | K heads | V heads] (the fused projection's output, bf16); `out` is [3,
-    batch, seq, heads, head_dim] and these rows land at `out_row_offset`, which is also their
+                             HAS_ROPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+                             PARTS: tl.constexpr):
+    """Program (row block, head group, batch * PARTS + part): part 0 is Q, 1 is K, 2 is V (with
+    PARTS 2, V is left where it is). `src` rows are [Q heads | K heads | V heads] (the fused
+    projection's output, bf16); `out` is [PARTS, batch, seq, heads, head_dim] and these rows land
+    at `out_row_offset`, which is also their
     position in RoPE's cos/sin tables ([seq, head_dim] float32, each value repeated for its pair,
     as diffusers' FluxPosEmbed builds them). A program loads the rows' cos/sin and the norm's
     weight once for all HEADS_PER_PROGRAM heads it handles.
@@ -132,8 +134,8 @@ def _attention_inputs_kernel(src_ptr, weight_q_ptr, weight_k_ptr, cos_ptr, sin_p
     unpacking is a shift or a mask; the loads and stores stay vectorised and no values move
     between threads. Strides and offsets are in bf16 elements (all even here)."""
     first_head = tl.program_id(1) * HEADS_PER_PROGRAM
-    part = tl.program_id(2) % 3
-    batch = tl.program_id(2) // 3
+    part = tl.program_id(2) % PARTS
+    batch = tl.program_id(2) // PARTS
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     mask = (row < rows)[:, None]
     pair = tl.arange(0, HEAD_DIM // 2)[None, :]
@@ -188,39 +190,41 @@ def launch_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k:
                             num_warps: int = ATTENTION_INPUTS_WARPS, all_heads: bool | None = None) -> None:
     """One stream's fused projection `qkv` ([batch, rows, 3 * heads * head_dim] bf16, last dim
     contiguous) into rows row_offset.. of `out` ([3, batch, seq, heads, head_dim] bf16,
-    contiguous). `all_heads`: a program handles all its rows' heads (else one each); by
-    default, where that still makes ATTENTION_INPUTS_ALL_HEADS_MIN_PROGRAMS programs."""
+    contiguous; or [2, ...]: Q and K only). `all_heads`: a program handles all its rows' heads
+    (else one each); by default, where that still makes ATTENTION_INPUTS_ALL_HEADS_MIN_PROGRAMS
+    programs."""
     batch, rows, width = qkv.shape
-    _, _, _, heads, head_dim = out.shape
-    if (width != 3 * heads * head_dim or qkv.stride(2) != 1 or not out.is_contiguous()
+    parts, _, _, heads, head_dim = out.shape
+    if (width != 3 * heads * head_dim or parts not in (2, 3) or qkv.stride(2) != 1 or not out.is_contiguous()
             or qkv.dtype != torch.bfloat16 or out.dtype != torch.bfloat16
             or any(stride % 2 for stride in qkv.stride()[:2]) or head_dim % 2):
         raise ValueError(f"attention inputs: got {qkv.dtype} {tuple(qkv.shape)} (strides {qkv.stride()}) "
                          f"into {out.dtype} {tuple(out.shape)}")
     has_rope = cos is not None
     if all_heads is None:
-        all_heads = batch * 3 * triton.cdiv(rows, block_rows) >= ATTENTION_INPUTS_ALL_HEADS_MIN_PROGRAMS
+        all_heads = batch * parts * triton.cdiv(rows, block_rows) >= ATTENTION_INPUTS_ALL_HEADS_MIN_PROGRAMS
     heads_per_program = heads if all_heads else 1
-    grid = (triton.cdiv(rows, block_rows), heads // heads_per_program, batch * 3)
+    grid = (triton.cdiv(rows, block_rows), heads // heads_per_program, batch * parts)
     wrap_triton(_attention_inputs_kernel)[grid](
         qkv, weight_q, weight_k, cos if has_rope else weight_q, sin if has_rope else weight_q, out,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), rows, row_offset,
         EPS=eps, HEADS=heads, HEAD_DIM=head_dim, HAS_ROPE=has_rope, BLOCK_ROWS=block_rows,
-        HEADS_PER_PROGRAM=heads_per_program, num_warps=num_warps)
+        HEADS_PER_PROGRAM=heads_per_program, PARTS=parts, num_warps=num_warps)
 
 
 @triton_op("ryla::flux_attention_inputs", mutates_args={})
 def flux_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
                           text_qkv: torch.Tensor | None, text_weight_q: torch.Tensor | None,
                           text_weight_k: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                          head_dim: int, eps: float) -> torch.Tensor:
+                          head_dim: int, eps: float, with_value: bool = True) -> torch.Tensor:
     """Q, K (RMS-normalised, RoPE'd) and V as [3, batch, text + image rows, heads, head_dim]
     from the fused projections of the image stream (`qkv`) and, in double blocks, the text
-    stream (`text_qkv`, whose rows come first, with the text norms' weights)."""
+    stream (`text_qkv`, whose rows come first, with the text norms' weights). Without
+    `with_value`, [2, ...]: Q and K only (V is read from `qkv` as it is)."""
     batch, rows, width = qkv.shape
     text_rows = text_qkv.shape[1] if text_qkv is not None else 0
-    out = torch.empty((3, batch, text_rows + rows, width // (3 * head_dim), head_dim), dtype=qkv.dtype,
-                      device=qkv.device)
+    out = torch.empty((3 if with_value else 2, batch, text_rows + rows, width // (3 * head_dim), head_dim),
+                      dtype=qkv.dtype, device=qkv.device)
     if text_qkv is not None:
         launch_attention_inputs(text_qkv, text_weight_q, text_weight_k, cos, sin, out, 0, eps)
     launch_attention_inputs(qkv, weight_q, weight_k, cos, sin, out, text_rows, eps)
