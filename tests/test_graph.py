@@ -48,9 +48,16 @@ def node_error_types(body: dict, node_id: str) -> list[str]:
     return [e["type"] for e in body["node_errors"][node_id]["errors"]]
 
 
-def test_template_runs_and_images_have_the_requested_size(runtime):
-    result = runtime.run(small_graph(width=96, height=64, batch_size=2))
+def test_template_runs_and_images_have_the_requested_size(runtime, caplog):
+    with caplog.at_level("INFO", logger="ryla.runtime"):
+        graph = small_graph(width=96, height=64, batch_size=2)
+        result = runtime.run(graph)
     assert [im.size for im in result.images] == [(96, 64), (96, 64)]
+    # the log line names where the time went, slowest node first
+    done = [r.getMessage() for r in caplog.records if "workflow done" in r.getMessage()][-1]
+    slowest = max(result.node_seconds, key=result.node_seconds.get)
+    assert f"({graph[slowest]['class_type']} #{slowest} {result.node_seconds[slowest]:.2f}s" in done
+    assert "KSampler #7 " in done
 
 
 @pytest.mark.parametrize("mutate,node_id,error_type", [

@@ -83,7 +83,12 @@ class Runtime:
                 images.append(image)
                 prefixes.append(saved.filename_prefix)
         seconds = time.perf_counter() - start
-        log.info("[%s] workflow done: %d image(s) in %.2fs", context.request_id, len(images), seconds)
+        # Each node's share, slowest first: where a slow request (the first after a start, one
+        # with a new LoRA) spent its time, without a profiler.
+        slowest = sorted(context.node_seconds.items(), key=lambda item: -item[1])
+        log.info("[%s] workflow done: %d image(s) in %.2fs (%s)", context.request_id, len(images), seconds,
+                 ", ".join(f"{validated.nodes[node_id][0].class_type} #{node_id} {spent:.2f}s"
+                           for node_id, spent in slowest if spent >= 0.005))
         return RunResult(images, seconds, dict(context.node_seconds), dict(context.annotations), prefixes)
 
 
