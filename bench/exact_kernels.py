@@ -131,6 +131,41 @@ def attention_inputs_configs() -> dict:
     return results
 
 
+def single_block_value_in_place() -> dict:
+    """A single block's attention inputs and FA3 attention, V copied by the kernel (before) vs
+    read from the projection's output in place (ryla.flux.attention's value_in_place)."""
+    from ryla.flux.attention import flash_attention_3_available
+    from ryla.flux.kernels import launch_attention_inputs
+
+    if not flash_attention_3_available():
+        return {"error": "FlashAttention-3 not installed (bench/fetch_flash_attention_3.sh)"}
+    rows = TEXT + IMAGE
+    qkv = torch.randn(1, rows, 3 * DIM, device="cuda", dtype=torch.bfloat16)
+    weights = [torch.rand(HEAD_DIM, device="cuda", dtype=torch.bfloat16) + 0.5 for _ in range(2)]
+    cos, sin = rotary(rows)
+    copied = torch.empty(3, 1, rows, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    only_qk = torch.empty(2, 1, rows, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    value = qkv[..., 2 * DIM:].unflatten(-1, (HEADS, HEAD_DIM))
+    scale = HEAD_DIM ** -0.5
+    outputs = {}
+
+    def with_copy():
+        launch_attention_inputs(qkv, *weights, cos, sin, copied, 0, 1e-6)
+        outputs["copy"] = torch.ops.ryla.flash_attention_3(copied[0], copied[1], copied[2], scale)
+
+    def in_place():
+        launch_attention_inputs(qkv, *weights, cos, sin, only_qk, 0, 1e-6)
+        outputs["in_place"] = torch.ops.ryla.flash_attention_3(only_qk[0], only_qk[1], value, scale)
+
+    with torch.inference_mode():
+        results = {label: {"ms": graphed_time(fn)} for label, fn in (("copy", with_copy), ("in_place", in_place))}
+        with_copy()
+        in_place()
+        results["rel_l2_in_place_vs_copy"] = rel_l2(outputs["in_place"], outputs["copy"])
+    print("single block value in place", results, flush=True)
+    return results
+
+
 def sdpa_layouts() -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -265,7 +300,7 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "cudnn": torch.backends.cudnn.version()}
     for name, fn in (("attention_module_ms", attention_modules), ("attention_inputs_kernel", attention_inputs_configs),
-                     ("sdpa", sdpa_layouts),
+                     ("sdpa", sdpa_layouts), ("single_block_value_in_place", single_block_value_in_place),
                      ("cudnn_frontend_bf16", cudnn_frontend_plans), ("vae_group_norm", vae_group_norm),
                      ("double_block_gemms", double_block_gemms)):
         if args.only and name not in args.only.split(","):
