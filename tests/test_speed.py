@@ -655,7 +655,8 @@ def test_compiled_blocks_read_the_selected_modulation_rows_without_recompiling()
 @pytest.mark.parametrize("speed", ["exact", "fast"])
 def test_model_code_imported_ahead_leaves_loading_nothing_to_import(tiny_dir, speed):
     """Modal's memory snapshot is taken after import_model_code: a module that loading or the
-    speed mode still imports afterwards is imported again at every cold start."""
+    speed mode still imports afterwards is imported again at every cold start. The imports
+    start no thread."""
     import subprocess
     import sys
 
@@ -665,6 +666,10 @@ from pathlib import Path
 from ryla.flux.engine import FluxEngine, import_model_code
 from ryla.models.store import ModelStore
 import_model_code({speed!r})
+import threading, torch
+# what a memory snapshot cannot hold: threads (Inductor's compile workers start with the first
+# compile, not at import) and a CUDA context
+assert threading.active_count() == 1 and not torch.cuda.is_initialized()
 loaded = {{id(module) for module in sys.modules.values()}}
 engine = FluxEngine(ModelStore(Path({str(tiny_dir)!r}), tiny=True), speed={speed!r})
 engine.preload("flux1-dev-fp8.safetensors", 64, 64)
