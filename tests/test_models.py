@@ -164,3 +164,62 @@ def test_open_store_falls_back_to_tiny_once(tmp_path, monkeypatch, tiny_dir, cap
     assert first.tiny and second.root == tiny_dir.resolve()
     assert sum("TINY random-weight" in r.message for r in caplog.records) == 1
     assert json.loads(json.dumps(first.inventory()))["checkpoints"] == ["flux1-dev-fp8.safetensors"]
+
+
+def test_checkpoint_parts_are_read_ahead_by_one_thread_and_once(tiny_store, monkeypatch):
+    """load_checkpoint reads the four parts in a background thread, in build order, while the
+    main thread imports; each part is read once, a loaded checkpoint is not read again, and no
+    reader thread outlives the load."""
+    import threading
+
+    import ryla.flux.loading as loading
+    from ryla.flux.engine import FluxEngine
+
+    reads = []
+    real = loading.read_tensors
+    monkeypatch.setattr(loading, "read_tensors",
+                        lambda path, prefix="", device="cpu": reads.append((prefix, threading.current_thread().name))
+                        or real(path, prefix, device))
+    engine = FluxEngine(tiny_store)
+    engine.load_checkpoint("flux1-dev-fp8.safetensors")
+    assert [prefix for prefix, _ in reads] == ["model.diffusion_model.", "text_encoders.clip_l.transformer.",
+                                               "text_encoders.t5xxl.transformer.", "vae."]
+    assert all(thread.startswith("ryla-prefetch") for _, thread in reads)
+    engine.load_checkpoint("flux1-dev-fp8.safetensors")
+    assert len(reads) == 4
+    assert not [t for t in threading.enumerate() if t.name.startswith("ryla-prefetch")]
+
+
+def test_a_checkpoint_that_fails_to_build_leaves_no_reader_behind(tiny_store, tmp_path):
+    """The transformer's build fails while the other parts are still being read ahead: the
+    load raises the build's error, and the reader is stopped."""
+    import threading
+
+    from safetensors.torch import load_file, save_file
+
+    from ryla.flux.engine import FluxEngine
+    from ryla.flux.loading import ModelFormatError
+    from ryla.models.store import ModelStore
+
+    tensors = load_file(str(tiny_store.resolve("checkpoints", "flux1-dev-fp8.safetensors")))
+    del tensors["model.diffusion_model.img_in.weight"]
+    store = ModelStore(tmp_path)
+    store.ensure_layout()
+    save_file(tensors, str(tmp_path / "checkpoints" / "broken.safetensors"))
+    with pytest.raises(ModelFormatError, match=r"broken.safetensors \(transformer\)"):
+        FluxEngine(store).load_checkpoint("broken.safetensors")
+    assert not [t for t in threading.enumerate() if t.name.startswith("ryla-prefetch")]
+
+
+def test_parts_are_read_ahead_only_where_the_gpu_has_room(tiny_store, monkeypatch):
+    """On a GPU, reading ahead needs PREFETCH_MEMORY_FACTOR x the file free: the transformer's
+    build already holds ~2.1x its fp8 file, and the read-ahead parts join it."""
+    from ryla.flux.engine import PREFETCH_MEMORY_FACTOR, FluxEngine
+
+    path = tiny_store.resolve("checkpoints", "flux1-dev-fp8.safetensors")
+    size = path.stat().st_size
+    engine = FluxEngine(tiny_store, device="cuda")  # only its device is used here
+    for free, fits in ((2 * size, False), (int(PREFETCH_MEMORY_FACTOR * size), True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 10 * free))
+        assert engine._prefetch_fits(path) is fits
+    assert FluxEngine(tiny_store)._prefetch_fits(path)  # a CPU maps the file: always
