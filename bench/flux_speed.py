@@ -544,7 +544,7 @@ def markdown(results: dict) -> str:
         if "full_steps_per_image" in stats:
             notes = f"{stats['full_steps_per_image']} of {results['steps']} steps fully computed"
         ratio = stats["median_s"] / results["modes"]["stock-eager"]["median_s"]
-        lines.append(f"| {name} | {stats['median_s']:.3f} | {ratio:.3f}x | {stats['peak_gib']:.1f} | "
+        lines.append(f"| {name} | {stats['median_s']:.3f} | {ratio:.3f}x | {stats['peak_gib']:.4f} | "
                      f"{stats['rel_l2_vs_stock']:.4f} | {notes} |")
     lines += ["", f"Two stock runs with different SDPA kernels (flash vs memory-efficient) differ by "
               f"rel. L2 {results['stock_vs_stock_other_kernel_rel_l2']:.4f}."]
