@@ -73,6 +73,17 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
+def peak_during(fn) -> float:
+    """Peak GPU memory (GiB) while fn runs, from what was allocated when it started."""
+    if not torch.cuda.is_available():
+        return 0.0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return peak_gib()
+
+
 class GcPauses:
     """Seconds spent in Python's cyclic garbage collector while active (a full collection
     walks every object, the compiled model's included, while the GPU may run dry)."""
@@ -279,6 +290,7 @@ def main() -> None:
 
     with torch.inference_mode():
         stats, _ = measure(stock)
+        stats["peak_sampling_gib"] = peak_during(lambda: stock("latent"))  # the pipeline without its decode
         stock_latents = stock("latent").float()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -300,8 +312,11 @@ def main() -> None:
     # the engine optimises as `ryla serve --speed MODE` does
     latent = torch.zeros(1, 16, HEIGHT // 8, WIDTH // 8)
 
+    def ryla_sample(model):
+        return engine.sample(model, (cond,), None, latent, noise, sigmas, 1.0)
+
     def ryla_image(model):
-        out = engine.sample(model, (cond,), None, latent, noise, sigmas, 1.0)
+        out = ryla_sample(model)
         return out, engine.decode(current["vae"], out)
 
     def packed_model_space(vae_space):
@@ -309,6 +324,9 @@ def main() -> None:
 
     def run_mode(name, model):
         stats, (out, _) = measure(lambda: ryla_image(model))
+        # which half of an image sets the peak (stock's is the pipeline's sampling peak above)
+        stats["peak_sampling_gib"] = peak_during(lambda: ryla_sample(model))
+        stats["peak_decode_gib"] = peak_during(lambda: engine.decode(current["vae"], out))
         stats["ratio_vs_stock"] = stats["median_s"] / baseline
         stats["rel_l2_vs_stock"] = rel_l2(packed_model_space(out).to(device), stock_latents)
         stats["speed_info"] = engine.speed_info
