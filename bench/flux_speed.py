@@ -266,7 +266,8 @@ def main() -> None:
 
     results: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                     "size": f"{WIDTH}x{HEIGHT}", "steps": STEPS, "modes": {}}
+                     "size": f"{WIDTH}x{HEIGHT}", "steps": STEPS,
+                     "architecture": "tiny (CPU dry run)" if args.tiny else "full-size", "modes": {}}
     t0 = time.perf_counter()
     transformer, vae, clip, t5 = build_models(device, args.tiny)
     t5_embeds, pooled = encode(clip, t5, device)
@@ -548,7 +549,8 @@ def markdown(results: dict) -> str:
     lines = [f"# FLUX.1-dev speed, {results['size']}, {results['steps']} steps",
              "",
              f"{results['gpu']}; torch {results['torch']}, diffusers {results['diffusers']}, "
-             f"transformers {results['transformers']}. Random weights, full-size architecture. "
+             f"transformers {results['transformers']}. Random weights, {results.get('architecture', 'full-size')} "
+             "architecture. "
              f"Median of {TIMED_RUNS} runs after {WARMUPS} warm-ups and a wait until the process was quiet; "
              "latency includes VAE decoding.",
              "",
