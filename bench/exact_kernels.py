@@ -158,7 +158,9 @@ def single_block_value_in_place() -> dict:
         outputs["in_place"] = torch.ops.ryla.flash_attention_3(only_qk[0], only_qk[1], value, scale)
 
     with torch.inference_mode():
-        results = {label: {"ms": graphed_time(fn)} for label, fn in (("copy", with_copy), ("in_place", in_place))}
+        # not graph-captured: FA3 allocates its own scratch; 0.5 ms of GPU work per call keeps
+        # the queue ahead of the host
+        results = {label: {"ms": cuda_time(fn)} for label, fn in (("copy", with_copy), ("in_place", in_place))}
         with_copy()
         in_place()
         results["rel_l2_in_place_vs_copy"] = rel_l2(outputs["in_place"], outputs["copy"])
