@@ -132,6 +132,34 @@ def cold_start(python: str, store: Path, cache: Path, port: int, speed: str,
             "first_generation_s": float(r.headers["x-generation-time"])}, proc
 
 
+# Where a start's time goes: the server log's milestones, in the order they come.
+PHASE_MARKS = (("imports and opening the store", "ryla: serving"),
+               ("transformer: read, build, speed mode", "loaded transformer"),
+               ("CLIP, T5, the VAE", "loaded vae"),
+               ("compiling from the cache", "compiled the transformer"),
+               ("until /health answered", "GET /health"))
+
+
+def startup_phases(log: Path, launched_at: float) -> dict[str, float]:
+    """Seconds of each phase of a server start, from its log's timestamps (this machine's
+    local time, as the server wrote them) and the wall-clock launch time."""
+    import datetime
+
+    marks: dict[str, float] = {}
+    for line in log.read_text().splitlines():
+        if not line[:4].isdigit():
+            continue
+        for phase, text in PHASE_MARKS:
+            if phase not in marks and text in line:
+                marks[phase] = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    phases, previous = {}, launched_at
+    for phase, _ in PHASE_MARKS:
+        if phase in marks:
+            phases[phase] = round(marks[phase] - previous, 2)
+            previous = marks[phase]
+    return phases
+
+
 def throughput(port: int, n: int = 5) -> dict:
     import httpx
 
@@ -195,6 +223,8 @@ def main() -> None:
             launched = time.time()
             stats, proc = cold_start(environment["python"], store, cache, 8101, speed, out / f"serve_{speed}_{label}.log")
             runs[label] = {**stats, "launched_at": launched}
+            runs[label]["phases_s"] = {**startup_phases(out / f"serve_{speed}_{label}.log", launched),
+                                       "first image": round(stats["first_image_s"] - stats["health_s"], 2)}
             print(speed, label, json.dumps(stats), flush=True)
             if label == "warm_cache" and index == 0:
                 results["throughput"] = throughput(8101)

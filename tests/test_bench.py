@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -41,3 +43,22 @@ def test_closure_follows_markers_and_extras():
     assert "pytest" not in closure
     if importlib.util.find_spec("h2") is not None:
         assert "h2" in product_env.dependency_closure(["httpx[http2]==0.28.1"])
+
+
+def test_startup_phases_from_a_real_server_log():
+    """Run 16e's warm start, phase by phase, from the log the H200's server wrote (its
+    timestamps are UTC, this machine's zone here; the bench reads them where they were written)."""
+    import json
+    import time
+
+    import cold_start
+
+    if time.localtime().tm_gmtoff != 0:
+        pytest.skip("the committed log's timestamps are UTC")
+    results = ROOT / "bench" / "results"
+    warm = json.loads((results / "cold_start_exact.json").read_text())["cold_start"]["warm_cache"]
+    phases = cold_start.startup_phases(results / "serve_exact_warm_cache.log", warm["launched_at"])
+    assert list(phases) == [phase for phase, _ in cold_start.PHASE_MARKS]
+    assert phases["imports and opening the store"] == 11.27
+    assert phases["compiling from the cache"] == 3.2
+    assert abs(sum(phases.values()) - warm["health_s"]) < 0.05
