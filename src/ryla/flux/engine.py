@@ -153,10 +153,8 @@ class FluxEngine:
         """CheckpointLoaderSimple: an all-in-one file (transformer, CLIP-L, T5-XXL, VAE)."""
         path = self.store.resolve("checkpoints", name)
         with self._checkpoint_lock, self._prefetched_parts(path) as prefetched:
-            transformer = self._checkpoint_part(name, "transformer", prefetched)
-            clip = self._checkpoint_part(name, "clip_l", prefetched)
-            t5 = self._checkpoint_part(name, "t5xxl", prefetched)
-            vae = self._checkpoint_part(name, "vae", prefetched)
+            transformer, clip, t5, vae = (self._checkpoint_part(name, path, part, prefetched)
+                                          for part in CHECKPOINT_PARTS)
         return (FluxModel(name, transformer), self._text_encoder(name, clip, t5), Vae(name, vae))
 
     @contextlib.contextmanager
@@ -197,15 +195,14 @@ class FluxEngine:
         free, _ = torch.cuda.mem_get_info(self.device)
         return free >= PREFETCH_MEMORY_FACTOR * path.stat().st_size
 
-    def _checkpoint_part(self, name: str, component: str, prefetched: dict | None = None):
-        path = self.store.resolve("checkpoints", name)
+    def _checkpoint_part(self, name: str, path, component: str, prefetched: dict):
         prefix = formats.CHECKPOINT_PREFIXES[component]
         build = {"transformer": lambda *a, **k: self._optimized(loading.build_transformer(*a, **k)),
                  "clip_l": loading.build_clip, "t5xxl": loading.build_t5,
                  "vae": lambda *a, **k: self._optimized_vae(loading.build_vae(*a, **k))}[component]
 
         def load():
-            read = (prefetched or {}).pop(component, None)
+            read = prefetched.pop(component, None)
             tensors, meta = read.result() if read is not None else loading.read_tensors(path, prefix, self.device)
             if not tensors:
                 raise loading.ModelFormatError(f"{name} has no {component} tensors (prefix {prefix!r})")
