@@ -130,4 +130,8 @@ def make(target: Path, extras: tuple[str, ...] = ("gpu",)) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(make(Path(sys.argv[1])), indent=2))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Make a venv holding only ryla's dependency closure.")
+    parser.add_argument("target", type=Path, help="folder for the environment (remade if it is one)")
+    print(json.dumps(make(parser.parse_args().target), indent=2))
