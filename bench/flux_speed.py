@@ -54,6 +54,7 @@ WARMUPS = 2
 QUIET_CPU_SHARE = 0.05
 QUIET_WAIT_MAX_S = 30
 AUTOTUNE = "max-autotune-no-cudagraphs"
+MEMORY_HISTORY = False  # --memory-history: decode_memory also says where live blocks were allocated
 
 
 def _sync():
@@ -73,6 +74,17 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
+def peaks_gib() -> dict[str, float]:
+    """Peak GPU memory since the last reset: allocated (the caching allocator's blocks, what
+    the table reports), requested (the tensors' own sizes, without the allocator's rounding,
+    which depends on what was allocated and freed before) and reserved (what the process holds)."""
+    if not torch.cuda.is_available():
+        return {"peak_gib": 0.0}
+    return {"peak_gib": peak_gib(),
+            "peak_requested_gib": torch.cuda.memory_stats().get("requested_bytes.all.peak", 0) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
 def peak_during(fn) -> float:
     """Peak GPU memory (GiB) while fn runs, from what was allocated when it started."""
     if not torch.cuda.is_available():
@@ -82,6 +94,60 @@ def peak_during(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return peak_gib()
+
+
+def decode_memory(vae, run) -> dict:
+    """GPU memory when `vae`'s decoder starts during run(): allocated (GiB), the live blocks
+    by size (bytes: count), and how far decoding rises above it; which tensors an image keeps
+    while it decodes, compared mode against mode (exact's peak was 2.7 MB over stock's, run 17)."""
+    if not torch.cuda.is_available():
+        return {}
+    seen: dict = {}
+
+    def before(module, args):
+        torch.cuda.synchronize()
+        seen["allocated_gib"] = torch.cuda.memory_allocated() / 2**30
+        sizes: dict[int, int] = {}
+        for segment in torch.cuda.memory_snapshot():
+            for block in segment["blocks"]:
+                if block["state"] == "active_allocated":
+                    sizes[block["size"]] = sizes.get(block["size"], 0) + 1
+        seen["live_blocks"] = dict(sorted(sizes.items(), reverse=True))
+        if MEMORY_HISTORY:
+            seen["live_by_origin"] = live_by_origin()
+        torch.cuda.reset_peak_memory_stats()
+
+    def after(module, args, output):
+        torch.cuda.synchronize()
+        seen["decoder_rise_gib"] = torch.cuda.max_memory_allocated() / 2**30 - seen["allocated_gib"]
+
+    handles = [vae.decoder.register_forward_pre_hook(before), vae.decoder.register_forward_hook(after)]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def live_by_origin() -> dict:
+    """The GPU's live blocks grouped by where they were allocated (our, diffusers' and the
+    bench's innermost frames), largest total first: blocks (count), bytes (as the allocator
+    counts them) and requested (what the tensors asked for)."""
+    groups: dict[str, list[int]] = {}
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            frames = [f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
+                      for frame in block.get("frames", [])
+                      if any(part in frame["filename"] for part in ("ryla", "bench", "diffusers"))]
+            group = groups.setdefault(" < ".join(frames[:4]) or "(before recording, or no frame of ours)", [0, 0, 0])
+            group[0] += 1
+            group[1] += block["size"]
+            group[2] += block.get("requested_size", block["size"])
+    return {where: {"blocks": count, "bytes": size, "requested": requested}
+            for where, (count, size, requested) in sorted(groups.items(), key=lambda item: -item[1][1])}
 
 
 class GcPauses:
@@ -160,7 +226,7 @@ def measure(fn, warmups=WARMUPS, runs=TIMED_RUNS):
     return {"median_s": statistics.median(times), "runs_s": times, "warmup_s": warm, "quiet_after_s": quiet_after_s,
             "busy_threads_while_waiting_cpu_s": busy_while_waiting,
             "busy_threads_during_runs_cpu_s": busy_threads_since(threads),
-            "cpu_s": cpu, "gc_pause_s": pauses, "peak_gib": peak_gib()}, out
+            "cpu_s": cpu, "gc_pause_s": pauses, **peaks_gib()}, out
 
 
 KERNEL_KINDS = (("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
@@ -245,8 +311,14 @@ def main() -> None:
                              "fast-linear, fast, turbo (variants of exact right after exact)")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny architecture")
     parser.add_argument("--profile", action="store_true", help="also profile one image per mode (kernel time by kind)")
+    parser.add_argument("--memory-history", action="store_true",
+                        help="record where each GPU allocation was made, and list what lives at each mode's decode "
+                             "(slows the runs: not for timing)")
     args = parser.parse_args()
-    global WIDTH, HEIGHT, STEPS
+    global WIDTH, HEIGHT, STEPS, MEMORY_HISTORY
+    if args.memory_history and torch.cuda.is_available():
+        MEMORY_HISTORY = True
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
     if args.tiny:
         WIDTH = HEIGHT = 128
         STEPS = 4
@@ -292,11 +364,13 @@ def main() -> None:
     with torch.inference_mode():
         stats, _ = measure(stock)
         stats["peak_sampling_gib"] = peak_during(lambda: stock("latent"))  # the pipeline without its decode
-        stock_latents = stock("latent").float()
+        stats["decode_memory"] = decode_memory(vae, stock)
+        # on the CPU: held on the GPU, these 2 MiB counted in every later mode's peak (run 17)
+        stock_latents = stock("latent").float().cpu()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" else SDPBackend.MATH):
-            other_kernel = stock("latent").float()
+            other_kernel = stock("latent").float().cpu()
     stats["rel_l2_vs_stock"] = 0.0
     results["modes"]["stock-eager"] = stats
     results["stock_vs_stock_other_kernel_rel_l2"] = rel_l2(other_kernel, stock_latents)
@@ -328,8 +402,9 @@ def main() -> None:
         # which half of an image sets the peak (stock's is the pipeline's sampling peak above)
         stats["peak_sampling_gib"] = peak_during(lambda: ryla_sample(model))
         stats["peak_decode_gib"] = peak_during(lambda: engine.decode(current["vae"], out))
+        stats["decode_memory"] = decode_memory(current["vae"].vae, lambda: ryla_image(model))
         stats["ratio_vs_stock"] = stats["median_s"] / baseline
-        stats["rel_l2_vs_stock"] = rel_l2(packed_model_space(out).to(device), stock_latents)
+        stats["rel_l2_vs_stock"] = rel_l2(packed_model_space(out), stock_latents)
         stats["speed_info"] = engine.speed_info
         stats["decode_s"] = statistics.median(
             sync_time(lambda: engine.decode(current["vae"], out))[0] for _ in range(3))
@@ -360,6 +435,9 @@ def main() -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        # The VAE is copied after the speed mode has reshaped the transformer's weights, as a
+        # server loads it. Copied before, its blocks were rounded up by 4.5 MB more (run 17d):
+        # the allocated peak moves by a few MB with allocation order, the tensors' own doesn't.
         model = FluxModel("flux1-dev", copy.deepcopy(pristine).to(device))
         engine.speed_info = optimize_transformer(model.transformer, speed) if speed != "eager" else {"speed": speed}
         mode_vae = copy.deepcopy(pristine_vae).to(device)
@@ -554,19 +632,24 @@ def markdown(results: dict) -> str:
              f"Median of {TIMED_RUNS} runs after {WARMUPS} warm-ups and a wait until the process was quiet; "
              "latency includes VAE decoding.",
              "",
-             "| mode | latency (s) | vs stock | peak GPU memory (GiB) | rel. L2 of latents vs stock | notes |",
-             "|---|---|---|---|---|---|"]
+             "| mode | latency (s) | vs stock | peak GPU memory (GiB) | of which tensors (GiB) | rel. L2 of latents vs stock "
+             "| notes |",
+             "|---|---|---|---|---|---|---|"]
     for name, stats in results["modes"].items():
         if "error" in stats:
-            lines.append(f"| {name} | - | - | - | - | failed: {stats['error'][:120]} |")
+            lines.append(f"| {name} | - | - | - | - | - | failed: {stats['error'][:120]} |")
             continue
         notes = ""
         if "full_steps_per_image" in stats:
             notes = f"{stats['full_steps_per_image']} of {results['steps']} steps fully computed"
         ratio = stats["median_s"] / results["modes"]["stock-eager"]["median_s"]
-        lines.append(f"| {name} | {stats['median_s']:.3f} | {ratio:.3f}x | {stats['peak_gib']:.4f} | "
+        requested = f"{stats['peak_requested_gib']:.4f}" if "peak_requested_gib" in stats else "-"
+        lines.append(f"| {name} | {stats['median_s']:.3f} | {ratio:.3f}x | {stats['peak_gib']:.4f} | {requested} | "
                      f"{stats['rel_l2_vs_stock']:.4f} | {notes} |")
-    lines += ["", f"Two stock runs with different SDPA kernels (flash vs memory-efficient) differ by "
+    lines += ["", "Peak GPU memory is torch.cuda.max_memory_allocated (the caching allocator's blocks); "
+              "'of which tensors' is the peak of what the tensors themselves requested, without the "
+              "allocator's rounding.",
+              "", f"Two stock runs with different SDPA kernels (flash vs memory-efficient) differ by "
               f"rel. L2 {results['stock_vs_stock_other_kernel_rel_l2']:.4f}."]
     if "lora" in results:
         lo = results["lora"]
