@@ -56,8 +56,8 @@ def test_startup_phases_from_a_real_server_log():
     if time.localtime().tm_gmtoff != 0:
         pytest.skip("the committed log's timestamps are UTC")
     results = ROOT / "bench" / "results"
-    warm = json.loads((results / "cold_start_exact.json").read_text())["cold_start"]["warm_cache"]
-    phases = cold_start.startup_phases(results / "serve_exact_warm_cache.log", warm["launched_at"])
+    warm = json.loads((results / "cold_start_exact_run16e.json").read_text())["cold_start"]["warm_cache"]
+    phases = cold_start.startup_phases(results / "serve_exact_warm_cache_run16e.log", warm["launched_at"])
     assert list(phases) == [phase for phase, _ in cold_start.PHASE_MARKS]
     assert phases["imports and opening the store"] == 11.27
     assert phases["compiling from the cache"] == 3.2
