@@ -223,3 +223,35 @@ def test_parts_are_read_ahead_only_where_the_gpu_has_room(tiny_store, monkeypatc
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 10 * free))
         assert engine._prefetch_fits(path) is fits
     assert FluxEngine(tiny_store)._prefetch_fits(path)  # a CPU maps the file: always
+
+
+def test_freed_gpu_memory_is_released_after_each_build_only(tiny_store, monkeypatch):
+    """A GPU engine hands what a build freed (fp8 copies, q/k/v after fusing, bf16 weights
+    after quantising) back to the driver once per new model, not on every lookup; a CPU
+    engine has nothing to release."""
+    from ryla.flux.engine import FluxEngine
+
+    released = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
+    engine = FluxEngine(tiny_store, device="cuda")  # only its device is used here
+    assert engine._cached(("part", "a"), lambda: "built") == "built"
+    assert engine._cached(("part", "a"), lambda: "built again") == "built"
+    assert len(released) == 1
+    FluxEngine(tiny_store, device="cpu")._cached(("part", "a"), lambda: "built")
+    assert len(released) == 1
+
+
+
+def test_a_checkpoint_load_releases_freed_gpu_memory_once_and_only_when_it_builds(tiny_store, monkeypatch):
+    """Released once after all four parts (not per part, while parts read ahead may still be
+    copied to the GPU), and not again when a request finds the checkpoint loaded: between
+    requests, releasing would hand back other requests' activation blocks."""
+    import ryla.flux.engine as engine_module
+
+    releases = []
+    monkeypatch.setattr(engine_module, "release_freed_gpu_memory", releases.append)
+    engine = engine_module.FluxEngine(tiny_store)
+    engine.load_checkpoint("flux1-dev-fp8.safetensors")
+    assert releases == [engine.device]
+    engine.load_checkpoint("flux1-dev-fp8.safetensors")
+    assert releases == [engine.device]
