@@ -137,6 +137,7 @@ PHASE_MARKS = (("imports and opening the store", "ryla: serving"),
                ("transformer: read, build, speed mode", "loaded transformer"),
                ("CLIP, T5, the VAE", "loaded vae"),
                ("compiling from the cache", "compiled the transformer"),
+               ("warming T5 and the VAE", "warmed the text encoders and the VAE"),
                ("until /health answered", "GET /health"))
 
 

@@ -255,3 +255,21 @@ def test_a_checkpoint_load_releases_freed_gpu_memory_once_and_only_when_it_build
     assert releases == [engine.device]
     engine.load_checkpoint("flux1-dev-fp8.safetensors")
     assert releases == [engine.device]
+
+
+def test_preload_warms_the_text_encoders_and_the_vae_in_compiled_modes(tiny_store):
+    """In a compiled mode, preload also runs T5 and the decoder once (their first calls load
+    kernels), so the first request does not; uncompiled modes skip it."""
+    from ryla.flux.engine import FluxEngine
+
+    eager = FluxEngine(tiny_store)
+    eager.preload("flux1-dev-fp8.safetensors", 64, 64)
+    assert eager.stats.prompt_cache_misses == 0
+    compiled = FluxEngine(tiny_store)
+    compiled.load_checkpoint("flux1-dev-fp8.safetensors")
+    compiled.speed_info["compiled"] = "as on a GPU"  # what a compiled mode's speed_info says after loading
+    compiled.preload("flux1-dev-fp8.safetensors", 64, 64)
+    assert compiled.stats.prompt_cache_misses == 1
+    _, text_encoder, _ = compiled.load_checkpoint("flux1-dev-fp8.safetensors")
+    compiled.encode(text_encoder, "")
+    assert compiled.stats.prompt_cache_hits == 1
