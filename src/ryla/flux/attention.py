@@ -141,15 +141,11 @@ def _(query, key, value, softmax_scale):
     return query.new_empty(query.shape)
 
 
-@functools.cache
 def fused_attention_inputs_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import ryla.flux.kernels  # noqa: F401  (registers torch.ops.ryla.flux_attention_inputs)
-    except ImportError:
-        return False
-    return True
+    """torch.ops.ryla.flux_attention_inputs is registered (ryla.flux.kernels)."""
+    from ryla.flux.speed import triton_kernels_available
+
+    return triton_kernels_available()
 
 
 def reference_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,

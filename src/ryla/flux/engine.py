@@ -154,27 +154,27 @@ class FluxEngine:
     def load_checkpoint(self, name: str) -> tuple[FluxModel, TextEncoder, Vae]:
         """CheckpointLoaderSimple: an all-in-one file (transformer, CLIP-L, T5-XXL, VAE)."""
         path = self.store.resolve("checkpoints", name)
-        with self._checkpoint_lock, self._prefetched_parts(path) as prefetched:
-            building = any((part, str(path)) not in self._models for part in CHECKPOINT_PARTS)
-            transformer, clip, t5, vae = (self._checkpoint_part(name, path, part, prefetched)
-                                          for part in CHECKPOINT_PARTS)
-        if building:  # once, after the parts read ahead have landed (releasing waits on the GPU)
+        with self._checkpoint_lock:
+            missing = [part for part in CHECKPOINT_PARTS if _part_key(part, path) not in self._models]
+            with self._prefetched_parts(path, missing) as prefetched:
+                transformer, clip, t5, vae = (self._checkpoint_part(name, path, part, prefetched)
+                                              for part in CHECKPOINT_PARTS)
+        if missing:  # once, after the parts read ahead have landed (releasing waits on the GPU)
             release_freed_gpu_memory(self.device)
         return (FluxModel(name, transformer), self._text_encoder(name, clip, t5), Vae(name, vae))
 
     @contextlib.contextmanager
-    def _prefetched_parts(self, path):
-        """The checkpoint's parts not loaded yet, read in that order by one background thread
-        while this one imports the code that builds and speeds them up. The imports are CPU
-        work that holds the GIL; the reads mostly wait on the disk and the copy to the GPU,
-        without it. A cold start then spends its read time (2.7 s of 21.8 GB on the H200
-        machines) inside the imports' time instead of after it. Yields component -> Future of
-        read_tensors' result; the caller builds in the same order, so each waits only on its
+    def _prefetched_parts(self, path, missing: list[str]):
+        """The checkpoint's `missing` parts (not loaded yet), read in that order by one
+        background thread while this one imports the code that builds and speeds them up. The
+        imports are CPU work that holds the GIL; the reads mostly wait on the disk and the copy
+        to the GPU, without it. A cold start then spends its read time (2.7 s of 21.8 GB on the
+        H200 machines) inside the imports' time instead of after it. Yields component -> Future
+        of read_tensors' result; the caller builds in the same order, so each waits only on its
         own read."""
         import concurrent.futures
         import contextvars
 
-        missing = [c for c in CHECKPOINT_PARTS if (c, str(path)) not in self._models]
         if len(missing) < 2 or not self._prefetch_fits(path):  # nothing to overlap, or no room
             yield {}
             return
@@ -213,7 +213,7 @@ class FluxEngine:
                 raise loading.ModelFormatError(f"{name} has no {component} tensors (prefix {prefix!r})")
             return build(tensors, meta, self.dtype, self.device, what=f"{name} ({component})")
 
-        return self._cached((component, str(path)), load, release_memory=False)
+        return self._cached(_part_key(component, path), load, release_memory=False)
 
     def preload(self, name: str, width: int = 1024, height: int = 1024) -> None:
         """Load a checkpoint and, in a compiled speed mode, compile the transformer for one
@@ -289,7 +289,7 @@ class FluxEngine:
             def load(path=path, name=name, build=builders[component]):
                 tensors, meta = loading.read_tensors(path, device=self.device)
                 return build(tensors, meta, self.dtype, self.device, what=name)
-            loaded[component] = self._cached((component, str(path)), load)
+            loaded[component] = self._cached(_part_key(component, path), load)
         return self._text_encoder(f"{paths['clip_l'][0]}+{paths['t5xxl'][0]}", loaded["clip_l"], loaded["t5xxl"])
 
     def load_vae(self, name: str) -> Vae:
@@ -299,7 +299,7 @@ class FluxEngine:
             tensors, meta = loading.read_tensors(path, device=self.device)
             return self._optimized_vae(loading.build_vae(tensors, meta, self.dtype, self.device, what=name))
 
-        return Vae(name, self._cached(("vae", str(path)), load))
+        return Vae(name, self._cached(_part_key("vae", path), load))
 
     def _text_encoder(self, name: str, clip, t5) -> TextEncoder:
         folder = self.store.folder("tokenizers")
@@ -538,6 +538,11 @@ class FluxEngine:
         with self._use_lock:
             pixels = vae.vae.decode(latent.to(self.device, vae.vae.dtype), return_dict=False)[0]
         return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def _part_key(component: str, path) -> tuple[str, str]:
+    """Where a loaded part of a model file is kept in FluxEngine._models."""
+    return (component, str(path))
 
 
 def release_freed_gpu_memory(device: torch.device) -> None:

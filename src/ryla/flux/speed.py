@@ -24,6 +24,7 @@ Compiled artifacts go to a cache folder (a Volume on Modal) so a new process reu
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -39,6 +40,19 @@ FIRST_BLOCK_CACHE_THRESHOLD = 0.12
 def check_speed_mode(mode: str) -> None:
     if mode not in SPEED_MODES:
         raise ValueError(f"speed must be one of {', '.join(SPEED_MODES)}, got {mode!r}")
+
+
+@functools.cache
+def triton_kernels_available() -> bool:
+    """A GPU, and ryla.flux.kernels imports: Triton is installed (PyTorch's CUDA builds bring
+    it). Importing the module registers its kernels as torch ops."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import ryla.flux.kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def agrees_with_pytorch(what: str, run, reference, fallback: str) -> bool:

@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 def fast_group_norm_available() -> bool:
     """Triton on a GPU, and the kernel agrees with PyTorch's GroupNorm here (a start-up check,
     so that a kernel that fails to build or run on this GPU is never used for requests)."""
-    if not torch.cuda.is_available():
+    from ryla.flux.speed import triton_kernels_available
+
+    if not triton_kernels_available():
         return False
-    try:
-        from ryla.flux.kernels import group_norm
-    except ImportError:
-        return False
+    from ryla.flux.kernels import group_norm
+
     return _agrees_with_pytorch(group_norm, "cuda")
 
 
