@@ -307,7 +307,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--modes", default="fast,turbo,exact,lora",
                         help="comma list, run in this order, of eager, exact, exact-cudnn, exact-looped, "
-                             "exact-per-step-modulation, exact-diffusers-inputs, exact-tuned, exact-autotune, exact-cudagraphs, lora, "
+                             "exact-per-step-modulation, exact-diffusers-inputs, exact-tuned, exact-autotune, exact-cudagraphs, "
+                             "exact-vae-channels-last, lora, "
                              "fast-linear, fast, turbo (variants of exact right after exact)")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny architecture")
     parser.add_argument("--profile", action="store_true", help="also profile one image per mode (kernel time by kind)")
@@ -447,7 +448,8 @@ def main() -> None:
         return model
 
     known = ("eager", "exact", "exact-cudnn", "exact-looped", "exact-per-step-modulation", "exact-diffusers-inputs",
-             "exact-tuned", "exact-autotune", "exact-cudagraphs", "lora", "fast-linear", "fast", "turbo")
+             "exact-tuned", "exact-autotune", "exact-cudagraphs", "exact-vae-channels-last", "lora", "fast-linear", "fast",
+             "turbo")
     if unknown := [mode for mode in modes if mode not in known]:
         parser.error(f"--modes: unknown {unknown}; known: {', '.join(known)}")
     # In the order given: FlashAttention-3's build (exact, where installed) loads the CUDA 12
@@ -501,6 +503,14 @@ def main() -> None:
                     plan_bytes, modulation.MAX_PLAN_BYTES = modulation.MAX_PLAN_BYTES, 0
                     planned_layers = engine.speed_info.get("precomputed_modulation_layers")
                     engine.speed_info = {**engine.speed_info, "precomputed_modulation_layers": 0}
+                    compiled = engine.speed_info.get("compiled", "not compiled")
+                elif mode == "exact-vae-channels-last":  # the decode's peak (list it last: the VAE stays so)
+                    # The decode sets both peaks, inside a 1024x1024 convolution where cuDNN
+                    # transposes NCHW tensors to NHWC and back (run 17). In channels-last it
+                    # should not; the GroupNorms then fall back to PyTorch's (the Triton kernel
+                    # reads NCHW only), so this measures the memory, not the final speed.
+                    current["vae"].vae.to(memory_format=torch.channels_last)
+                    engine.speed_info = {**engine.speed_info, "vae_memory_format": "channels_last"}
                     compiled = engine.speed_info.get("compiled", "not compiled")
                 elif mode == "exact-diffusers-inputs":  # attention inputs by diffusers' processor (attributes the gain)
                     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
