@@ -251,9 +251,14 @@ def vae_group_norm() -> dict:
             eager = cuda_time(lambda: F.silu(F.group_norm(x, 32, w, b, 1e-6)), iters=20)
             ryla = cuda_time(lambda: group_norm(x, 32, w, b, 1e-6, silu=True), iters=20)
             diff = rel_l2(group_norm(x, 32, w, b, 1e-6, silu=True), F.silu(F.group_norm(x, 32, w, b, 1e-6)))
+            last = x.contiguous(memory_format=torch.channels_last)  # the channels-last path
+            ryla_last = cuda_time(lambda: group_norm(last, 32, w, b, 1e-6, silu=True), iters=20)
+            diff_last = rel_l2(group_norm(last, 32, w, b, 1e-6, silu=True), F.silu(F.group_norm(x, 32, w, b, 1e-6)))
         moved = 3 * x.numel() * x.element_size()  # read twice, written once
         results[f"{channels}x{size}x{size}"] = {"eager_ms": eager, "ryla_ms": ryla, "ryla_tb_per_s": moved / ryla / 1e9,
-                                                "rel_l2": diff}
+                                                "rel_l2": diff, "ryla_channels_last_ms": ryla_last,
+                                                "ryla_channels_last_tb_per_s": moved / ryla_last / 1e9,
+                                                "rel_l2_channels_last": diff_last}
     print("group_norm", results, flush=True)
     return results
 

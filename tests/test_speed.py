@@ -395,8 +395,9 @@ def run_in_tritons_interpreter(tmp_path, source: str, timeout: int) -> None:
 
 def test_group_norm_kernel_runs_in_tritons_interpreter(tmp_path):
     """ryla.flux.kernels' two-pass GroupNorm (+ SiLU) in Triton's CPU interpreter against
-    PyTorch: groups split into several chunks, a mean far from zero, two images; the start-up
-    check accepts it and refuses a kernel that computes something else."""
+    PyTorch, in NCHW and in channels-last: groups split into several chunks, a mean far from
+    zero, two images; the start-up checks accept it and refuse a kernel that computes something
+    else."""
     pytest.importorskip("triton")
     run_in_tritons_interpreter(tmp_path, """
 import torch, torch.nn.functional as F
@@ -411,8 +412,15 @@ for shape, groups, silu, offset in (((1, 4, 64, 64), 2, True, 0.0), ((2, 12, 9, 
     expected = F.group_norm(x.float(), groups, weight.float(), bias.float(), 1e-6)
     expected = F.silu(expected) if silu else expected
     assert ((got - expected).abs() <= expected.abs() * 2 ** -7 + 0.02).all(), (got - expected).abs().max()
+    # channels-last ([batch, H, W, channels] in memory): its own kernels, the same numbers
+    last = group_norm(x.contiguous(memory_format=torch.channels_last), groups, weight, bias, 1e-6, silu)
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    assert ((last.float() - expected).abs() <= expected.abs() * 2 ** -7 + 0.02).all()
+    assert ((last.float() - got).abs() <= got.abs() * 2 ** -7 + 0.01).all()
 assert _agrees_with_pytorch(group_norm, "cpu")
+assert _agrees_with_pytorch(group_norm, "cpu", channels_last=True)
 assert not _agrees_with_pytorch(lambda x, *args, **kwargs: x.clone(), "cpu")
+assert not _agrees_with_pytorch(lambda x, *args, **kwargs: x.clone(), "cpu", channels_last=True)
 print("ok")
 """, timeout=300)
 

@@ -293,17 +293,130 @@ def _group_norm_apply_kernel(x_ptr, out_ptr, partial_ptr, weight_ptr, bias_ptr, 
         tl.store(out_ptr + group * group_numel + offset, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Channels-last ([batch, H, W, channels] in memory): a group's values are not contiguous, but
+# each pixel's channels are. Each program takes a run of pixels with all their channels, so
+# loads stay contiguous: per-channel sums first (shifted by the channel's first value), then
+# one small program per (image, group) combines its channels' sums and chunks, then the
+# normalisation, with the same arithmetic per value as the kernel above.
+
+@triton.jit
+def _channel_sums_nhwc_kernel(x_ptr, partial_ptr, pixels, channels, splits, CHUNK: tl.constexpr,
+                              PIXELS_BLOCK: tl.constexpr, CHANNELS_BLOCK: tl.constexpr):
+    """Program (image, chunk): per channel, the sum and sum of squares of x - x[first pixel]
+    over the chunk's pixels, float32, into partial[image, chunk, 0 or 1, channel]."""
+    image = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    base = x_ptr + image * pixels * channels
+    channel = tl.arange(0, CHANNELS_BLOCK)
+    channel_mask = channel < channels
+    shift = tl.load(base + channel, mask=channel_mask, other=0.0).to(tl.float32)
+    total = tl.zeros([CHANNELS_BLOCK], dtype=tl.float32)
+    squares = tl.zeros([CHANNELS_BLOCK], dtype=tl.float32)
+    for start in range(0, CHUNK, PIXELS_BLOCK):
+        pixel = chunk * CHUNK + start + tl.arange(0, PIXELS_BLOCK)
+        mask = (pixel < pixels)[:, None] & channel_mask[None, :]
+        x = tl.load(base + pixel.to(tl.int64)[:, None] * channels + channel[None, :], mask=mask, other=0.0)
+        x = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
+        total += tl.sum(x, axis=0)
+        squares += tl.sum(x * x, axis=0)
+    out = partial_ptr + (image * splits + chunk) * 2 * channels
+    tl.store(out + channel, total, mask=channel_mask)
+    tl.store(out + channels + channel, squares, mask=channel_mask)
+
+
+@triton.jit
+def _group_stats_nhwc_kernel(x_ptr, partial_ptr, stats_ptr, pixels, channels, splits, groups, channels_per_group,
+                             eps, SPLITS_BLOCK: tl.constexpr, GROUP_BLOCK: tl.constexpr):
+    """Program (image, group): the group's mean and 1 / sqrt(variance + eps) from its channels'
+    shifted sums over all chunks, into stats[image, group, 0 or 1]."""
+    image = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    split = tl.arange(0, SPLITS_BLOCK)
+    member = tl.arange(0, GROUP_BLOCK)
+    channel = group * channels_per_group + member
+    member_mask = member < channels_per_group
+    mask = (split < splits)[:, None] & member_mask[None, :]
+    rows = partial_ptr + (image * splits + split.to(tl.int64))[:, None] * 2 * channels + channel[None, :]
+    sums = tl.sum(tl.load(rows, mask=mask, other=0.0), axis=0)  # per channel: sum of x - shift
+    squares = tl.sum(tl.load(rows + channels, mask=mask, other=0.0), axis=0)
+    shift = tl.load(x_ptr + image * pixels * channels + channel, mask=member_mask, other=0.0).to(tl.float32)
+    count = pixels * channels_per_group
+    mean = tl.sum(tl.where(member_mask, sums + pixels * shift, 0.0), axis=0) / count
+    offset = shift - mean  # sum over a channel of (x - mean)^2 = squares + 2 offset sums + pixels offset^2
+    deviations = squares + 2.0 * offset * sums + pixels * offset * offset
+    variance = tl.maximum(tl.sum(tl.where(member_mask, deviations, 0.0), axis=0) / count, 0.0)
+    out = stats_ptr + (image * groups + group) * 2
+    tl.store(out, mean)
+    tl.store(out + 1, tl.math.rsqrt(variance + eps))
+
+
+@triton.jit
+def _group_norm_apply_nhwc_kernel(x_ptr, out_ptr, stats_ptr, weight_ptr, bias_ptr, pixels, channels, groups,
+                                  channels_per_group, CHUNK: tl.constexpr, PIXELS_BLOCK: tl.constexpr,
+                                  CHANNELS_BLOCK: tl.constexpr, APPLY_SILU: tl.constexpr):
+    """Program (image, chunk): (x - mean) * inv_std * weight + bias (and SiLU) over the chunk's
+    pixels, each channel with its group's statistics."""
+    image = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    channel = tl.arange(0, CHANNELS_BLOCK)
+    channel_mask = channel < channels
+    stats = stats_ptr + (image * groups + channel // channels_per_group) * 2
+    mean = tl.load(stats, mask=channel_mask, other=0.0)
+    inv_std = tl.load(stats + 1, mask=channel_mask, other=0.0)
+    weight = tl.load(weight_ptr + channel, mask=channel_mask, other=1.0).to(tl.float32)
+    bias = tl.load(bias_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)
+    base = image * pixels * channels
+    for start in range(0, CHUNK, PIXELS_BLOCK):
+        pixel = chunk * CHUNK + start + tl.arange(0, PIXELS_BLOCK)
+        mask = (pixel < pixels)[:, None] & channel_mask[None, :]
+        offset = base + pixel.to(tl.int64)[:, None] * channels + channel[None, :]
+        x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean[None, :]) * inv_std[None, :] * weight[None, :] + bias[None, :]
+        if APPLY_SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(out_ptr + offset, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 GROUP_NORM_BLOCK = 2048
 GROUP_NORM_MAX_CHUNK = 65536
+NHWC_PROGRAMS_PER_IMAGE = 1024  # as many programs as the NCHW kernels' 32 groups x ~32 chunks
+
+
+def _group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                     silu: bool) -> torch.Tensor:
+    batch, channels = x.shape[:2]
+    pixels = x[0, 0].numel()
+    channels_block = triton.next_power_of_2(channels)
+    pixels_block = max(1, GROUP_NORM_BLOCK // channels_block)
+    chunk = max(pixels_block, triton.next_power_of_2(triton.cdiv(pixels, NHWC_PROGRAMS_PER_IMAGE)))
+    splits = triton.cdiv(pixels, chunk)
+    partial = torch.empty((batch, splits, 2, channels), dtype=torch.float32, device=x.device)
+    stats = torch.empty((batch, groups, 2), dtype=torch.float32, device=x.device)
+    out = torch.empty_like(x)  # channels-last too
+    grid = (batch, splits)
+    _channel_sums_nhwc_kernel[grid](x, partial, pixels, channels, splits, CHUNK=chunk, PIXELS_BLOCK=pixels_block,
+                                    CHANNELS_BLOCK=channels_block, num_warps=8)
+    _group_stats_nhwc_kernel[(batch, groups)](x, partial, stats, pixels, channels, splits, groups, channels // groups,
+                                              eps, SPLITS_BLOCK=triton.next_power_of_2(splits),
+                                              GROUP_BLOCK=triton.next_power_of_2(channels // groups))
+    _group_norm_apply_nhwc_kernel[grid](x, out, stats, weight, bias, pixels, channels, groups, channels // groups,
+                                        CHUNK=chunk, PIXELS_BLOCK=pixels_block, CHANNELS_BLOCK=channels_block,
+                                        APPLY_SILU=silu, num_warps=8)
+    return out
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                silu: bool = False) -> torch.Tensor:
-    """F.group_norm (then F.silu) for a contiguous [batch, channels, ...] tensor with affine
-    weights, in two launches spread over the whole GPU."""
+    """F.group_norm (then F.silu) for a contiguous [batch, channels, ...] tensor, or a
+    channels-last [batch, channels, H, W] one, with affine weights, spread over the whole GPU
+    (two launches; three in channels-last)."""
     batch, channels = x.shape[:2]
-    if channels % groups or not x.is_contiguous():
-        raise ValueError(f"group norm: {groups} groups over {tuple(x.shape)} (contiguous: {x.is_contiguous()})")
+    if channels % groups:
+        raise ValueError(f"group norm: {groups} groups over {tuple(x.shape)}")
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return _group_norm_nhwc(x, groups, weight, bias, eps, silu)
+        raise ValueError(f"group norm: {tuple(x.shape)} is neither contiguous nor channels-last")
     spatial = x[0, 0].numel()
     group_numel = channels // groups * spatial
     # about 32 chunks a group (1024 programs for FLUX's VAE), each a whole number of blocks

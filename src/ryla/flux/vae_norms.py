@@ -5,7 +5,8 @@ decoder normalises 32 groups of up to 16M values at 1024x1024, on 32 of the H200
 multiprocessors, 0.046 s of a 0.09 s decode (bench/results/README.md). ryla.flux.kernels'
 group_norm splits every group into chunks and applies the SiLU that follows most of these
 norms in the same pass. Every norm in the decoder's and encoder's ResNet blocks, and their
-output norms, get it; elsewhere (CPUs, float32, unusual layouts) PyTorch's GroupNorm runs.
+output norms, get it, in NCHW or channels-last; elsewhere (CPUs, float32, other layouts)
+PyTorch's GroupNorm runs.
 """
 
 from __future__ import annotations
@@ -34,22 +35,36 @@ def fast_group_norm_available() -> bool:
     return _agrees_with_pytorch(group_norm, "cuda")
 
 
-def _agrees_with_pytorch(group_norm, device: str) -> bool:
+def _agrees_with_pytorch(group_norm, device: str, channels_last: bool = False) -> bool:
     from ryla.flux.speed import agrees_with_pytorch
 
     generator = torch.Generator(device=device).manual_seed(0)
     x = (torch.randn(1, 64, 48, 48, generator=generator, device=device) * 3 + 2).to(torch.bfloat16)
     weight = torch.rand(64, generator=generator, device=device).to(torch.bfloat16) + 0.5
     bias = torch.randn(64, generator=generator, device=device).to(torch.bfloat16)
+    layout = "channels-last" if channels_last else "NCHW"
+    given = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     return agrees_with_pytorch(
-        "fast GroupNorm", lambda: group_norm(x, 32, weight, bias, 1e-6, silu=True),
+        f"fast GroupNorm ({layout})", lambda: group_norm(given, 32, weight, bias, 1e-6, silu=True),
         lambda: F.silu(F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-6)),
-        "the VAE keeps PyTorch's")
+        f"{layout} tensors keep PyTorch's")
+
+
+@functools.cache
+def _channels_last_kernel_agrees() -> bool:
+    """The channels-last path's own start-up check, on first use: a VAE in channels-last is
+    not the default, and a failure here leaves the NCHW kernel in use."""
+    from ryla.flux.kernels import group_norm
+
+    return _agrees_with_pytorch(group_norm, "cuda", channels_last=True)
 
 
 def _fast_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """nn.GroupNorm.forward, then SiLU where `self.fused_silu` (the block's own SiLU is removed)."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous() and self.affine:
+    """nn.GroupNorm.forward, then SiLU where `self.fused_silu` (the block's own SiLU is removed).
+    The kernel takes NCHW and channels-last tensors; other layouts run PyTorch's."""
+    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and self.affine
+            and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                                       and _channels_last_kernel_agrees()))):
         from ryla.flux.kernels import group_norm
 
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.fused_silu)
