@@ -108,10 +108,8 @@ def decode_memory(vae, run) -> dict:
         torch.cuda.synchronize()
         seen["allocated_gib"] = torch.cuda.memory_allocated() / 2**30
         sizes: dict[int, int] = {}
-        for segment in torch.cuda.memory_snapshot():
-            for block in segment["blocks"]:
-                if block["state"] == "active_allocated":
-                    sizes[block["size"]] = sizes.get(block["size"], 0) + 1
+        for block in live_blocks():
+            sizes[block["size"]] = sizes.get(block["size"], 0) + 1
         seen["live_blocks"] = dict(sorted(sizes.items(), reverse=True))
         if MEMORY_HISTORY:
             seen["live_by_origin"] = live_by_origin()
@@ -130,22 +128,26 @@ def decode_memory(vae, run) -> dict:
     return seen
 
 
+def live_blocks():
+    """The caching allocator's blocks that hold tensors now (with where each was allocated, while
+    memory history is recorded)."""
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        yield from (block for block in segment["blocks"] if block["state"] == "active_allocated")
+
+
 def live_by_origin() -> dict:
     """The GPU's live blocks grouped by where they were allocated (our, diffusers' and the
     bench's innermost frames), largest total first: blocks (count), bytes (as the allocator
     counts them) and requested (what the tensors asked for)."""
     groups: dict[str, list[int]] = {}
-    for segment in torch.cuda.memory._snapshot()["segments"]:
-        for block in segment["blocks"]:
-            if block["state"] != "active_allocated":
-                continue
-            frames = [f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
-                      for frame in block.get("frames", [])
-                      if any(part in frame["filename"] for part in ("ryla", "bench", "diffusers"))]
-            group = groups.setdefault(" < ".join(frames[:4]) or "(before recording, or no frame of ours)", [0, 0, 0])
-            group[0] += 1
-            group[1] += block["size"]
-            group[2] += block.get("requested_size", block["size"])
+    for block in live_blocks():
+        frames = [f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
+                  for frame in block.get("frames", [])
+                  if any(part in frame["filename"] for part in ("ryla", "bench", "diffusers"))]
+        group = groups.setdefault(" < ".join(frames[:4]) or "(before recording, or no frame of ours)", [0, 0, 0])
+        group[0] += 1
+        group[1] += block["size"]
+        group[2] += block.get("requested_size", block["size"])
     return {where: {"blocks": count, "bytes": size, "requested": requested}
             for where, (count, size, requested) in sorted(groups.items(), key=lambda item: -item[1][1])}
 

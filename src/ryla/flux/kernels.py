@@ -240,6 +240,16 @@ def flux_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: t
 # GroupNorm in the decoder's ResNet blocks applied on the way out.
 
 @triton.jit
+def _normalize(x, mean, inv_std, weight, bias, APPLY_SILU: tl.constexpr):
+    """(x - mean) / sqrt(var + eps) * weight + bias, then SiLU if APPLY_SILU: the arithmetic
+    per value of both layouts' kernels, in float32."""
+    y = (x - mean) * inv_std * weight + bias
+    if APPLY_SILU:
+        y = y / (1.0 + tl.exp(-y))
+    return y
+
+
+@triton.jit
 def _group_sums_kernel(x_ptr, partial_ptr, group_numel, splits, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Program (group, chunk): sum and sum of squares of x - shift over the chunk, float32,
     with the group's first value as the shift (keeps the variance exact-ish when the mean is
@@ -287,9 +297,8 @@ def _group_norm_apply_kernel(x_ptr, out_ptr, partial_ptr, weight_ptr, bias_ptr, 
         channel = first_channel + offset // spatial
         weight = tl.load(weight_ptr + channel, mask=mask, other=1.0).to(tl.float32)
         bias = tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32)
-        y = (tl.load(base + offset, mask=mask, other=0.0).to(tl.float32) - mean) * inv_std * weight + bias
-        if APPLY_SILU:
-            y = y / (1.0 + tl.exp(-y))
+        y = _normalize(tl.load(base + offset, mask=mask, other=0.0).to(tl.float32), mean, inv_std, weight, bias,
+                       APPLY_SILU)
         tl.store(out_ptr + group * group_numel + offset, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -297,7 +306,7 @@ def _group_norm_apply_kernel(x_ptr, out_ptr, partial_ptr, weight_ptr, bias_ptr, 
 # each pixel's channels are. Each program takes a run of pixels with all their channels, so
 # loads stay contiguous: per-channel sums first (shifted by the channel's first value), then
 # one small program per (image, group) combines its channels' sums and chunks, then the
-# normalisation, with the same arithmetic per value as the kernel above.
+# normalisation, with the same arithmetic per value as the kernel above (_normalize).
 
 @triton.jit
 def _channel_sums_nhwc_kernel(x_ptr, partial_ptr, pixels, channels, splits, CHUNK: tl.constexpr,
@@ -371,9 +380,7 @@ def _group_norm_apply_nhwc_kernel(x_ptr, out_ptr, stats_ptr, weight_ptr, bias_pt
         mask = (pixel < pixels)[:, None] & channel_mask[None, :]
         offset = base + pixel.to(tl.int64)[:, None] * channels + channel[None, :]
         x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-        y = (x - mean[None, :]) * inv_std[None, :] * weight[None, :] + bias[None, :]
-        if APPLY_SILU:
-            y = y / (1.0 + tl.exp(-y))
+        y = _normalize(x, mean[None, :], inv_std[None, :], weight[None, :], bias[None, :], APPLY_SILU)
         tl.store(out_ptr + offset, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
