@@ -39,6 +39,20 @@ def cuda_time(fn, iters: int = 50) -> float:
     return seconds_per_call(fn, iters) * 1000
 
 
+def kernel_ms(fn, iters: int = 10) -> dict:
+    """Device milliseconds per call of each kernel fn launches, by kernel name (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return {event.key: event.device_time_total / 1000 / iters for event in prof.key_averages()
+            if event.device_time_total > 0}
+
+
 def rotary(seq: int):
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
@@ -254,11 +268,13 @@ def vae_group_norm() -> dict:
             last = x.contiguous(memory_format=torch.channels_last)  # the channels-last path
             ryla_last = cuda_time(lambda: group_norm(last, 32, w, b, 1e-6, silu=True), iters=20)
             diff_last = rel_l2(group_norm(last, 32, w, b, 1e-6, silu=True), F.silu(F.group_norm(x, 32, w, b, 1e-6)))
+            by_kernel = kernel_ms(lambda: group_norm(last, 32, w, b, 1e-6, silu=True))  # which of its three
         moved = 3 * x.numel() * x.element_size()  # read twice, written once
         results[f"{channels}x{size}x{size}"] = {"eager_ms": eager, "ryla_ms": ryla, "ryla_tb_per_s": moved / ryla / 1e9,
                                                 "rel_l2": diff, "ryla_channels_last_ms": ryla_last,
                                                 "ryla_channels_last_tb_per_s": moved / ryla_last / 1e9,
-                                                "rel_l2_channels_last": diff_last}
+                                                "rel_l2_channels_last": diff_last,
+                                                "channels_last_kernels_ms": by_kernel}
     print("group_norm", results, flush=True)
     return results
 
