@@ -379,6 +379,41 @@ def test_fast_group_norms_keep_the_vae_decode():
         assert torch.equal(fast.encode(image).latent_dist.mode(), vae.encode(image).latent_dist.mode())
 
 
+@pytest.mark.parametrize("channels_last_kernel_agrees", [True, False])
+def test_compiled_modes_put_the_vae_in_channels_last_where_its_kernel_agrees(monkeypatch, channels_last_kernel_agrees):
+    """optimize_vae: in channels-last (where that layout's start-up check passes, as on the
+    H200: a lower decode peak) and otherwise NCHW, decoding and encoding the same either way;
+    eager leaves the VAE alone. The GPU checks are replaced here, the layouts are real."""
+    import copy
+
+    from diffusers import AutoencoderKL
+
+    from ryla.flux import vae_norms
+    from ryla.flux.loading import _public
+    from ryla.flux.speed import optimize_vae
+    from ryla.models.tiny import TINY_VAE
+
+    monkeypatch.setattr(vae_norms, "fast_group_norm_available", lambda: True)
+    monkeypatch.setattr(vae_norms, "channels_last_group_norm_available", lambda: channels_last_kernel_agrees)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**_public(TINY_VAE)).eval()
+    optimized, eager = copy.deepcopy(vae), copy.deepcopy(vae)
+    info = optimize_vae(optimized, "exact")
+    assert optimize_vae(eager, "eager") == {}
+    conv = optimized.decoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last_kernel_agrees
+    assert eager.decoder.conv_in.weight.is_contiguous()
+    assert info.get("vae_memory_format") == ("channels_last" if channels_last_kernel_agrees else None)
+    latent = torch.randn(1, TINY_VAE["latent_channels"], 8, 8)
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        decoded = optimized.decode(latent).sample
+        assert decoded.is_contiguous(memory_format=torch.channels_last) == channels_last_kernel_agrees
+        torch.testing.assert_close(decoded, vae.decode(latent).sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(optimized.encode(image).latent_dist.mode(), vae.encode(image).latent_dist.mode(),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def run_in_tritons_interpreter(tmp_path, source: str, timeout: int) -> None:
     """Run a check script in a fresh Python with TRITON_INTERPRET=1 (the interpreter is chosen
     when kernels are defined, so not in this process); it must print "ok" last."""

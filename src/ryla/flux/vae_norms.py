@@ -5,8 +5,9 @@ decoder normalises 32 groups of up to 16M values at 1024x1024, on 32 of the H200
 multiprocessors, 0.046 s of a 0.09 s decode (bench/results/README.md). ryla.flux.kernels'
 group_norm splits every group into chunks and applies the SiLU that follows most of these
 norms in the same pass. Every norm in the decoder's and encoder's ResNet blocks, and their
-output norms, get it, in NCHW or channels-last; elsewhere (CPUs, float32, other layouts)
-PyTorch's GroupNorm runs.
+output norms, get it, in NCHW or channels-last (the layout ryla.flux.speed.optimize_vae
+gives the VAE where that path's start-up check passes); elsewhere (CPUs, float32, other
+layouts) PyTorch's GroupNorm runs.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def _agrees_with_pytorch(group_norm, device: str, channels_last: bool = False) -
 
 
 @functools.cache
-def _channels_last_kernel_agrees() -> bool:
-    """The channels-last path's own start-up check, on first use: a VAE in channels-last is
-    not the default, and a failure here leaves the NCHW kernel in use."""
+def channels_last_group_norm_available() -> bool:
+    """The channels-last path's own start-up check (its kernels are not the NCHW ones): where
+    it fails, the VAE stays NCHW, with the NCHW kernel."""
+    if not fast_group_norm_available():
+        return False
     from ryla.flux.kernels import group_norm
 
     return _agrees_with_pytorch(group_norm, "cuda", channels_last=True)
@@ -64,7 +67,7 @@ def _fast_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     The kernel takes NCHW and channels-last tensors; other layouts run PyTorch's."""
     if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and self.affine
             and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-                                       and _channels_last_kernel_agrees()))):
+                                       and channels_last_group_norm_available()))):
         from ryla.flux.kernels import group_norm
 
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.fused_silu)
