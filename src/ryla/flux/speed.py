@@ -189,6 +189,7 @@ def optimize_vae(vae, mode: str) -> dict:
     if channels_last_group_norm_available():
         vae.to(memory_format=torch.channels_last)
         info["vae_memory_format"] = "channels_last"
+    log.info("%s speed mode: %s", type(vae).__name__, info)
     return info
 
 
