@@ -177,7 +177,7 @@ def optimize_vae(vae, mode: str) -> dict:
     and the VAE in channels-last where that layout's kernel passes its start-up check.
 
     In NCHW, cuDNN runs the decoder's 1024x1024 convolutions on NHWC copies of their inputs and
-    outputs, and the decode's peak is the image's peak. In channels-last (H200, run 18 in
+    outputs, and the decode's peak is the image's peak. In channels-last (H200, runs 18b-19 in
     bench/results/README.md) the peak was 0.87 GiB lower (23.87 vs 24.75 GiB) and the decode
     6 ms faster (37 vs 43 ms), with the same latents."""
     check_speed_mode(mode)
