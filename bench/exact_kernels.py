@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_floors import cuda_time as seconds_per_call, rel_l2  # noqa: E402
+from kernel_floors import cuda_time as seconds_per_call, device_time_by_kernel, rel_l2  # noqa: E402
 
 HEADS, HEAD_DIM, DIM = 24, 128, 3072
 TEXT, IMAGE = 512, 4096
@@ -41,16 +41,10 @@ def cuda_time(fn, iters: int = 50) -> float:
 
 def kernel_ms(fn, iters: int = 10) -> dict:
     """Device milliseconds per call of each kernel fn launches, by kernel name (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    return {event.key: event.device_time_total / 1000 / iters for event in prof.key_averages()
-            if event.device_time_total > 0}
+    _, kernels = device_time_by_kernel(lambda: [fn() for _ in range(iters)])
+    return {name: seconds * 1000 / iters for name, (seconds, _) in kernels.items()}
 
 
 def rotary(seq: int):

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_floors import rel_l2  # noqa: E402
+from kernel_floors import device_time_by_kernel, rel_l2  # noqa: E402
 
 WIDTH = HEIGHT = 1024
 STEPS = 28
@@ -239,21 +239,15 @@ KERNEL_KINDS = (("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
 def profile_image(run) -> dict:
     """GPU kernel time of one image by kind (GEMM, attention, fused Triton, other), against
     the wall time: what is left to win, and where."""
-    from torch.profiler import ProfilerActivity, profile
-
     _sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        wall, _ = sync_time(run)
+    (wall, _), by_kernel = device_time_by_kernel(lambda: sync_time(run))
     kinds: dict[str, float] = {}
     kernels = []
-    for event in prof.key_averages():
-        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if not total:
-            continue
-        name = event.key.lower()
+    for key, (seconds, calls) in by_kernel.items():
+        name = key.lower()
         kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + total / 1e6
-        kernels.append((total / 1e6, event.count, event.key[:120]))
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+        kernels.append((seconds, calls, key[:120]))
     kernels.sort(reverse=True)
     busy = sum(kinds.values())
     return {"wall_s": wall, "kernel_s": busy, "idle_share": 1 - busy / wall if wall else 0.0,

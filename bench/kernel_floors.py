@@ -40,6 +40,22 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def device_time_by_kernel(run) -> tuple[object, dict[str, tuple[float, int]]]:
+    """run() under torch.profiler (CUDA activity): its result, and each kernel's device seconds
+    and calls, by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = run()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if total:
+            kernels[event.key] = (total / 1e6, event.count)
+    return result, kernels
+
+
 def cuda_time(fn, iters: int = 50) -> float:
     """Median seconds per call, by CUDA events, after warm-up."""
     for _ in range(5):

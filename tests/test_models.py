@@ -241,7 +241,6 @@ def test_freed_gpu_memory_is_released_after_each_build_only(tiny_store, monkeypa
     assert len(released) == 1
 
 
-
 def test_a_checkpoint_load_releases_freed_gpu_memory_once_and_only_when_it_builds(tiny_store, monkeypatch):
     """Released once after all four parts (not per part, while parts read ahead may still be
     copied to the GPU), and not again when a request finds the checkpoint loaded: between
