@@ -82,7 +82,7 @@ def compare_readers(path: Path) -> dict:
     vs ryla's streamed reader (page cache warm for both: the file was just written)."""
     from safetensors import safe_open
 
-    from ryla.flux.loading import read_tensors_streamed
+    from ryla.models.tensor_files import read_tensors_streamed
     from ryla.models.formats import CHECKPOINT_PREFIXES
 
     prefix = CHECKPOINT_PREFIXES["transformer"]

@@ -1,7 +1,7 @@
 """The kernels around exact mode's attention, measured alone on the GPU (full FLUX sizes).
 
   * one FLUX attention (fused projections, cuDNN attention, torch.compile'd), its inputs
-    prepared by diffusers' processor (Inductor's kernels) vs ryla.flux.attention's one kernel,
+    prepared by diffusers' processor (Inductor's kernels) vs ryla.speed.attention's one kernel,
     for a single block (4608 tokens) and a double block (512 text + 4096 image tokens);
   * cuDNN attention through PyTorch on [batch, heads, seq, dim] tensors vs transposed views of
     [batch, seq, heads, dim] ones, FlashAttention-2 beside them, and FlashAttention-3 where it
@@ -59,7 +59,7 @@ def rotary(seq: int):
 def attention_modules() -> dict:
     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
-    from ryla.flux.attention import FusedInputsFluxAttnProcessor
+    from ryla.speed.attention import FusedInputsFluxAttnProcessor
 
     results = {}
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def graphed_time(launch, repeats: int = 20) -> float:
 def attention_inputs_configs() -> dict:
     """ryla's attention-inputs kernel alone, per launch shape: a single block's projection
     (4608 rows) and a double block's (512 text + 4096 image rows, two launches)."""
-    from ryla.flux.kernels import launch_attention_inputs
+    from ryla.speed.kernels import launch_attention_inputs
 
     rows = TEXT + IMAGE
     qkv = torch.randn(1, rows, 3 * DIM, device="cuda", dtype=torch.bfloat16)
@@ -141,9 +141,9 @@ def attention_inputs_configs() -> dict:
 
 def single_block_value_in_place() -> dict:
     """A single block's attention inputs and FA3 attention, V copied by the kernel (before) vs
-    read from the projection's output in place (ryla.flux.attention's value_in_place)."""
-    from ryla.flux.attention import flash_attention_3_available
-    from ryla.flux.kernels import launch_attention_inputs
+    read from the projection's output in place (ryla.speed.attention's value_in_place)."""
+    from ryla.speed.attention import flash_attention_3_available
+    from ryla.speed.kernels import launch_attention_inputs
 
     if not flash_attention_3_available():
         return {"error": "FlashAttention-3 not installed (bench/fetch_flash_attention_3.sh)"}
@@ -192,7 +192,7 @@ def sdpa_layouts() -> dict:
             ms = cuda_time(lambda: F.scaled_dot_product_attention(*inputs))
             out = F.scaled_dot_product_attention(*inputs)
         results[label] = {"ms": ms, "tflops": flops / ms / 1e9, "out_stride": list(out.stride())}
-    from ryla.flux.attention import flash_attention_3_available
+    from ryla.speed.attention import flash_attention_3_available
 
     if flash_attention_3_available():
         with torch.inference_mode():
@@ -247,8 +247,8 @@ def cudnn_frontend_plans() -> dict:
 
 def vae_group_norm() -> dict:
     """GroupNorm + SiLU at the VAE decoder's shapes for 1024x1024: PyTorch's eager kernels vs
-    ryla.flux.kernels.group_norm (what the compiled speed modes give the VAE)."""
-    from ryla.flux.kernels import group_norm
+    ryla.speed.kernels.group_norm (what the compiled speed modes give the VAE)."""
+    from ryla.speed.kernels import group_norm
 
     results = {}
     for channels, size in ((512, 128), (512, 256), (512, 512), (256, 1024), (128, 1024)):

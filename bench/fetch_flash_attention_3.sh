@@ -7,7 +7,7 @@
 # machine stays warm). On the device:
 #   mkdir -p /tmp/fa3 && cp .fa3-1/* /tmp/fa3/
 #   bash bench/fetch_flash_attention_3.sh --assemble /tmp/site   # -> /tmp/site/xformers/flash_attn_3/_C.so
-# ryla.flux.attention finds it through the `xformers` package folder on PYTHONPATH. The build
+# ryla.speed.attention finds it through the `xformers` package folder on PYTHONPATH. The build
 # links the CUDA 12 runtime, which the device's torch (cu130) lacks (seen: "libcudart.so.12:
 # not found"), so the part folder also holds nvidia-cuda-runtime-cu12's wheel; --assemble puts
 # its libcudart.so.12 next to _C.so, where ryla loads it before FA3. Not installed as a package:

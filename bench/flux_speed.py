@@ -327,7 +327,7 @@ def main() -> None:
     from ryla.flux import sampling
     from ryla.flux.components import Cond, FluxModel, Vae
     from ryla.flux.engine import FluxEngine, release_freed_gpu_memory
-    from ryla.flux.speed import configure_compile_cache, optimize_transformer, optimize_vae
+    from ryla.speed.modes import configure_compile_cache, optimize_transformer, optimize_vae
     from ryla.models.store import ModelStore
 
     import diffusers
@@ -451,7 +451,7 @@ def main() -> None:
     # In the order given: FlashAttention-3's build (exact, where installed) loads the CUDA 12
     # runtime beside torch's CUDA 13 one, after which cudnn-frontend refuses fp8 attention
     # ("Multiple libcudart libraries found"); list fast and turbo before exact (the default does).
-    plan_bytes = None  # ryla.flux.modulation's plan limit, while exact-per-step-modulation sets it to 0
+    plan_bytes = None  # ryla.speed.modulation's plan limit, while exact-per-step-modulation sets it to 0
     planned_layers = None
     for mode in modes:
         try:
@@ -461,7 +461,7 @@ def main() -> None:
             if mode in ("eager", "exact", "fast", "turbo"):
                 model = fresh_model(mode)
             elif mode == "fast-linear":  # exact + fp8 linear layers, attention still bf16 (attributes fast's gain)
-                from ryla.flux.speed import quantize_fp8
+                from ryla.speed.modes import quantize_fp8
 
                 model = fresh_model("exact")
                 engine.speed_info = {**engine.speed_info, "speed": "fast (bf16 attention)",
@@ -476,7 +476,7 @@ def main() -> None:
                     continue
                 torch._dynamo.reset()
                 if mode == "exact-cudnn":  # cuDNN's attention where FlashAttention-3 is installed (attributes FA3)
-                    from ryla.flux.attention import FusedInputsFluxAttnProcessor
+                    from ryla.speed.attention import FusedInputsFluxAttnProcessor
 
                     for module in model.transformer.modules():
                         if isinstance(getattr(module, "processor", None), FusedInputsFluxAttnProcessor):
@@ -494,7 +494,7 @@ def main() -> None:
                     engine.speed_info = {k: v for k, v in engine.speed_info.items() if k != "persistent_row_reductions"}
                     compiled = engine.speed_info.get("compiled", "not compiled")
                 elif mode == "exact-per-step-modulation":  # no plan: each step's products (attributes the plan)
-                    from ryla.flux import modulation
+                    from ryla.speed import modulation
 
                     plan_bytes, modulation.MAX_PLAN_BYTES = modulation.MAX_PLAN_BYTES, 0
                     planned_layers = engine.speed_info.get("precomputed_modulation_layers")
@@ -543,7 +543,7 @@ def main() -> None:
             traceback.print_exc()
         finally:
             if plan_bytes is not None:  # later modes plan as the engine does
-                from ryla.flux import modulation
+                from ryla.speed import modulation
 
                 modulation.MAX_PLAN_BYTES, plan_bytes = plan_bytes, None
                 # and say so: the next variant reuses this model's speed_info (run 16's

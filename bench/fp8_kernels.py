@@ -1,10 +1,10 @@
 """fast mode's fp8 kernels against what they replace, alone, at FLUX.1-dev's 1024x1024 shapes.
 
   * attention over 4608 tokens (24 heads of 128): cuDNN bf16 (exact's kernel) vs cuDNN fp8
-    through ryla.flux.fp8_attention (Q, K, V quantised as the fp8 processor does), with the
+    through ryla.speed.fp8_attention (Q, K, V quantised as the fp8 processor does), with the
     error of each against float32 attention;
   * the MLP activation's GELU + per-row fp8 quantisation (4608 x 12288, and the double
-    blocks' 4096 x 12288): Inductor's fused kernel vs ryla.flux.kernels' one-pass kernel.
+    blocks' 4096 x 12288): Inductor's fused kernel vs ryla.speed.kernels' one-pass kernel.
 
     python bench/fp8_kernels.py --out bench/results
 """
@@ -38,8 +38,8 @@ def bench_ms(fn) -> float:
 def attention(results: dict) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from ryla.flux.fp8 import FP8_MAX, to_fp8
-    from ryla.flux.fp8_attention import cudnn_fp8_attention_available
+    from ryla.speed.fp8 import FP8_MAX, to_fp8
+    from ryla.speed.fp8_attention import cudnn_fp8_attention_available
 
     torch.manual_seed(0)
     shape = (1, TOKENS, HEADS, HEAD_DIM)
@@ -85,8 +85,8 @@ def attention(results: dict) -> None:
 
 
 def gelu_quantize(results: dict) -> None:
-    from ryla.flux.fp8 import FP8_MAX, quantize_rows
-    from ryla.flux.kernels import TUNING_CONFIGS, _gelu_quantize_rows_kernel
+    from ryla.speed.fp8 import FP8_MAX, quantize_rows
+    from ryla.speed.kernels import TUNING_CONFIGS, _gelu_quantize_rows_kernel
 
     def inductor_version(x):  # what the model ran before the kernel: PyTorch ops, compiled
         x_fp8, scale = quantize_rows(F.gelu(x, approximate="tanh"))

@@ -47,7 +47,7 @@ def main() -> None:
     from ryla.flux import sampling
     from ryla.flux.components import Cond, FluxModel
     from ryla.flux.engine import FluxEngine
-    from ryla.flux.speed import optimize_transformer
+    from ryla.speed.modes import optimize_transformer
     from ryla.identity.adapter import RESAMPLER, IdentityAdapter
     from ryla.models.store import ModelStore
 

@@ -2,7 +2,7 @@
 
 Times, with CUDA events, each linear layer shape of one FLUX step at 1024x1024 (4096 image +
 512 text tokens) in bf16 (cuBLAS) and in fp8 (torch._scaled_mm, per-row scales, as
-ryla.flux.fp8), and attention over 4608 tokens with each SDPA kernel PyTorch has here.
+ryla.speed.fp8), and attention over 4608 tokens with each SDPA kernel PyTorch has here.
 Prints TFLOP/s per shape and the step time these rates imply.
 
     python bench/kernel_floors.py --out bench/results

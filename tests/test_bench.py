@@ -46,7 +46,7 @@ def test_closure_follows_markers_and_extras():
 
 
 def test_startup_phases_from_a_real_server_log():
-    """Run 16e's warm start, phase by phase, from the log the H200's server wrote (its
+    """Run 18's first warm start, phase by phase, from the log the H200's server wrote (its
     timestamps are UTC, this machine's zone here; the bench reads them where they were written)."""
     import json
     import time
@@ -56,11 +56,11 @@ def test_startup_phases_from_a_real_server_log():
     if time.localtime().tm_gmtoff != 0:
         pytest.skip("the committed log's timestamps are UTC")
     results = ROOT / "bench" / "results"
-    warm = json.loads((results / "cold_start_exact_run16e.json").read_text())["cold_start"]["warm_cache"]
-    phases = cold_start.startup_phases(results / "serve_exact_warm_cache_run16e.log", warm["launched_at"])
+    warm = json.loads((results / "cold_start_exact.json").read_text())["cold_start"]["warm_cache"]
+    phases = cold_start.startup_phases(results / "serve_exact_warm_cache.log", warm["launched_at"])
     marks = [phase for phase, _ in cold_start.PHASE_MARKS]
     assert list(phases) == [phase for phase in marks if phase in phases]  # in the server's order
-    assert set(marks) - set(phases) == {"warming T5 and the VAE"}  # a step added after run 16e
-    assert phases["imports and opening the store"] == 11.27
-    assert phases["compiling from the cache"] == 3.2
+    assert set(marks) == set(phases)
+    assert phases["imports and opening the store"] == 11.63
+    assert phases["compiling from the cache"] == 3.41
     assert abs(sum(phases.values()) - warm["health_s"]) < 0.05

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lora_files
-from ryla.flux.lora import LoraFormatError
+from ryla.models.lora_format import LoraFormatError
 from ryla.models.loras import InvalidLoraId, LoraNotFound, LoraStore
 from ryla.workflows import FLUX_DEV, flux_lora_graph
 

@@ -118,7 +118,8 @@ def test_vae_inverse_matches_diffusers_converter():
 def test_a_file_of_the_wrong_architecture_is_refused(tiny_store, tmp_path):
     from safetensors.torch import save_file
 
-    from ryla.flux.loading import ModelFormatError, build_transformer, read_tensors
+    from ryla.flux.loading import build_transformer
+    from ryla.models.tensor_files import ModelFormatError, read_tensors
 
     tensors, meta = read_tensors(tiny_store.resolve("diffusion_models", "flux1-dev.safetensors"))
     tensors["img_in.weight"] = torch.zeros(5, 5)
@@ -154,13 +155,13 @@ def test_store_resolves_like_comfyui_and_refuses_escapes(tmp_path):
 
 
 def test_open_store_falls_back_to_tiny_once(tmp_path, monkeypatch, tiny_dir, caplog):
-    from ryla.models import store as store_module
+    from ryla import runtime
 
     monkeypatch.setenv("RYLA_TINY_MODELS_DIR", str(tiny_dir))
-    monkeypatch.setattr(store_module, "_announced_tiny", False)
+    monkeypatch.setattr(runtime, "_announced_tiny", False)
     with caplog.at_level("WARNING"):
-        first = store_module.open_store(tmp_path / "empty")
-        second = store_module.open_store(tmp_path / "empty")
+        first = runtime.open_store(tmp_path / "empty")
+        second = runtime.open_store(tmp_path / "empty")
     assert first.tiny and second.root == tiny_dir.resolve()
     assert sum("TINY random-weight" in r.message for r in caplog.records) == 1
     assert json.loads(json.dumps(first.inventory()))["checkpoints"] == ["flux1-dev-fp8.safetensors"]
@@ -172,12 +173,12 @@ def test_checkpoint_parts_are_read_ahead_by_one_thread_and_once(tiny_store, monk
     reader thread outlives the load."""
     import threading
 
-    import ryla.flux.loading as loading
+    import ryla.models.tensor_files as tensor_files
     from ryla.flux.engine import FluxEngine
 
     reads = []
-    real = loading.read_tensors
-    monkeypatch.setattr(loading, "read_tensors",
+    real = tensor_files.read_tensors
+    monkeypatch.setattr(tensor_files, "read_tensors",
                         lambda path, prefix="", device="cpu": reads.append((prefix, threading.current_thread().name))
                         or real(path, prefix, device))
     engine = FluxEngine(tiny_store)
@@ -198,7 +199,7 @@ def test_a_checkpoint_that_fails_to_build_leaves_no_reader_behind(tiny_store, tm
     from safetensors.torch import load_file, save_file
 
     from ryla.flux.engine import FluxEngine
-    from ryla.flux.loading import ModelFormatError
+    from ryla.models.tensor_files import ModelFormatError
     from ryla.models.store import ModelStore
 
     tensors = load_file(str(tiny_store.resolve("checkpoints", "flux1-dev-fp8.safetensors")))

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import lora_files
 from ryla.flux.engine import FluxEngine
-from ryla.flux.fp8 import Float8Linear, quantize_rows
-from ryla.flux.loading import read_tensors_streamed
+from ryla.speed.fp8 import Float8Linear, quantize_rows
+from ryla.models.tensor_files import read_tensors_streamed
 from ryla.runtime import Runtime
 from ryla.workflows import FLUX_DEV, flux_lora_graph
 
@@ -47,7 +47,7 @@ def test_exact_fuses_qkv_and_keeps_the_image(runtimes):
     names = [name for name, _ in transformer(runtimes["exact"]).named_modules()]
     assert any(name.endswith("attn.to_qkv") for name in names)
     assert not any(name.endswith(("attn.to_q", "attn.add_q_proj")) for name in names)  # no unfused copies kept
-    from ryla.flux.attention import FusedInputsFluxAttnProcessor
+    from ryla.speed.attention import FusedInputsFluxAttnProcessor
 
     processors = {type(m.processor) for m in transformer(runtimes["exact"]).modules() if hasattr(m, "processor")}
     assert processors == {FusedInputsFluxAttnProcessor}
@@ -63,7 +63,7 @@ def test_fast_uses_fp8_layers_and_stays_close(runtimes):
     other_seed = pixels(runtimes["eager"], seed=6)
     difference = np.abs(fast - eager).mean()
     assert 0 < difference < np.abs(other_seed - eager).mean() / 4
-    from ryla.flux.fp8_attention import Fp8FluxAttnProcessor
+    from ryla.speed.fp8_attention import Fp8FluxAttnProcessor
 
     processors = {type(m.processor) for m in transformer(runtimes["fast"]).modules() if hasattr(m, "processor")}
     assert processors == {Fp8FluxAttnProcessor}
@@ -111,7 +111,7 @@ def test_streamed_reader_gives_the_files_tensors(tiny_store, chunk_bytes):
 
 
 def test_streamed_reader_refuses_a_truncated_file(tiny_store, tmp_path):
-    from ryla.flux.loading import ModelFormatError
+    from ryla.models.tensor_files import ModelFormatError
 
     data = tiny_store.resolve("vae", "ae.safetensors").read_bytes()
     cut = tmp_path / "cut.safetensors"
@@ -146,9 +146,9 @@ def test_lean_block_forwards_compute_what_diffusers_blocks_do(fp8):
 
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-    from ryla.flux.blocks import use_lean_forwards
-    from ryla.flux.fp8 import quantize_linear_layers
-    from ryla.flux.fp8_attention import use_fp8_attention
+    from ryla.speed.blocks import use_lean_forwards
+    from ryla.speed.fp8 import quantize_linear_layers
+    from ryla.speed.fp8_attention import use_fp8_attention
 
     torch.manual_seed(0)
     stock = torch.nn.ModuleList([FluxSingleTransformerBlock(dim=64, num_attention_heads=2, attention_head_dim=32),
@@ -218,7 +218,7 @@ def test_fp8_attention_stays_within_fp8_error_of_attention():
     close to diffusers' attention, and not identical to it (Q, K, V really went through e4m3)."""
     import copy
 
-    from ryla.flux.fp8_attention import use_fp8_attention
+    from ryla.speed.fp8_attention import use_fp8_attention
 
     stock = flux_block_pair()
     fp8 = copy.deepcopy(stock)
@@ -234,9 +234,9 @@ def test_fp8_attention_scale_bound_holds_for_the_worst_head_vector():
     unclipped, and smaller entries keep their relative precision."""
     from diffusers.models.normalization import RMSNorm
 
-    from ryla.flux.fp8 import FP8_MAX, to_fp8
-    from ryla.flux.attention import rope_float
-    from ryla.flux.fp8_attention import _norm_weight_bound
+    from ryla.speed.fp8 import FP8_MAX, to_fp8
+    from ryla.speed.attention import rope_float
+    from ryla.speed.fp8_attention import _norm_weight_bound
 
     dim = 64
     norm = RMSNorm(dim, eps=1e-6)
@@ -259,7 +259,7 @@ def test_fused_attention_inputs_compute_what_diffusers_attention_does(monkeypatc
     arithmetic; masks and unfused projections go through diffusers' processor."""
     import copy
 
-    import ryla.flux.attention as attention
+    import ryla.speed.attention as attention
 
     stock = flux_block_pair()
     fused = copy.deepcopy(stock)
@@ -324,7 +324,7 @@ def test_flash_attention_3_path_computes_attention_on_our_layout(fake_flash_atte
     check accepts a build that computes attention and refuses one that does not."""
     import copy
 
-    from ryla.flux.attention import FusedInputsFluxAttnProcessor, use_fused_attention_inputs
+    from ryla.speed.attention import FusedInputsFluxAttnProcessor, use_fused_attention_inputs
 
     stock = flux_block_pair(torch.bfloat16)
     fused = copy.deepcopy(stock)
@@ -344,7 +344,7 @@ def test_flash_attention_3_path_computes_attention_on_our_layout(fake_flash_atte
     # the single block's V is read in place; the double block's is copied beside its text rows
     assert [c["v_row_stride"] for c in calls] == [3 * 2 * 64, 2 * 64]
 
-    from ryla.flux.attention import _flash_attention_3_agrees_with_pytorch
+    from ryla.speed.attention import _flash_attention_3_agrees_with_pytorch
 
     assert _flash_attention_3_agrees_with_pytorch("cpu")
     state["broken"] = True
@@ -363,7 +363,7 @@ def test_fast_group_norms_keep_the_vae_decode():
     from diffusers import AutoencoderKL
 
     from ryla.flux.loading import _public
-    from ryla.flux.vae_norms import use_fast_group_norms
+    from ryla.speed.vae_norms import use_fast_group_norms
     from ryla.models.tiny import TINY_VAE
 
     torch.manual_seed(0)
@@ -388,9 +388,9 @@ def test_compiled_modes_put_the_vae_in_channels_last_where_its_kernel_agrees(mon
 
     from diffusers import AutoencoderKL
 
-    from ryla.flux import vae_norms
+    from ryla.speed import vae_norms
     from ryla.flux.loading import _public
-    from ryla.flux.speed import optimize_vae
+    from ryla.speed.modes import optimize_vae
     from ryla.models.tiny import TINY_VAE
 
     monkeypatch.setattr(vae_norms, "fast_group_norm_available", lambda: True)
@@ -429,15 +429,15 @@ def run_in_tritons_interpreter(tmp_path, source: str, timeout: int) -> None:
 
 
 def test_group_norm_kernel_runs_in_tritons_interpreter(tmp_path):
-    """ryla.flux.kernels' two-pass GroupNorm (+ SiLU) in Triton's CPU interpreter against
+    """ryla.speed.kernels' two-pass GroupNorm (+ SiLU) in Triton's CPU interpreter against
     PyTorch, in NCHW and in channels-last: groups split into several chunks, a mean far from
     zero, two images; the start-up checks accept it and refuse a kernel that computes something
     else."""
     pytest.importorskip("triton")
     run_in_tritons_interpreter(tmp_path, """
 import torch, torch.nn.functional as F
-from ryla.flux.kernels import group_norm
-from ryla.flux.vae_norms import _agrees_with_pytorch
+from ryla.speed.kernels import group_norm
+from ryla.speed.vae_norms import _agrees_with_pytorch
 torch.manual_seed(0)
 for shape, groups, silu, offset in (((1, 4, 64, 64), 2, True, 0.0), ((2, 12, 9, 7), 3, False, 30.0),
                                     ((1, 8, 40, 40), 4, True, 5.0)):
@@ -461,7 +461,7 @@ print("ok")
 
 
 def test_attention_inputs_kernel_runs_in_tritons_interpreter(tmp_path):
-    """ryla.flux.kernels' attention-inputs kernel in Triton's CPU interpreter against the
+    """ryla.speed.kernels' attention-inputs kernel in Triton's CPU interpreter against the
     PyTorch arithmetic: one and two batch entries, with and without a text stream and RoPE,
     an input whose rows are wider than Q, K and V, one head or all heads a program, with and
     without V. V is copied bit for bit; Q and K are within one bf16 step (the interpreter rounds
@@ -469,8 +469,8 @@ def test_attention_inputs_kernel_runs_in_tritons_interpreter(tmp_path):
     pytest.importorskip("triton")
     run_in_tritons_interpreter(tmp_path, """
 import itertools, torch
-from ryla.flux.attention import reference_attention_inputs
-from ryla.flux.kernels import launch_attention_inputs
+from ryla.speed.attention import reference_attention_inputs
+from ryla.speed.kernels import launch_attention_inputs
 torch.manual_seed(0)
 heads, dim = 3, 16
 for text_rows, rope, batch, all_heads in itertools.product((0, 6), (True, False), (1, 2), (True, False)):
@@ -508,13 +508,13 @@ print("ok")
 
 
 def test_gelu_quantize_kernel_runs_in_tritons_interpreter(tmp_path):
-    """ryla.flux.kernels' one-pass GELU + per-row fp8 scaling, run by Triton's CPU interpreter
+    """ryla.speed.kernels' one-pass GELU + per-row fp8 scaling, run by Triton's CPU interpreter
     (a fresh process: the interpreter is chosen when kernels are defined), against PyTorch.
     The output is float32 here: the interpreter's own fp8 rounding differs from the GPU's."""
     pytest.importorskip("triton")
     run_in_tritons_interpreter(tmp_path, """
 import itertools, torch, torch.nn.functional as F
-from ryla.flux.kernels import FP8_MAX, TUNING_CONFIGS, launch_gelu_quantize_rows
+from ryla.speed.kernels import FP8_MAX, TUNING_CONFIGS, launch_gelu_quantize_rows
 torch.manual_seed(0)
 wide = torch.randn(4, 3000, dtype=torch.bfloat16) * 4
 for x, gelu, config in itertools.product((wide[:, 100:2600], wide), (True, False), TUNING_CONFIGS):
@@ -573,8 +573,8 @@ def test_wide_row_reductions_become_persistent_in_inductors_heuristics():
     from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
 
-    from ryla.flux.inductor_heuristics import PERSISTENT_ROW_LIMIT, persistent_row_reduction
-    from ryla.flux.speed import use_wide_persistent_reductions
+    from ryla.speed.inductor_heuristics import PERSISTENT_ROW_LIMIT, persistent_row_reduction
+    from ryla.speed.modes import use_wide_persistent_reductions
 
     assert persistent_row_reduction(3072, True, False) is True
     assert persistent_row_reduction(sympy.Integer(PERSISTENT_ROW_LIMIT), True, False) is True
@@ -606,7 +606,7 @@ def test_precomputed_modulation_serves_every_call_and_keeps_the_latents(runtimes
     """exact computes the blocks' modulations for all steps before sampling: with CFG, two
     positive conditionings and a batch of 2, every block's modulation in every call comes from
     the plan, the latents match per-call products, and nothing stays selected afterwards."""
-    from ryla.flux import modulation
+    from ryla.speed import modulation
     from ryla.flux.components import Cond
 
     engine = runtimes["exact"].engine
@@ -649,7 +649,7 @@ def test_precomputed_modulation_serves_every_call_and_keeps_the_latents(runtimes
 
 def test_modulation_rows_are_dropped_when_the_transformer_returns(runtimes):
     """A transformer call the engine did not plan never sees another call's rows."""
-    from ryla.flux import modulation
+    from ryla.speed import modulation
 
     transformer = runtimes["exact"].engine.load_checkpoint("flux1-dev-fp8.safetensors")[0].transformer
     config = transformer.config
@@ -670,7 +670,7 @@ def test_modulation_rows_are_dropped_when_the_transformer_returns(runtimes):
 def test_compiled_blocks_read_the_selected_modulation_rows_without_recompiling():
     """Inside a torch.compile'd block the modulation is looked up when the block runs: rows
     selected for one call, then another, give each call its rows, with no recompilation."""
-    from ryla.flux import modulation
+    from ryla.speed import modulation
 
     single, double = flux_block_pair()
     holder = torch.nn.Module()

@@ -18,9 +18,33 @@ from ryla.flux.engine import FluxEngine
 from ryla.graph.executor import Executor, RunContext, ValidatedGraph
 from ryla.graph.nodes import default_registry
 from ryla.models.loras import LoraStore
-from ryla.models.store import ModelStore, open_store
+from ryla.models.store import ModelStore, default_models_dir, default_tiny_dir
+from ryla.models.tiny import ensure_tiny_models
 
 log = logging.getLogger(__name__)
+
+
+_announced_tiny = False
+
+
+def open_store(models_dir: Path | str | None = None) -> ModelStore:
+    """The store to serve from: the configured one when it holds FLUX weights, otherwise the
+    embedded tiny random-weight model set (generated on first use), announced once. Decided
+    here, above the store, which knows nothing of the tiny set's generator."""
+    global _announced_tiny
+    store = ModelStore(models_dir or default_models_dir())
+    if store.has_flux_weights():
+        return store
+    tiny = ensure_tiny_models(default_tiny_dir())
+    if not _announced_tiny:
+        _announced_tiny = True
+        log.warning(
+            "No FLUX.1-dev weights in %s: using the embedded TINY random-weight model from %s. "
+            "Images will be noise. For real images run `ryla models download --preset flux-dev` "
+            "or point RYLA_MODELS_DIR/--models-dir at a folder that has them.",
+            store.root, tiny.root,
+        )
+    return tiny
 
 
 def random_seed() -> int:
@@ -51,7 +75,7 @@ class Runtime:
         compiled kernels are cached beside the models (RYLA_COMPILE_CACHE overrides)."""
         import torch
 
-        from ryla.flux.speed import configure_compile_cache
+        from ryla.speed.modes import configure_compile_cache
 
         store = open_store(models_dir)
         if missing := store.missing_tokenizers():

@@ -163,14 +163,14 @@ def cmd_models_list(args: argparse.Namespace) -> None:
 def _lora_store(args):
     from ryla.flux.engine import FluxEngine
     from ryla.models.loras import LoraStore
-    from ryla.models.store import open_store
+    from ryla.runtime import open_store
 
     store = open_store(args.models_dir)
     return LoraStore(store.folder("loras"), FluxEngine(store, device="cpu").lora_target_shapes)
 
 
 def cmd_loras(args: argparse.Namespace) -> None:
-    from ryla.flux.lora import LoraFormatError
+    from ryla.models.lora_format import LoraFormatError
     from ryla.models.loras import InvalidLoraId, LoraExists, LoraNotFound
 
     loras = _lora_store(args)
@@ -203,7 +203,7 @@ def cmd_loras(args: argparse.Namespace) -> None:
 def cmd_eval_identity(args: argparse.Namespace) -> None:
     """ArcFace cosine between the reference face and each image's largest face."""
     from ryla.identity.faces import ImageError, cosine, decode_image, largest_face, open_analyzer
-    from ryla.models.store import open_store
+    from ryla.runtime import open_store
 
     analyzer = open_analyzer(open_store(args.models_dir), args.face_provider)
 

@@ -18,10 +18,11 @@ import torch
 
 from ryla.flux import loading, sampling
 from ryla.flux.components import Cond, Conditioning, FluxModel, LoraPatch, TextEncoder, Vae
-from ryla.flux.lora import LoraWeights, WeightPatcher, convert, linear_shapes
-from ryla.flux.modulation import ModulationPlan
-from ryla.flux.speed import check_speed_mode, optimize_transformer, optimize_vae
-from ryla.models import formats
+from ryla.flux.lora import WeightPatcher, linear_shapes
+from ryla.speed.modulation import ModulationPlan
+from ryla.speed.modes import check_speed_mode, optimize_transformer, optimize_vae
+from ryla.models import formats, tensor_files
+from ryla.models.lora_format import LoraWeights, convert
 from ryla.models.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,10 @@ MODEL_CODE = ("diffusers.models.transformers.transformer_flux", "diffusers.model
               "diffusers.loaders.single_file_utils", "transformers.models.auto.tokenization_auto",
               "transformers.models.clip.modeling_clip", "transformers.models.clip.tokenization_clip",
               "transformers.models.t5.modeling_t5", "transformers.models.t5.tokenization_t5",
-              "ryla.flux.blocks", "ryla.flux.attention", "ryla.flux.vae_norms")
+              "ryla.speed.blocks", "ryla.speed.attention", "ryla.speed.vae_norms")
 COMPILED_MODE_CODE = ("torch._dynamo", "torch._inductor.compile_fx", "torch._inductor.config",
-                      "ryla.flux.inductor_heuristics", "ryla.flux.kernels")
-FP8_MODE_CODE = ("ryla.flux.fp8_attention", "diffusers.hooks")
+                      "ryla.speed.inductor_heuristics", "ryla.speed.kernels")
+FP8_MODE_CODE = ("ryla.speed.fp8_attention", "diffusers.hooks")
 
 
 # The parts of an all-in-one checkpoint, in the order load_checkpoint builds them.
@@ -67,7 +68,7 @@ PREFETCH_MEMORY_FACTOR = 2.5
 
 def import_model_code(speed: str) -> list[str]:
     """Imports the code that loading FLUX and running `speed` will need, and nothing that
-    touches a GPU. Returns the module names. (Triton, which ryla.flux.kernels imports, is
+    touches a GPU. Returns the module names. (Triton, which ryla.speed.kernels imports, is
     skipped where it is not installed: speed modes then fall back to PyTorch's kernels.)"""
     import importlib
 
@@ -181,7 +182,7 @@ class FluxEngine:
         reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ryla-prefetch")
         try:
             # each read in a copy of this context: its log lines keep the request id
-            prefetched = {c: reader.submit(contextvars.copy_context().run, loading.read_tensors, path,
+            prefetched = {c: reader.submit(contextvars.copy_context().run, tensor_files.read_tensors, path,
                                            formats.CHECKPOINT_PREFIXES[c], self.device) for c in missing}
             import_model_code(self.speed)
             yield prefetched
@@ -208,9 +209,9 @@ class FluxEngine:
 
         def load():
             read = prefetched.pop(component, None)
-            tensors, meta = read.result() if read is not None else loading.read_tensors(path, prefix, self.device)
+            tensors, meta = read.result() if read is not None else tensor_files.read_tensors(path, prefix, self.device)
             if not tensors:
-                raise loading.ModelFormatError(f"{name} has no {component} tensors (prefix {prefix!r})")
+                raise tensor_files.ModelFormatError(f"{name} has no {component} tensors (prefix {prefix!r})")
             return build(tensors, meta, self.dtype, self.device, what=f"{name} ({component})")
 
         return self._cached(_part_key(component, path), load, release_memory=False)
@@ -259,7 +260,7 @@ class FluxEngine:
         path = self.store.resolve("diffusion_models", name)
 
         def load():
-            tensors, meta = loading.read_tensors(path, device=self.device)
+            tensors, meta = tensor_files.read_tensors(path, device=self.device)
             # The speed mode first: fusing QKV builds new layers, in the compute dtype. Not
             # compiled with fp8 storage: diffusers' per-layer casting (module.to in a hook)
             # cannot be traced into a graph (seen on the H200: torch.compile fails on it).
@@ -282,12 +283,12 @@ class FluxEngine:
             path = self.store.resolve("text_encoders", name)
             paths[loading.detect_text_encoder(path)] = (name, path)
         if set(paths) != {"clip_l", "t5xxl"}:
-            raise loading.ModelFormatError(f"FLUX needs one CLIP-L and one T5 file, got {name1!r} and {name2!r}")
+            raise tensor_files.ModelFormatError(f"FLUX needs one CLIP-L and one T5 file, got {name1!r} and {name2!r}")
         builders = {"clip_l": loading.build_clip, "t5xxl": loading.build_t5}
         loaded = {}
         for component, (name, path) in paths.items():
             def load(path=path, name=name, build=builders[component]):
-                tensors, meta = loading.read_tensors(path, device=self.device)
+                tensors, meta = tensor_files.read_tensors(path, device=self.device)
                 return build(tensors, meta, self.dtype, self.device, what=name)
             loaded[component] = self._cached(_part_key(component, path), load)
         return self._text_encoder(f"{paths['clip_l'][0]}+{paths['t5xxl'][0]}", loaded["clip_l"], loaded["t5xxl"])
@@ -296,7 +297,7 @@ class FluxEngine:
         path = self.store.resolve("vae", name)
 
         def load():
-            tensors, meta = loading.read_tensors(path, device=self.device)
+            tensors, meta = tensor_files.read_tensors(path, device=self.device)
             return self._optimized_vae(loading.build_vae(tensors, meta, self.dtype, self.device, what=name))
 
         return Vae(name, self._cached(_part_key("vae", path), load))
@@ -325,7 +326,7 @@ class FluxEngine:
             if weights is not None:
                 self._loras.move_to_end(key)
         if weights is None:
-            tensors, _ = loading.read_tensors(path, device=self.device)
+            tensors, _ = tensor_files.read_tensors(path, device=self.device)
             weights = convert(tensors, linear_shapes(model.transformer),
                               linear_shapes(clip.clip) if clip is not None else None).to(self.device)
             with self._load_lock:
@@ -478,7 +479,7 @@ class FluxEngine:
     def _modulation_plan(self, transformer, batch: int, streams: list[Conditioning],
                          sigmas: torch.Tensor) -> ModulationPlan | None:
         """Every step's block modulations at once, where the speed mode routes them through
-        ryla.flux.modulation (exact) and they fit in its MAX_PLAN_BYTES."""
+        ryla.speed.modulation (exact) and they fit in its MAX_PLAN_BYTES."""
         steps = len(sigmas) - 1
         calls = steps * sum(len(conds) for conds in streams)
         if not ModulationPlan.affordable(transformer, calls, batch, self.dtype):

@@ -1,6 +1,6 @@
 """FLUX sampling with ComfyUI's semantics: sigmas, seeded noise and the Euler loop.
 
-Sources of truth (FACTS.md section 1): comfy/model_sampling.py (ModelSamplingFlux,
+Sources of truth, in ComfyUI: comfy/model_sampling.py (ModelSamplingFlux,
 flux_time_shift), comfy/samplers.py (simple/normal schedulers, KSampler.set_steps),
 comfy/sample.py (prepare_noise), comfy/k_diffusion/sampling.py (sample_euler). Reproducing
 them makes a ComfyUI workflow run here give ComfyUI's sigmas and starting noise.

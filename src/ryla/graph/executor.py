@@ -2,8 +2,8 @@
 
 A workflow is `{node_id: {"class_type": str, "inputs": {...}}}`; an input that is a
 `[node_id, output_index]` pair is a link. The whole graph is validated before anything runs,
-and failures are reported in ComfyUI's /prompt error shape (FACTS.md section 2), so clients
-written against ComfyUI parse them unchanged:
+and failures are reported in ComfyUI's /prompt error shape (ComfyUI's server.py `post_prompt`
+and execution.py `validate_prompt`), so clients written against ComfyUI parse them unchanged:
 
     {"error": {"type", "message", "details", "extra_info"},
      "node_errors": {node_id: {"errors": [...], "dependent_outputs": [...], "class_type": ...}}}

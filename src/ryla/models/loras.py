@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ryla.files import write_atomic
-from ryla.flux.lora import LoraFormatError, convert
+from ryla.models.lora_format import LoraFormatError, convert
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class LoraStore:
             self.on_change()
 
     def _inspect(self, path: Path) -> dict:
-        from ryla.flux.loading import ModelFormatError, read_tensors
+        from ryla.models.tensor_files import ModelFormatError, read_tensors
 
         try:
             tensors, _ = read_tensors(path)

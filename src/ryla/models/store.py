@@ -9,11 +9,8 @@ are read here too.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 # kind -> folders searched, first one is where new files go.
 FOLDERS: dict[str, tuple[str, ...]] = {
@@ -151,27 +148,3 @@ def _inside(folder: Path, name: str) -> Path:
     if not candidate.is_relative_to(folder):
         raise UnsafeNameError(f"model name {name!r} leaves the model folder")
     return candidate
-
-
-_announced_tiny = False
-
-
-def open_store(models_dir: Path | str | None = None) -> ModelStore:
-    """The store to serve from: the configured one when it holds FLUX weights, otherwise the
-    embedded tiny random-weight model set (generated on first use), announced once."""
-    global _announced_tiny
-    store = ModelStore(models_dir or default_models_dir())
-    if store.has_flux_weights():
-        return store
-    from ryla.models.tiny import ensure_tiny_models
-
-    tiny = ensure_tiny_models(default_tiny_dir())
-    if not _announced_tiny:
-        _announced_tiny = True
-        log.warning(
-            "No FLUX.1-dev weights in %s: using the embedded TINY random-weight model from %s. "
-            "Images will be noise. For real images run `ryla models download --preset flux-dev` "
-            "or point RYLA_MODELS_DIR/--models-dir at a folder that has them.",
-            store.root, tiny.root,
-        )
-    return tiny

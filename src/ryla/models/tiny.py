@@ -32,11 +32,11 @@ import torch
 from safetensors.torch import save_file
 
 from ryla.models import formats
+from ryla.models.tensor_files import METADATA_KEY
 from ryla.models.store import CLIP_L, FLUX_CHECKPOINT, FLUX_TRANSFORMER, FLUX_VAE, T5XXL, ModelStore
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "ryla"
 TINY_VERSION = "2"  # bump when the tiny architecture changes, so stale sets are rewritten
 
 TINY_TRANSFORMER = {

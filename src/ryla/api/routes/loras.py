@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from ryla.api.errors import ApiError
 from ryla.api.schemas import ErrorResponse, LoraInfo, LoraList
 from ryla.api.service import Service, get_service
-from ryla.flux.lora import LoraFormatError
+from ryla.models.lora_format import LoraFormatError
 from ryla.models.loras import InvalidLoraId, LoraExists, LoraNotFound, check_id, id_from_filename
 from ryla.runtime import Runtime
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ryla import catalogue
-from ryla.flux.lora import LoraFormatError
+from ryla.models.lora_format import LoraFormatError
 from ryla.graph.executor import NodeUserError
 from ryla.graph.nodes.loaders import files
 from ryla.graph.registry import InputSpec, Node, Output, from_param, link, node

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
+from ryla.speed.probes import FP8, FP8_MAX
+
 
 
 def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -35,11 +35,11 @@ _row_kernel = False  # set by quantize_linear_layers, outside compiled code
 
 
 def _load_row_quantization_kernel() -> None:
-    """Triton's fused GELU + row quantisation kernel (ryla.flux.kernels) where Triton is
+    """Triton's fused GELU + row quantisation kernel (ryla.speed.kernels) where Triton is
     installed (PyTorch's CUDA builds bring it)."""
     global _row_kernel
     try:
-        import ryla.flux.kernels  # noqa: F401  (registers torch.ops.ryla.gelu_quantize_rows)
+        import ryla.speed.kernels  # noqa: F401  (registers torch.ops.ryla.gelu_quantize_rows)
     except ImportError:
         return
     _row_kernel = True
@@ -48,7 +48,7 @@ def _load_row_quantization_kernel() -> None:
 def quantize_activation_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] -> (fp8 [M, K], float32 scale [M, 1]) with (gelu_tanh(x) if gelu else x) ~= fp8 * scale.
 
-    With GELU, on a GPU with Triton, one kernel reads each row once (ryla.flux.kernels). Without
+    With GELU, on a GPU with Triton, one kernel reads each row once (ryla.speed.kernels). Without
     GELU the input is usually the output of a norm that Inductor fuses with this quantisation
     already, so it stays in PyTorch ops."""
     if gelu and _row_kernel and x.is_cuda and x.stride(-1) == 1:
@@ -71,7 +71,7 @@ class Float8Linear(nn.Module):
 
     def forward_columns(self, x: torch.Tensor, columns: slice, bias: bool = True, gelu: bool = False) -> torch.Tensor:
         """x @ W[:, columns].T (+ bias): the layer's product over one range of its inputs
-        (ryla.flux.blocks splits a single block's proj_out this way). With `gelu`, the input
+        (ryla.speed.blocks splits a single block's proj_out this way). With `gelu`, the input
         is gelu_tanh(x), applied while quantising it."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

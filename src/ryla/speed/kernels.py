@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ryla.flux.fp8 import FP8, FP8_MAX
+from ryla.speed.probes import FP8, FP8_MAX
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # a jit kernel reads globals only as constexprs
 

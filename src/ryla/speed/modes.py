@@ -3,28 +3,27 @@
     eager  as loaded (the default on CPUs)
     exact  lossless: fused QKV projections, the fastest available attention kernel
            (FlashAttention-3 where installed, else cuDNN's) with its inputs (Q/K norms, RoPE,
-           layout) prepared by one kernel (ryla.flux.attention), GELU
+           layout) prepared by one kernel (ryla.speed.attention), GELU
            in the GEMM epilogue and no concatenation before single blocks' proj_out
-           (ryla.flux.blocks), and torch.compile of the repeated blocks only (regional
+           (ryla.speed.blocks), and torch.compile of the repeated blocks only (regional
            compilation: one compile per block type instead of the whole 57-block graph,
            which keeps cold start short), with one-pass LayerNorm reductions
-           (ryla.flux.inductor_heuristics); the blocks' AdaLayerNorm modulations for all
-           steps computed before sampling (ryla.flux.modulation)
+           (ryla.speed.inductor_heuristics); the blocks' AdaLayerNorm modulations for all
+           steps computed before sampling (ryla.speed.modulation)
     fast   exact + fp8 linear layers in the transformer blocks (per-row weight scales,
-           dynamically scaled activations; ryla.flux.fp8) and fp8 attention (cuDNN's fp8
-           flash attention; ryla.flux.fp8_attention), for Hopper-class GPUs
+           dynamically scaled activations; ryla.speed.fp8) and fp8 attention (cuDNN's fp8
+           flash attention; ryla.speed.fp8_attention), for Hopper-class GPUs
     turbo  fast + first-block caching (diffusers FirstBlockCacheConfig): steps whose first
            block changes little reuse the rest of the network's last residual
 
 The compiled modes also give the VAE's GroupNorms a kernel that uses the whole GPU, with the
-SiLU after them fused in (ryla.flux.vae_norms).
+SiLU after them fused in (ryla.speed.vae_norms).
 
 Compiled artifacts go to a cache folder (a Volume on Modal) so a new process reuses them.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -40,36 +39,6 @@ FIRST_BLOCK_CACHE_THRESHOLD = 0.12
 def check_speed_mode(mode: str) -> None:
     if mode not in SPEED_MODES:
         raise ValueError(f"speed must be one of {', '.join(SPEED_MODES)}, got {mode!r}")
-
-
-@functools.cache
-def triton_kernels_available() -> bool:
-    """A GPU, and ryla.flux.kernels imports: Triton is installed (PyTorch's CUDA builds bring
-    it). Importing the module registers its kernels as torch ops."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import ryla.flux.kernels  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def agrees_with_pytorch(what: str, run, reference, fallback: str) -> bool:
-    """Start-up check of an optional kernel: `run()` on a small input against PyTorch's
-    `reference()`. A kernel that cannot build or run here, or computes something else, is not
-    used for requests; a warning says why and what runs instead (`fallback`)."""
-    try:
-        got = run().float()
-    except Exception as exc:  # a build for another GPU or PyTorch, a Triton that cannot compile it
-        log.warning("%s does not run here (%s); %s", what, exc, fallback)
-        return False
-    expected = reference().float()
-    error = float((got - expected).norm() / expected.norm())
-    if error > 0.01:
-        log.warning("%s differs from PyTorch's by %.3g; %s", what, error, fallback)
-        return False
-    return True
 
 
 def configure_compile_cache(cache_dir: Path | str) -> None:
@@ -101,16 +70,22 @@ def _attention_backend(transformer) -> str:
     return "native"
 
 
+# Rows of the fused projections (diffusers' Attention.fuse_projections) that each unfused layer
+# owns: LoRAs and shape listings still address q, k and v by their unfused names.
+FUSED_PROJECTION_ROWS = {"to_q": ("to_qkv", 0), "to_k": ("to_qkv", 1), "to_v": ("to_qkv", 2),
+                         "add_q_proj": ("to_added_qkv", 0), "add_k_proj": ("to_added_qkv", 1),
+                         "add_v_proj": ("to_added_qkv", 2)}
+
+
 def fuse_qkv(transformer) -> None:
     """Fuse q, k and v into one matmul per attention, and drop the unfused copies (diffusers
     keeps them for unfusing, which would cost ~4 GB at FLUX size). LoRAs still address
     q, k and v: they become rows of the fused layer (ryla.flux.lora)."""
     transformer.fuse_qkv_projections()
-    from ryla.flux.lora import _FUSED
 
     for module in transformer.modules():
         if getattr(module, "fused_projections", False):
-            for leaf, (fused_name, _) in _FUSED.items():
+            for leaf, (fused_name, _) in FUSED_PROJECTION_ROWS.items():
                 if hasattr(module, fused_name) and isinstance(getattr(module, leaf, None), torch.nn.Module):
                     delattr(module, leaf)
 
@@ -118,20 +93,20 @@ def fuse_qkv(transformer) -> None:
 def quantize_fp8(transformer) -> int:
     """fp8 weights and activations for the Linear layers inside the transformer blocks (not
     the embedders or the output layer, which are small and precision-sensitive)."""
-    from ryla.flux.fp8 import quantize_linear_layers
+    from ryla.speed.fp8 import quantize_linear_layers
 
     return quantize_linear_layers(transformer, lambda name: "transformer_blocks." in name)
 
 
 def fp8_attention_kind() -> str:
-    from ryla.flux.fp8_attention import cudnn_fp8_attention_available
+    from ryla.speed.fp8_attention import cudnn_fp8_attention_available
 
     return "cudnn_fp8" if cudnn_fp8_attention_available() else "fp8 (PyTorch SDPA on dequantised fp8)"
 
 
 def use_fp8(transformer) -> dict:
     """The fp8 part of `fast`: fp8 linear layers and fp8 attention."""
-    from ryla.flux.fp8_attention import use_fp8_attention
+    from ryla.speed.fp8_attention import use_fp8_attention
 
     use_fp8_attention(transformer)
     return {"fp8_linear_layers": quantize_fp8(transformer), "attention": fp8_attention_kind()}
@@ -139,12 +114,12 @@ def use_fp8(transformer) -> dict:
 
 def use_wide_persistent_reductions() -> bool:
     """One-pass reductions for FLUX's 3072-wide LayerNorm rows in every compile of this process
-    (ryla.flux.inductor_heuristics). Returns whether this PyTorch has the hook."""
+    (ryla.speed.inductor_heuristics). Returns whether this PyTorch has the hook."""
     try:
         import torch._inductor.config as inductor_config
         from torch._inductor.virtualized import V
 
-        from ryla.flux.inductor_heuristics import WideRowChoices
+        from ryla.speed.inductor_heuristics import WideRowChoices
     except ImportError:
         return False
     if hasattr(inductor_config, "inductor_choices_class"):  # every thread's compiles (PyTorch >= 2.12)
@@ -181,7 +156,7 @@ def optimize_vae(vae, mode: str) -> dict:
     bench/results/README.md) the peak was 0.87 GiB lower (23.87 vs 24.75 GiB) and the decode
     6 ms faster (37 vs 43 ms), with the same latents."""
     check_speed_mode(mode)
-    from ryla.flux.vae_norms import channels_last_group_norm_available, fast_group_norm_available, use_fast_group_norms
+    from ryla.speed.vae_norms import channels_last_group_norm_available, fast_group_norm_available, use_fast_group_norms
 
     if mode == "eager" or not fast_group_norm_available():
         return {}
@@ -212,7 +187,7 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
     if mode in ("fast", "turbo"):
         info.update(use_fp8(transformer))
     else:
-        from ryla.flux.attention import (
+        from ryla.speed.attention import (
             flash_attention_3_available,
             fused_attention_inputs_available,
             use_fused_attention_inputs,
@@ -221,12 +196,12 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
         use_fused_attention_inputs(transformer)
         info["attention_inputs"] = "fused kernel" if fused_attention_inputs_available() else "PyTorch"
         if not controlnet:
-            from ryla.flux.modulation import use_precomputed_modulation
+            from ryla.speed.modulation import use_precomputed_modulation
 
             info["precomputed_modulation_layers"] = use_precomputed_modulation(transformer)
         if flash_attention_3_available():
             info["attention"] = "flash_attention_3"
-    from ryla.flux.blocks import use_lean_forwards
+    from ryla.speed.blocks import use_lean_forwards
 
     info["lean_forwards"] = use_lean_forwards(transformer)
     caching = mode == "turbo" and not controlnet
@@ -242,7 +217,7 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
         compile_blocks(transformer, fullgraph=not caching, mode=compile_mode, dynamic=False if controlnet else None)
         info["compiled"] = f"repeated blocks ({compile_mode or 'default'})"
         if use_wide_persistent_reductions():
-            from ryla.flux.inductor_heuristics import PERSISTENT_ROW_LIMIT
+            from ryla.speed.inductor_heuristics import PERSISTENT_ROW_LIMIT
 
             info["persistent_row_reductions"] = PERSISTENT_ROW_LIMIT
     log.info("%s speed mode: %s", type(transformer).__name__, info)

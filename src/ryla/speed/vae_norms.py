@@ -2,10 +2,10 @@
 
 PyTorch's GroupNorm kernel gives each (image, group) pair one thread block: the FLUX VAE's
 decoder normalises 32 groups of up to 16M values at 1024x1024, on 32 of the H200's 132
-multiprocessors, 0.046 s of a 0.09 s decode (bench/results/README.md). ryla.flux.kernels'
+multiprocessors, 0.046 s of a 0.09 s decode (bench/results/README.md). ryla.speed.kernels'
 group_norm splits every group into chunks and applies the SiLU that follows most of these
 norms in the same pass. Every norm in the decoder's and encoder's ResNet blocks, and their
-output norms, get it, in NCHW or channels-last (the layout ryla.flux.speed.optimize_vae
+output norms, get it, in NCHW or channels-last (the layout ryla.speed.modes.optimize_vae
 gives the VAE where that path's start-up check passes); elsewhere (CPUs, float32, other
 layouts) PyTorch's GroupNorm runs.
 """
@@ -27,17 +27,19 @@ log = logging.getLogger(__name__)
 def fast_group_norm_available() -> bool:
     """Triton on a GPU, and the kernel agrees with PyTorch's GroupNorm here (a start-up check,
     so that a kernel that fails to build or run on this GPU is never used for requests)."""
-    from ryla.flux.speed import triton_kernels_available
+    from ryla.speed.probes import triton_kernels_available
 
     if not triton_kernels_available():
         return False
-    from ryla.flux.kernels import group_norm
-
+    try:
+        from ryla.speed.kernels import group_norm
+    except ImportError:  # a Triton too old for the kernels' language features
+        return False
     return _agrees_with_pytorch(group_norm, "cuda")
 
 
 def _agrees_with_pytorch(group_norm, device: str, channels_last: bool = False) -> bool:
-    from ryla.flux.speed import agrees_with_pytorch
+    from ryla.speed.probes import agrees_with_pytorch
 
     generator = torch.Generator(device=device).manual_seed(0)
     x = (torch.randn(1, 64, 48, 48, generator=generator, device=device) * 3 + 2).to(torch.bfloat16)
@@ -57,7 +59,7 @@ def channels_last_group_norm_available() -> bool:
     it fails, the VAE stays NCHW, with the NCHW kernel."""
     if not fast_group_norm_available():
         return False
-    from ryla.flux.kernels import group_norm
+    from ryla.speed.kernels import group_norm
 
     return _agrees_with_pytorch(group_norm, "cuda", channels_last=True)
 
@@ -68,7 +70,7 @@ def _fast_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and self.affine
             and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                                        and channels_last_group_norm_available()))):
-        from ryla.flux.kernels import group_norm
+        from ryla.speed.kernels import group_norm
 
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.fused_silu)
     x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

@@ -4,7 +4,7 @@ diffusers' FluxAttnProcessor normalises Q and K per head, concatenates the text 
 streams, applies RoPE, then (through its cuDNN backend) copies Q, K and V to [batch, heads,
 seq, dim] and the output back; compiled, that is five to seven elementwise kernels around
 each attention, 0.19 s of a 3.7 s image on the H200 (bench/results/README.md). Here one
-kernel (ryla.flux.kernels.flux_attention_inputs) reads the fused projections once and writes
+kernel (ryla.speed.kernels.flux_attention_inputs) reads the fused projections once and writes
 Q, K and V where attention reads them, in [batch, seq, heads, dim] memory order: cuDNN's
 attention takes them as transposed views and writes its output in the same order, so the
 output projection reads it as it is.
@@ -50,8 +50,8 @@ def flash_attention_3_available() -> bool:
 
 
 def _flash_attention_3_agrees_with_pytorch(device: str = "cuda") -> bool:
-    """One small attention through FA3 and through PyTorch (ryla.flux.speed.agrees_with_pytorch)."""
-    from ryla.flux.speed import agrees_with_pytorch
+    """One small attention through FA3 and through PyTorch (ryla.speed.probes.agrees_with_pytorch)."""
+    from ryla.speed.probes import agrees_with_pytorch
 
     generator = torch.Generator(device=device).manual_seed(0)
     q, k = (torch.randn(1, 256, 2, 128, generator=generator, device=device).to(torch.bfloat16) for _ in range(2))
@@ -142,10 +142,17 @@ def _(query, key, value, softmax_scale):
 
 
 def fused_attention_inputs_available() -> bool:
-    """torch.ops.ryla.flux_attention_inputs is registered (ryla.flux.kernels)."""
-    from ryla.flux.speed import triton_kernels_available
+    """torch.ops.ryla.flux_attention_inputs is registered: Triton on a GPU, and importing
+    ryla.speed.kernels (which registers it) succeeds."""
+    from ryla.speed.probes import triton_kernels_available
 
-    return triton_kernels_available()
+    if not triton_kernels_available():
+        return False
+    try:
+        import ryla.speed.kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def reference_attention_inputs(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,

@@ -33,8 +33,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ryla.flux.attention import rope_float
-from ryla.flux.fp8 import FP8, FP8_MAX, Float8Linear, to_fp8
+from ryla.speed.attention import rope_float
+from ryla.speed.fp8 import Float8Linear, to_fp8
+from ryla.speed.probes import FP8, FP8_MAX
 
 log = logging.getLogger(__name__)
 

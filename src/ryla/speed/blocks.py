@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ryla.flux.fp8 import Float8Linear
-from ryla.flux.fp8_attention import Fp8FluxAttnProcessor, project
+from ryla.speed.fp8 import Float8Linear
+from ryla.speed.fp8_attention import Fp8FluxAttnProcessor, project
 
 
 def _gelu_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
