@@ -37,6 +37,7 @@ def cli_env(tiny_dir, tmp_path) -> dict[str, str]:
     env = dict(os.environ)
     env["RYLA_MODELS_DIR"] = str(tmp_path / "empty-store")
     env["RYLA_TINY_MODELS_DIR"] = str(tiny_dir)
+    env["RYLA_DATA_DIR"] = str(tmp_path / "data")
     env.pop("RYLA_API_KEY", None)
     return env
 
@@ -96,6 +97,7 @@ def server_env(tiny_dir, tmp_path_factory) -> dict[str, str]:
     env = dict(os.environ)
     env["RYLA_MODELS_DIR"] = str(tmp_path_factory.mktemp("server-store"))
     env["RYLA_TINY_MODELS_DIR"] = str(tiny_dir)
+    env["RYLA_DATA_DIR"] = str(tmp_path_factory.mktemp("server-data"))
     env.pop("RYLA_API_KEY", None)
     return env
 

@@ -59,6 +59,7 @@ class RunResult:
     node_seconds: dict[str, float] = field(default_factory=dict)
     annotations: dict[str, Any] = field(default_factory=dict)
     prefixes: list[str] = field(default_factory=list)
+    node_ids: list[str] = field(default_factory=list)  # the output node of each image
 
 
 class Runtime:
@@ -101,11 +102,12 @@ class Runtime:
     def execute(self, validated: ValidatedGraph, context: RunContext) -> RunResult:
         start = time.perf_counter()
         outputs = self.executor.execute(validated, context)
-        images, prefixes = [], []
+        images, prefixes, node_ids = [], [], []
         for saved in outputs:
             for image in imaging.to_pil(saved.images):
                 images.append(image)
                 prefixes.append(saved.filename_prefix)
+                node_ids.append(saved.node_id)
         seconds = time.perf_counter() - start
         # Each node's share, slowest first: where a slow request (the first after a start, one
         # with a new LoRA) spent its time, without a profiler.
@@ -113,7 +115,7 @@ class Runtime:
         log.info("[%s] workflow done: %d image(s) in %.2fs (%s)", context.request_id, len(images), seconds,
                  ", ".join(f"{validated.nodes[node_id][0].class_type} #{node_id} {spent:.2f}s"
                            for node_id, spent in slowest if spent >= 0.005))
-        return RunResult(images, seconds, dict(context.node_seconds), dict(context.annotations), prefixes)
+        return RunResult(images, seconds, dict(context.node_seconds), dict(context.annotations), prefixes, node_ids)
 
 
 def check_params(values: dict[str, Any], params: dict[str, catalogue.Param]) -> list[str]:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from ryla.api import errors, playground
 from ryla.api.metrics import Metrics
 from ryla.api.middleware import GuardMiddleware
-from ryla.api.routes import generate, loras, status
+from ryla.api.routes import comfy, generate, jobs, loras, openai, status
 from ryla.api.service import ServerSettings, Service
 from ryla.runtime import Runtime
 from ryla.workflows import FLUX_DEV
@@ -37,6 +37,7 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
             # before serving, so the first request does not pay for it and /health means
             # ready. A broken file stops the server here, not at a request.
             await asyncio.to_thread(runtime.engine.preload, default_checkpoint)
+        service.folders.prune_outputs()
         yield
         service.queue.close()
 
@@ -52,6 +53,9 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key,
                        metrics=metrics, upload_paths={"/loras": settings.max_lora_bytes},
                        public_paths=("/health", "/", *(f"/static/{name}" for name in playground.STATIC_FILES)))
-    for router in (generate.router, loras.router, playground.router, status.router):
+    for router in (generate.router, jobs.router, loras.router, comfy.router, openai.router, playground.router,
+                   status.router):
         app.include_router(router)
+    # ComfyUI's newer frontend calls every server route under /api as well (server.py add_routes).
+    app.include_router(comfy.router, prefix="/api", include_in_schema=False)
     return app

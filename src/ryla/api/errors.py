@@ -30,9 +30,25 @@ class ApiError(Exception):
 
 
 def error_response(status: int, type_: str, message: str, details: Any = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    if path.startswith(OPENAI_PREFIX):
+        return JSONResponse(openai_error_body(status, type_, message, details), status_code=status, headers=headers)
     return JSONResponse({"error": {"type": type_, "message": message, "details": details}},
                         status_code=status, headers=headers)
+
+
+# OpenAI's API (ryla.api.routes.openai) answers errors in OpenAI's shape:
+# {"error": {"message", "type", "param", "code"}}, with 400 for invalid parameters.
+OPENAI_PREFIX = "/v1/"
+
+
+def openai_error_body(status: int, type_: str, message: str, details: Any = None) -> dict:
+    param = details.get("param") if isinstance(details, dict) else None
+    if param is None and isinstance(details, dict) and details.get("errors"):
+        param = details["errors"][0].get("field")
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    code = "invalid_api_key" if status == 401 else type_
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 _HTTP_TYPES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
@@ -47,7 +63,7 @@ def _field_name(loc: tuple) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers)
+        return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -57,7 +73,8 @@ def install(app: FastAPI) -> None:
         message = f"{first['field']}: {first['message']}"
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more)"
-        return error_response(422, "invalid_request", message, {"errors": errors})
+        status = 400 if request.url.path.startswith(OPENAI_PREFIX) else 422
+        return error_response(status, "invalid_request", message, {"errors": errors}, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -65,7 +82,7 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else type_.replace("_", " ")
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-        return error_response(exc.status_code, type_, message, None, getattr(exc, "headers", None))
+        return error_response(exc.status_code, type_, message, None, getattr(exc, "headers", None), request.url.path)
 
     @app.exception_handler(GraphValidationError)
     async def invalid_graph(request: Request, exc: GraphValidationError):
@@ -76,4 +93,5 @@ def install(app: FastAPI) -> None:
         request_id = getattr(request.state, "request_id", "-")
         log.error("[%s] unhandled error", request_id, exc_info=exc)
         return error_response(500, "internal_error",
-                              f"internal server error; the server log has the details under request id {request_id}")
+                              f"internal server error; the server log has the details under request id {request_id}",
+                              path=request.url.path)

@@ -6,13 +6,14 @@ uploads that send no Content-Length, and so responses pass through untouched.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
 import time
 import uuid
 
+from ryla.api.auth import key_matches
+from ryla.api.errors import OPENAI_PREFIX, openai_error_body
 from ryla.api.metrics import Metrics
 from ryla.logs import request_id_var
 
@@ -25,8 +26,11 @@ class BodyTooLarge(Exception):
     """Raised from receive() when an upload passes its limit; the upload route lets it pass."""
 
 
-def _json_error(status: int, type_: str, message: str, extra_headers: list | None = None):
-    body = json.dumps({"error": {"type": type_, "message": message, "details": None}}).encode()
+def _json_error(status: int, type_: str, message: str, extra_headers: list | None = None, path: str = ""):
+    if path.startswith(OPENAI_PREFIX):
+        body = json.dumps(openai_error_body(status, type_, message)).encode()
+    else:
+        body = json.dumps({"error": {"type": type_, "message": message, "details": None}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     return status, headers + (extra_headers or []), body
 
@@ -39,7 +43,7 @@ class GuardMiddleware:
         # Uploads (LoRA files) stream to disk under their own, larger limit instead of being
         # buffered here.
         self.upload_paths = upload_paths or {}
-        self.api_key = api_key.encode() if api_key else None
+        self.api_key = api_key or None
         self.metrics = metrics
         self.public_paths = public_paths
 
@@ -69,14 +73,13 @@ class GuardMiddleware:
 
         try:
             if self.api_key is not None and path not in self.public_paths:
-                auth = headers.get("authorization", "")
-                scheme, _, key = auth.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key):
+                if not key_matches(headers.get("authorization", ""), self.api_key):
                     return await reply(*_json_error(401, "unauthorized", "missing or wrong API key: send "
                                                     "'Authorization: Bearer <key>'",
-                                                    [(b"www-authenticate", b"Bearer")]))
+                                                    [(b"www-authenticate", b"Bearer")], path))
             limit = self.upload_paths.get(path, self.max_body_bytes) if method == "POST" else self.max_body_bytes
-            too_large = _json_error(413, "payload_too_large", f"request body over the limit of {limit} bytes")
+            too_large = _json_error(413, "payload_too_large", f"request body over the limit of {limit} bytes",
+                                    path=path)
             length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
                 return await reply(*too_large)

@@ -22,6 +22,8 @@ def image_response(request: Request, images, *, seeds: list[int | None], fmt: st
     headers = dict(headers or {})
     headers["X-Generation-Time"] = f"{timings.generation:.3f}"
     headers["X-Queue-Time"] = f"{timings.queue:.3f}"
+    if timings.job_id:
+        headers["X-Job-Id"] = timings.job_id
     encoded = [imaging.encode(image, fmt, quality) for image in images]
     wants_json = "application/json" in request.headers.get("accept", "").lower() or len(encoded) != 1
     if seeds and seeds[0] is not None:
@@ -43,6 +45,9 @@ IMAGE_RESPONSES = {
                       "application/json": {"schema": ImagesResponse.model_json_schema()}},
           "description": "The image (default), or JSON with base64 images (Accept: application/json, "
                          "or more than one image)."},
+    202: {"description": "With `Prefer: respond-async`: the job was queued; the body has job_id, status_url "
+                         "(GET /jobs/{id}) and events_url (server-sent events)."},
+    409: {"model": ErrorResponse, "description": "The job was interrupted (POST /interrupt, DELETE /jobs/{id})."},
     422: {"model": ErrorResponse, "description": "An invalid field; the message names it."},
     429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds."},
     504: {"model": ErrorResponse, "description": "Generation exceeded the server's time limit."},

@@ -53,6 +53,10 @@ class FluxDevRequest(StrictModel):
     num_images: int = field(catalogue.NUM_IMAGES)
     output_format: Literal["jpeg", "png", "webp"] = field(catalogue.OUTPUT_FORMAT)
     quality: int = field(catalogue.QUALITY)
+    webhook: str | None = Field(None, max_length=2048, examples=["https://example.com/hooks/ryla"],
+                                description="URL that gets one POST of the finished job (GET /jobs/{id}'s body), "
+                                            "retried on failure; public addresses only unless the server allows "
+                                            "private ones. Most useful with `Prefer: respond-async`.")
 
     def template_params(self, seed: int) -> dict[str, Any]:
         """The FLUX_DEV template's parameters for this request."""

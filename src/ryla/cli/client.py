@@ -33,7 +33,9 @@ class Client:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # Redirects are followed: a proxy in front (Modal's web endpoints past their request
+        # time) answers 303 with where the result will be.
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, follow_redirects=True)
 
     def request(self, method: str, path: str, **kwargs) -> Any:
         import httpx
@@ -62,6 +64,79 @@ def _error_message(response) -> str:
     if response.status_code == 429 and response.headers.get("retry-after"):
         message += f"; retry after {response.headers['retry-after']}s"
     return message
+
+
+def generate(client: Client, args: argparse.Namespace, path: str, body: dict, params: dict | None = None) -> dict:
+    """POST an image request and return the JSON body with base64 images: at once (a spinner
+    while the server works), or with --async as a job followed through its event stream (a
+    progress bar), its images fetched when it is done."""
+    if not getattr(args, "async_", False):
+        return with_spinner("generating...", lambda: client.request("POST", path, json=body, params=params))
+    job = client.request("POST", path, json=body, params=params, headers={"Prefer": "respond-async"})
+    if not isinstance(job, dict) or "events_url" not in job:
+        raise CliError(f"the server at {client.url} did not accept an asynchronous job")
+    final = follow_events(client, job)
+    if final.get("status") != "success":
+        error = final.get("error") or {}
+        raise CliError(f"job {final.get('job_id')} {final.get('status')}: {error.get('message', 'no details')}")
+    fmt = body.get("output_format") or (params or {}).get("output_format") or "png"
+    images = []
+    for image in final["result"]["images"]:
+        query = {"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]}
+        if fmt in ("jpeg", "webp"):  # the server keeps PNGs; /view converts (ComfyUI's preview=)
+            query["preview"] = f"{fmt};{body.get('quality', 90)}"
+        data = client.request("GET", "/view", params=query)
+        images.append({"data": base64.b64encode(data).decode(), "seed": image.get("seed")})
+    timings = final.get("timings", {})
+    timings["total_s"] = timings.get("queue_s", 0) + timings.get("generation_s", 0)
+    return {"images": images, "timings": timings, "request_id": final.get("request_id")}
+
+
+def follow_events(client: Client, job: dict) -> dict:
+    """Read the job's server-sent events until it finishes; show step progress. Returns the
+    job's final state."""
+    import httpx
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True) if console.is_terminal else None
+    task = progress.add_task("queued", total=None) if progress else None
+    final: dict = {}
+    try:
+        if progress:
+            progress.start()
+        with client.http.stream("GET", job["events_url"], timeout=httpx.Timeout(client.http.timeout.read,
+                                                                                 read=None)) as stream:
+            if stream.status_code >= 400:
+                stream.read()
+                raise CliError(_error_message(stream))
+            event = None
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event:
+                    data = json.loads(line[5:])
+                    if event == "progress":
+                        if progress:
+                            progress.update(task, description=f"node {data['node']}", total=data["max"],
+                                            completed=data["value"])
+                        else:
+                            print(f"  step {data['value']}/{data['max']} (node {data['node']})", file=sys.stderr)
+                    elif event in ("queued", "started") and progress:
+                        progress.update(task, description=event)
+                    elif event in ("done", "error", "cancelled"):
+                        final = data
+                        break
+    except httpx.HTTPError as exc:
+        raise CliError(f"lost the event stream of job {job['job_id']}: {exc}")
+    finally:
+        if progress:
+            progress.stop()
+    if not final:
+        final = client.request("GET", f"/jobs/{job['job_id']}")
+    return final
 
 
 def with_spinner(text: str, fn: Callable[[], Any]) -> Any:
@@ -110,7 +185,7 @@ def flux_body(args: argparse.Namespace, fields=FLUX_FIELDS) -> dict:
 
 
 def cmd_flux_dev(client: Client, args: argparse.Namespace) -> None:
-    body = with_spinner("generating...", lambda: client.request("POST", "/flux-dev", json=flux_body(args)))
+    body = generate(client, args, "/flux-dev", flux_body(args))
     report(body, save_images(body, args.output))
 
 
@@ -122,7 +197,7 @@ def cmd_flux_lora(client: Client, args: argparse.Namespace) -> None:
             body[name] = getattr(args, name)
     if args.also:
         body["loras"] = [_lora_ref(text) for text in args.also]
-    result = with_spinner("generating...", lambda: client.request("POST", "/flux-lora", json=body))
+    result = generate(client, args, "/flux-lora", body)
     report(result, save_images(result, args.output))
 
 
@@ -175,7 +250,7 @@ def identity_body(args: argparse.Namespace) -> dict:
 
 def cmd_flux_instantid(client: Client, args: argparse.Namespace) -> None:
     body = identity_body(args)
-    result = with_spinner("generating...", lambda: client.request("POST", "/flux-instantid", json=body))
+    result = generate(client, args, "/flux-instantid", body)
     report(result, save_images(result, args.output))
 
 
@@ -260,8 +335,7 @@ def cmd_workflow(client: Client, args: argparse.Namespace) -> None:
             if not sep or not name:
                 raise CliError(f"--image expects NAME=PATH, got {spec!r}")
             graph["images"][name] = _photo_b64(path, "image")
-    body = with_spinner("running workflow...",
-                        lambda: client.request("POST", "/workflow", json=graph, params=params))
+    body = generate(client, args, "/workflow", graph, params=params)
     out = Path(args.output_dir)
     report(body, save_images(body, str(out / f"workflow.{'jpg' if args.format == 'jpeg' else args.format}")))
 
@@ -276,6 +350,13 @@ def add_flux_options(parser: argparse.ArgumentParser) -> None:
         add_param(parser, param, omit_default=True)  # not given: not sent, the server's default applies
     parser.add_argument("--output", "-o", default="ryla.jpg",
                         help="image file; several images get _1, _2... [default: ryla.jpg]")
+    add_async_option(parser)
+
+
+def add_async_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--async", dest="async_", action="store_true",
+                        help="submit as a job (Prefer: respond-async) and follow its progress events; for long "
+                             "jobs and proxies that cut long requests")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     wf.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default="png", help="[default: png]")
     wf.add_argument("--image", action="append", metavar="NAME=PATH",
                     help="an image for the workflow's LoadImage nodes, e.g. reference=face.jpg (repeatable)")
+    add_async_option(wf)
     wf.set_defaults(handler=cmd_workflow)
 
     health = sub.add_parser("health", help="Show the server's health: model set, loaded models, queue.")

@@ -121,7 +121,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from ryla.api.app import ServerSettings, create_app
 
     settings = ServerSettings.from_env(max_queue=args.max_queue, request_timeout_s=args.timeout,
-                                       max_body_bytes=int(args.max_body_mb * 1024 * 1024) if args.max_body_mb else None)
+                                       max_body_bytes=int(args.max_body_mb * 1024 * 1024) if args.max_body_mb else None,
+                                       data_dir=Path(args.data_dir) if args.data_dir else None,
+                                       max_output_bytes=int(args.max_output_gb * 1024**3) if args.max_output_gb else None,
+                                       allow_private_webhooks=args.allow_private_webhooks)
     logging.getLogger("ryla").setLevel(logging.INFO)  # a server logs its requests
     runtime = _open_runtime(args)
     log.warning("serving %s model set from %s on http://%s:%d (auth %s)", "TINY" if runtime.store.tiny else "real",
@@ -312,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "Compiled modes compile for 1024x1024 before the server answers /health (kernels "
                             "cached on disk: seconds after the first start) [default: auto, env RYLA_SPEED]")
     serve.add_argument("--max-body-mb", type=float, default=None, help="largest request body [default: 32]")
+    serve.add_argument("--data-dir", default=None,
+                       help="folder for input/ (uploads), output/ (saved images) and temp/ "
+                            "[default: $RYLA_DATA_DIR or ~/.cache/ryla/data]")
+    serve.add_argument("--max-output-gb", type=float, default=None,
+                       help="output/ is pruned, oldest first, past this size [default: 10, env RYLA_MAX_OUTPUT_BYTES]")
+    serve.add_argument("--allow-private-webhooks", action="store_true", default=None,
+                       help="let requests name webhooks on loopback or private addresses "
+                            "[default: refused; env RYLA_ALLOW_PRIVATE_WEBHOOKS]")
 
     run = command("run-workflow", "Run a ComfyUI API-format workflow JSON file.", cmd_run_workflow)
     run.add_argument("workflow", help="workflow file (API format, or a /prompt body)")

@@ -20,8 +20,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ryla.flux.engine import Cancelled
 from ryla.graph.registry import InputSpec, Node, NodeRegistry
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,10 @@ class RunContext:
     request_images: dict[str, bytes] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
     on_progress: Callable[[str, int, int], None] | None = None
+    # Called with each node's id as it starts (ComfyUI's "executing" message).
+    on_executing: Callable[[str], None] | None = None
+    # The server's input folder (uploads LoadImage reads by name); None outside a server.
+    input_dir: Path | None = None
     request_id: str = "-"
     outputs: list[SavedImages] = field(default_factory=list)
     # Response annotations a node wants the API to pass on (e.g. faces found).
@@ -157,6 +163,10 @@ class Executor:
             values = {name: results[v.node_id][v.output_index] if isinstance(v, Link) else v
                       for name, v in inputs.items()}
             context.current_node = node_id
+            if context.cancel.is_set():  # interrupted or timed out between nodes
+                raise ExecutionError(node_id, cls.class_type, Cancelled())
+            if context.on_executing is not None:
+                context.on_executing(node_id)
             start = time.perf_counter()
             try:
                 out = cls().run(context, **values)

@@ -39,7 +39,9 @@ class InputSpec:
 
     def options(self, context) -> list[str]:
         if callable(self.choices):
-            return list(self.choices(context))
+            options = self.choices(context)
+            # A list subclass may widen what validates (LoadImage: any file under input/).
+            return options if isinstance(options, list) else list(options)
         return list(self.choices or ())
 
 

@@ -11,14 +11,31 @@ from fastapi.responses import Response
 from ryla import catalogue
 from ryla.api.errors import ApiError
 from ryla.api.responses import IMAGE_RESPONSES, header_safe, image_response
+from ryla.api.routes.jobs import accepted, wants_async
 from ryla.api.routes.loras import lora_entry
 from ryla.api.schemas import ErrorResponse, FluxDevRequest, FluxInstantIdRequest, FluxLoraRequest
-from ryla.api.service import ServerSettings, Service, get_service
+from ryla.api.service import ServerSettings, Service, Timings, get_service
+from ryla.api.webhooks import validate_webhook
 from ryla.runtime import random_seed
 from ryla.workflows import FLUX_DEV, flux_instantid_graph, flux_lora_graph, with_trigger_words
 
 router = APIRouter(tags=["generate"])
 MAX_WORKFLOW_IMAGES = 8
+
+PREFER_ASYNC = "Send `Prefer: respond-async` to get 202 with the job's links at once instead of the image."
+
+
+async def run_or_accept(request: Request, service: Service, graph: dict, endpoint: str, *,
+                        seeds: list, webhook: str | None = None, request_images: dict | None = None,
+                        make_response):
+    """The one place a typed or workflow request becomes a job: 202 with its links when the
+    client prefers async, else the image once made (`make_response(result, timings)`)."""
+    webhook = await validate_webhook(webhook, service.settings.allow_private_webhooks)
+    job = await service.submit(request, graph, endpoint, request_images=request_images, seeds=seeds, webhook=webhook)
+    if wants_async(request):
+        return accepted(job)
+    result = await service.wait_for_images(request, job)
+    return make_response(result, Timings(queue=job.queue_seconds, generation=job.run_seconds, job_id=job.id))
 
 
 def decode_photo(settings: ServerSettings, field_name: str, data: str) -> bytes:
@@ -37,22 +54,26 @@ def decode_photo(settings: ServerSettings, field_name: str, data: str) -> bytes:
     return raw
 
 
-@router.post("/flux-dev", responses=IMAGE_RESPONSES, response_class=Response, summary="Text-to-image with FLUX.1-dev")
+@router.post("/flux-dev", responses=IMAGE_RESPONSES, response_class=Response, summary="Text-to-image with FLUX.1-dev",
+             description=PREFER_ASYNC)
 async def flux_dev(body: FluxDevRequest, request: Request, service: Service = Depends(get_service)) -> Response:
     seed = body.seed if body.seed is not None else random_seed()
     graph = FLUX_DEV.fill(**body.template_params(seed))
-    result, timings = await service.run_graph(request, graph, "flux-dev")
-    return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
-                          quality=body.quality, timings=timings)
+    return await run_or_accept(
+        request, service, graph, "flux-dev", seeds=[seed] * body.num_images, webhook=body.webhook,
+        make_response=lambda result, timings: image_response(
+            request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
+            quality=body.quality, timings=timings))
 
 
 @router.post("/workflow", responses={**IMAGE_RESPONSES, 400: {"description": "ComfyUI's validation error shape: "
                                                                            "{error, node_errors}."}},
-             response_class=Response, summary="Run a ComfyUI API-format workflow")
+             response_class=Response, summary="Run a ComfyUI API-format workflow", description=PREFER_ASYNC)
 async def workflow(request: Request,
                    body: dict[str, Any] = Body(..., description="The workflow graph, bare or as ComfyUI's "
                                                "/prompt body {\"prompt\": {...}}. The wrapped form may add "
-                                               "\"images\": {name: base64 or data URL} for LoadImage nodes."),
+                                               "\"images\": {name: base64 or data URL} for LoadImage nodes, "
+                                               "and \"webhook\": a URL called when the job is done."),
                    output_format: str = Query("png", pattern="^(jpeg|png|webp)$",
                                               description=catalogue.OUTPUT_FORMAT.description),
                    quality: int = Query(catalogue.QUALITY.default, ge=catalogue.QUALITY.min,
@@ -67,15 +88,24 @@ async def workflow(request: Request,
         raise ApiError(422, "invalid_request", f"images: an object of up to {MAX_WORKFLOW_IMAGES} {{name: base64 image}}",
                        {"errors": [{"field": "images", "message": "expected {name: base64}"}]})
     images = {name: decode_photo(service.settings, f"images.{name}", data) for name, data in (uploads or {}).items()}
-    result, timings = await service.run_graph(request, graph, "workflow", request_images=images)
-    if not result.images:
-        raise ApiError(422, "no_images", "the workflow ran but its output nodes produced no images")
-    return image_response(request, result.images, seeds=[None] * len(result.images), fmt=output_format,
-                          quality=quality, timings=timings)
+    webhook = body.get("webhook") if wrapped else None
+    if webhook is not None and not isinstance(webhook, str):
+        raise ApiError(422, "invalid_request", "webhook: expected a URL string",
+                       {"errors": [{"field": "webhook", "message": "expected a URL string"}]})
+
+    def respond(result, timings):
+        if not result.images:
+            raise ApiError(422, "no_images", "the workflow ran but its output nodes produced no images")
+        return image_response(request, result.images, seeds=[None] * len(result.images), fmt=output_format,
+                              quality=quality, timings=timings)
+
+    return await run_or_accept(request, service, graph, "workflow", seeds=[], webhook=webhook, request_images=images,
+                               make_response=respond)
 
 
 @router.post("/flux-lora", responses={**IMAGE_RESPONSES, 404: {"model": ErrorResponse, "description": "lora_not_found"}},
-             response_class=Response, summary="Text-to-image with one or more character LoRAs")
+             response_class=Response, summary="Text-to-image with one or more character LoRAs",
+             description=PREFER_ASYNC)
 async def flux_lora(body: FluxLoraRequest, request: Request, service: Service = Depends(get_service)) -> Response:
     refs = [(body.lora_id, body.lora_strength)] + [(ref.id, ref.strength) for ref in body.loras]
     entries = [lora_entry(service.runtime, lora_id) for lora_id, _ in refs]
@@ -87,13 +117,16 @@ async def flux_lora(body: FluxLoraRequest, request: Request, service: Service = 
     params = body.template_params(seed)
     params["prompt"] = with_trigger_words(body.prompt, [w for w in words if w])
     graph = flux_lora_graph([(e["file"], strength) for e, (_, strength) in zip(entries, refs)], **params)
-    result, timings = await service.run_graph(request, graph, "flux-lora")
-    return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
-                          quality=body.quality, timings=timings, headers={"X-Prompt": header_safe(params["prompt"])})
+    return await run_or_accept(
+        request, service, graph, "flux-lora", seeds=[seed] * body.num_images, webhook=body.webhook,
+        make_response=lambda result, timings: image_response(
+            request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format, quality=body.quality,
+            timings=timings, headers={"X-Prompt": header_safe(params["prompt"])}))
 
 
 @router.post("/flux-instantid", responses={**IMAGE_RESPONSES, 413: {"model": ErrorResponse}}, response_class=Response,
-             summary="Text-to-image that keeps the face of a reference photo (InstantID recipe on FLUX)")
+             summary="Text-to-image that keeps the face of a reference photo (InstantID recipe on FLUX)",
+             description=PREFER_ASYNC)
 async def flux_instantid(body: FluxInstantIdRequest, request: Request,
                          service: Service = Depends(get_service)) -> Response:
     images = {"reference": decode_photo(service.settings, "reference_image", body.reference_image)}
@@ -104,7 +137,11 @@ async def flux_instantid(body: FluxInstantIdRequest, request: Request,
                                  instantid_strength=body.instantid_strength,
                                  controlnet_strength=body.controlnet_strength,
                                  face_provider="CUDA" if body.face_provider == "gpu" else "CPU")
-    result, timings = await service.run_graph(request, graph, "flux-instantid", request_images=images)
-    headers = {"X-Faces-Found": str(result.annotations.get("faces_found", 0))}
-    return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
-                          quality=body.quality, timings=timings, headers=headers)
+
+    def respond(result, timings):
+        headers = {"X-Faces-Found": str(result.annotations.get("faces_found", 0))}
+        return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
+                              quality=body.quality, timings=timings, headers=headers)
+
+    return await run_or_accept(request, service, graph, "flux-instantid", seeds=[seed] * body.num_images,
+                               webhook=body.webhook, request_images=images, make_response=respond)

@@ -22,18 +22,57 @@ from ryla.identity.faces import ImageError, decode_image, largest_face, open_ana
 from ryla.identity.keypoints import draw_kps
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class InputImages(list):
+    """LoadImage's choices: the request's images and the input folder's top-level images (what
+    /object_info lists), and, as ComfyUI's LoadImage.VALIDATE_INPUTS accepts, any image file
+    under the input folder by its relative path ("sub/name.png")."""
+
+    def __init__(self, context):
+        names = set(context.request_images)
+        if context.input_dir is not None and context.input_dir.is_dir():
+            names.update(p.name for p in context.input_dir.iterdir()
+                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        super().__init__(sorted(names))
+        self.context = context
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and (list.__contains__(self, name) or input_file(self.context, name) is not None)
+
+
+def input_file(context, name: str):
+    """The input folder's file `name` (a path relative to it), or None when there is none or the
+    name leaves the folder."""
+    folder = context.input_dir
+    if folder is None or not name or name.startswith("/") or ".." in name or "\x00" in name:
+        return None
+    base = folder.resolve()
+    path = (base / name).resolve()
+    return path if path.is_relative_to(base) and path.is_file() else None
+
+
 @node
 class LoadImage(Node):
     class_type = "LoadImage"
     category = "image"
-    description = "An image sent with the request (never a file path on the server)."
-    inputs = (InputSpec("image", "COMBO", choices=lambda context: sorted(context.request_images),
-                        description="Name of an image uploaded with the request, e.g. 'reference'."),)
+    description = ("An image sent with the request, or uploaded to the server's input folder "
+                   "(POST /upload/image); never an arbitrary path on the server.")
+    inputs = (InputSpec("image", "COMBO", choices=InputImages,
+                        description="Name of an image sent with the request (e.g. 'reference') or of a file "
+                                    "in the input folder."),)
     outputs = (Output("IMAGE", "IMAGE"), Output("MASK", "MASK"))
 
     def run(self, context, image):
+        if image in context.request_images:
+            data = context.request_images[image]
+        elif (path := input_file(context, image)) is not None:
+            data = path.read_bytes()
+        else:
+            raise NodeUserError("invalid_image", f"{image}: no such image")
         try:
-            picture = decode_image(context.request_images[image])
+            picture = decode_image(data)
         except ImageError as exc:
             raise NodeUserError("invalid_image", f"{image}: {exc}") from exc
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ryla import catalogue
 from ryla.graph.executor import SavedImages
 from ryla.graph.registry import Node, Output, from_param, link, node
@@ -18,6 +20,18 @@ class VAEDecode(Node):
         return (context.engine.decode(vae, samples["samples"]),)
 
 
+_PARENT_STEP = re.compile(r"(^|[\\/])\.\.($|[\\/])")
+
+
+def unsafe_prefix(prefix: str) -> str | None:
+    """Why a filename_prefix cannot name files in the output folder, or None. ComfyUI's
+    folder_paths.get_save_image_path refuses a prefix that leaves the output folder ("Saving
+    image outside the output folder is not allowed.")."""
+    if prefix.startswith(("/", "\\")) or _PARENT_STEP.search(prefix) or "\x00" in prefix or ":" in prefix:
+        return f"filename_prefix {prefix!r}: saving images outside the output folder is not allowed"
+    return None
+
+
 @node
 class SaveImage(Node):
     class_type = "SaveImage"
@@ -25,6 +39,9 @@ class SaveImage(Node):
     output_node = True
     description = "Return the images to the caller (the API response, or files written by the CLI)."
     inputs = (link("images", "IMAGE"), from_param(catalogue.FILENAME_PREFIX, default="ComfyUI"))
+
+    def validate(self, context, filename_prefix=None, **_):
+        return unsafe_prefix(filename_prefix) if filename_prefix is not None else None
 
     def run(self, context, images, filename_prefix):
         context.outputs.append(SavedImages(context.current_node, filename_prefix, images))
