@@ -10,10 +10,11 @@ from ryla.api.app import ServerSettings, create_app
 
 
 @pytest.fixture(scope="module")
-def app(runtime):
+def app(runtime, tmp_path_factory):
     # A short time limit keeps large-but-valid requests (2048x2048, 100 steps) from making the
     # fuzz pass slow: they end as 504, which is an answer, not a server error.
-    app = create_app(runtime, ServerSettings(request_timeout_s=1.0, max_queue=2, preload=False))
+    app = create_app(runtime, ServerSettings(request_timeout_s=1.0, max_queue=2, preload=False,
+                                             data_dir=tmp_path_factory.mktemp("fuzz-data")))
     yield app
     app.state.service.queue.close()
 

@@ -1,12 +1,91 @@
-"""IMAGE tensors to encoded bytes."""
+"""Images in and out: the one decoder every incoming image goes through (API fields, workflow
+images, uploads, files read by the CLI), and IMAGE tensors to encoded bytes."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import re
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
+MAX_PIXELS = 40_000_000  # default limit of one decoded image (a 6300 x 6300 photo)
+# Pillow refuses images over twice its MAX_IMAGE_PIXELS while opening them (and warns over
+# once); ryla checks its own limit from the header, so Pillow's guard sits above it.
+Image.MAX_IMAGE_PIXELS = 4 * MAX_PIXELS
+
+
+class ImageError(ValueError):
+    """Not an image ryla can use; the message says why."""
+
+
+_DATA_URL = re.compile(r"^data:[^,]*,", re.S)
+_WHITESPACE = re.compile(r"\s+")
+
+
+def base64_payload(text: str) -> str:
+    """The base64 part of a bare base64 string or a data: URL, without white space."""
+    text = text.strip()
+    if match := _DATA_URL.match(text):
+        text = text[match.end():]
+    return _WHITESPACE.sub("", text)
+
+
+def bytes_from_base64(text: str) -> bytes:
+    """Standard or URL-safe base64, with or without padding, line breaks allowed."""
+    payload = base64_payload(text)
+    if "-" in payload or "_" in payload:
+        payload = payload.translate(str.maketrans("-_", "+/"))
+    payload += "=" * (-len(payload) % 4)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("not valid base64 (or a data: URL)")
+
+
+def decode_image(data: bytes | str, max_pixels: int = MAX_PIXELS, with_alpha: bool = False):
+    """Bytes, base64 or a data URL -> an RGB image (and, `with_alpha`, its alpha channel or
+    None). The size is checked from the header before any pixel is decoded; EXIF orientation is
+    applied; 16-bit, palette, CMYK and grey images become RGB by their values, alpha is split off
+    (not composited: ComfyUI's LoadImage gives the colours and the alpha as a mask), and an
+    animation gives its first frame. Any failure is an ImageError."""
+    if isinstance(data, str):
+        data = bytes_from_base64(data)
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ACCEPTED_FORMATS:
+            raise ImageError(f"unsupported image format {image.format}; send JPEG, PNG or WebP")
+        pixels = image.width * image.height
+        if pixels > max_pixels or image.width < 1 or image.height < 1:
+            raise ImageError(f"{image.width}x{image.height} is {pixels} pixels, over the limit of {max_pixels}")
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        rgb, alpha = _to_rgb(image)
+    except ImageError:
+        raise
+    except Exception as exc:  # Pillow's decoders raise many types for damaged files
+        raise ImageError(f"not a readable JPEG, PNG or WebP image ({type(exc).__name__})") from None
+    return (rgb, alpha) if with_alpha else rgb
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):  # 16-bit (or wider) grey: scale, do not clip
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB"), None
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    alpha = image.getchannel("A") if "A" in image.getbands() else None
+    return image.convert("RGB"), alpha
 
 FORMATS = {"jpeg": ("JPEG", "image/jpeg", "jpg"), "png": ("PNG", "image/png", "png"),
            "webp": ("WEBP", "image/webp", "webp")}

@@ -35,7 +35,7 @@ def open_store(models_dir: Path | str | None = None) -> ModelStore:
     store = ModelStore(models_dir or default_models_dir())
     if store.has_flux_weights():
         return store
-    tiny = ensure_tiny_models(default_tiny_dir())
+    tiny = ModelStore(ensure_tiny_models(default_tiny_dir()).root, tiny=True, user_root=store.root)
     if not _announced_tiny:
         _announced_tiny = True
         log.warning(

@@ -52,6 +52,7 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
     # The playground page is public (it holds no data; it asks for the key and sends it).
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key,
                        metrics=metrics, upload_paths={"/loras": settings.max_lora_bytes},
+                       allowed_hosts=settings.allowed_hosts,
                        public_paths=("/health", "/", *(f"/static/{name}" for name in playground.STATIC_FILES)))
     for router in (generate.router, jobs.router, loras.router, comfy.router, openai.router, playground.router,
                    status.router):

@@ -13,20 +13,35 @@ import binascii
 import hmac
 
 
+def check_key(api_key: str | None) -> str | None:
+    """A key must travel in a header: no control characters, no spaces at its ends. Any other
+    text, non-ASCII included, works (it is compared as UTF-8 bytes)."""
+    if api_key is None:
+        return None
+    if not api_key or api_key != api_key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in api_key):
+        raise ValueError("RYLA_API_KEY must be non-empty text without control characters or surrounding spaces")
+    return api_key
+
+
 def key_matches(authorization: str, api_key: str) -> bool:
-    scheme, _, credentials = authorization.strip().partition(" ")
+    """`authorization` as the server decoded it (HTTP headers are bytes, read as latin-1)."""
+    try:
+        raw = authorization.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    scheme, _, credentials = raw.strip().partition(b" ")
     scheme = scheme.lower()
-    if scheme == "bearer":
+    if scheme == b"bearer":
         given = credentials.strip()
-    elif scheme == "basic":
+    elif scheme == b"basic":
         try:
-            decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+            decoded = base64.b64decode(credentials.strip(), validate=True)
+        except (binascii.Error, ValueError):
             return False
-        given = decoded.partition(":")[2]
+        given = decoded.partition(b":")[2]
     else:
         return False
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), api_key.encode("utf-8"))
+    return hmac.compare_digest(given, api_key.encode("utf-8"))
 
 
 def websocket_authorized(websocket, api_key: str | None) -> bool:

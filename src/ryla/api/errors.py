@@ -9,6 +9,7 @@ with the request id to quote.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -55,6 +56,22 @@ _HTTP_TYPES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "me
                413: "payload_too_large", 415: "unsupported_media_type", 429: "queue_full"}
 
 
+INVALID_JSON = ("the body is not JSON this server can read: it must be UTF-8, with numbers of at most 4300 "
+                "digits and at most a few hundred levels of nesting")
+
+
+def _field_error(error: dict) -> dict:
+    """One pydantic error as {field, message, type}; NaN and infinities are named as such."""
+    field, value = _field_name(tuple(error.get("loc", ()))), error.get("input")
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"field": field, "message": f"must be a finite number, got {value!r}".replace("nan", "NaN"),
+                "type": "finite_number"}
+    if isinstance(value, bool) and error.get("type") in ("int_type", "float_type"):
+        return {"field": field, "message": f"must be a number, got the boolean {str(value).lower()}",
+                "type": error["type"]}
+    return {"field": field, "message": error.get("msg", "invalid"), "type": error.get("type", "invalid")}
+
+
 def _field_name(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
@@ -67,8 +84,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        errors = [{"field": _field_name(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid"),
-                   "type": e.get("type", "invalid")} for e in exc.errors()]
+        errors = [_field_error(e) for e in exc.errors()]
         first = errors[0] if errors else {"field": "body", "message": "invalid request"}
         message = f"{first['field']}: {first['message']}"
         if len(errors) > 1:
@@ -80,6 +96,10 @@ def install(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException):
         type_ = _HTTP_TYPES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else type_.replace("_", " ")
+        if exc.status_code == 400 and message.startswith("There was an error parsing the body"):
+            # FastAPI's own JSON parsing failed: bytes that are not UTF-8, a number of thousands
+            # of digits, nesting deeper than the parser goes.
+            type_, message = "invalid_json", INVALID_JSON
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         return error_response(exc.status_code, type_, message, None, getattr(exc, "headers", None), request.url.path)

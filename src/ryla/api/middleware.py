@@ -6,6 +6,7 @@ uploads that send no Content-Length, and so responses pass through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -35,9 +36,29 @@ def _json_error(status: int, type_: str, message: str, extra_headers: list | Non
     return status, headers + (extra_headers or []), body
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def printable(text: str) -> str:
+    """User text for a log line: control characters escaped, so a request cannot forge lines."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)[:2000]
+
+
+def _hostname(netloc: str) -> str:
+    """'localhost:8000' -> 'localhost'; '[::1]:8000' -> '::1'."""
+    from urllib.parse import urlsplit
+
+    try:
+        return (urlsplit("//" + netloc).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
 class GuardMiddleware:
     def __init__(self, app, *, max_body_bytes: int, api_key: str | None, metrics: Metrics,
-                 public_paths: tuple[str, ...] = ("/health",), upload_paths: dict[str, int] | None = None):
+                 public_paths: tuple[str, ...] = ("/health",), upload_paths: dict[str, int] | None = None,
+                 allowed_hosts: frozenset[str] | None = None, body_timeout_s: float = 60.0):
         self.app = app
         self.max_body_bytes = max_body_bytes
         # Uploads (LoRA files) stream to disk under their own, larger limit instead of being
@@ -46,6 +67,10 @@ class GuardMiddleware:
         self.api_key = api_key or None
         self.metrics = metrics
         self.public_paths = public_paths
+        # Served on loopback: the Host a browser sends must name loopback too, or a page whose
+        # domain re-resolves to 127.0.0.1 (DNS rebinding) could drive the server.
+        self.allowed_hosts = allowed_hosts
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -72,6 +97,17 @@ class GuardMiddleware:
             await send_with_id({"type": "http.response.body", "body": body})
 
         try:
+            if self.allowed_hosts is not None and _hostname(headers.get("host", "")) not in self.allowed_hosts:
+                return await reply(*_json_error(403, "host_not_allowed", "the Host header does not name this "
+                                                "server's address (it serves on loopback only)", path=path))
+            origin = headers.get("origin")
+            if (self.api_key is None and method in STATE_CHANGING and origin and origin != "null"
+                    and _netloc(origin) != headers.get("host", "").lower()):
+                # Without a key, a web page of another origin must not drive the server through a
+                # visitor's browser (CSRF); the playground, on this origin, is unaffected.
+                return await reply(*_json_error(403, "cross_origin", "a request from another origin "
+                                                f"({printable(origin)}) may not change state on a server "
+                                                "without an API key", path=path))
             if self.api_key is not None and path not in self.public_paths:
                 if not key_matches(headers.get("authorization", ""), self.api_key):
                     return await reply(*_json_error(401, "unauthorized", "missing or wrong API key: send "
@@ -104,7 +140,11 @@ class GuardMiddleware:
             # while it reads into a 400, so the limit must be enforced before the app reads.
             chunks, size, more = [], 0, scope.get("method") in ("POST", "PUT", "PATCH")
             while more:
-                message = await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                except asyncio.TimeoutError:
+                    return await reply(*_json_error(408, "request_timeout", "the request body did not arrive within "
+                                                    f"{self.body_timeout_s:g}s", path=path))
                 if message["type"] == "http.disconnect":
                     return
                 chunk = message.get("body", b"")
@@ -127,8 +167,17 @@ class GuardMiddleware:
             elapsed = time.perf_counter() - start
             route = _route_label(scope)
             self.metrics.requests.labels(route=route, method=method, status=str(status_holder["status"])).inc()
-            log.info("%s %s -> %s in %.3fs", method, path, status_holder["status"], elapsed)
+            log.info("%s %s -> %s in %.3fs", method, printable(path), status_holder["status"], elapsed)
             request_id_var.reset(token)
+
+
+def _netloc(origin: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        return ""
 
 
 def _route_label(scope) -> str:

@@ -12,12 +12,15 @@ from ryla.api.schemas import ErrorResponse, ImagesResponse
 from ryla.api.service import Timings
 
 def header_safe(text: str) -> str:
-    """A header-safe rendering (HTTP headers are latin-1)."""
-    return text.encode("ascii", "backslashreplace").decode()[:1000]
+    """User text for a response header: percent-encoded UTF-8 (RFC 3986), so no line break,
+    control character or non-ASCII byte reaches the header; at most 1000 characters."""
+    from urllib.parse import quote
+
+    return quote(text, safe=" !\"#$&'()*+,-./:;<=>?@[]^_`{|}~")[:1000]
 
 
 def image_response(request: Request, images, *, seeds: list[int | None], fmt: str, quality: int,
-                   timings: Timings, headers: dict[str, str] | None = None) -> Response:
+                   timings: Timings, headers: dict[str, str] | None = None, prompt: str | None = None) -> Response:
     """One image as bytes; several, or `Accept: application/json`, as JSON with base64."""
     headers = dict(headers or {})
     headers["X-Generation-Time"] = f"{timings.generation:.3f}"
@@ -36,6 +39,8 @@ def image_response(request: Request, images, *, seeds: list[int | None], fmt: st
                 for data, image, seed in zip(encoded, images, seeds)],
         request_id=request.state.request_id,
         timings=timings.as_dict(),
+        prompt=prompt,
+        job_id=timings.job_id,
     )
     return JSONResponse(body.model_dump(), headers=headers)
 

@@ -37,8 +37,9 @@ Prompt = Annotated[str, StringConstraints(strip_whitespace=False, min_length=1, 
 
 class StrictModel(BaseModel):
     # Unknown fields are an error naming the field, not silently ignored: a typo such as
-    # "setps" must not quietly give the default.
-    model_config = ConfigDict(extra="forbid")
+    # "setps" must not quietly give the default. Values are taken as JSON gives them: `true` is
+    # not the number 1, "7" is not 7; NaN and infinities are refused by name.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class FluxDevRequest(StrictModel):
@@ -114,6 +115,8 @@ class ImagesResponse(BaseModel):
     images: list[ImageOut]
     request_id: str
     timings: dict[str, float] = Field(description="seconds: queue wait, generation, total")
+    prompt: str | None = Field(None, description="the prompt used, when the server changed it (a LoRA's trigger word)")
+    job_id: str | None = Field(None, description="the job (ComfyUI prompt_id) that made the images")
 
 
 class ErrorBody(BaseModel):
@@ -129,7 +132,7 @@ class ErrorResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok"]
     model_set: Literal["real", "tiny"]
-    models_dir: str
+    models_dir: str | None = Field(description="the store's folder; only with the API key when one is set")
     loaded_models: list[str]
     queue_depth: int
     device: str

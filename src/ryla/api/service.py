@@ -21,13 +21,14 @@ from typing import Any
 from fastapi import Request
 
 from ryla.api import jobs as job_states
+from ryla.api.auth import check_key
 from ryla.api.errors import ApiError
 from ryla.api.jobs import Job, JobStore, now_ms
 from ryla.api.metrics import Metrics
 from ryla.api.storage import DataFolders
 from ryla.api.work_queue import QueueFull, WorkQueue
 from ryla.flux.engine import Cancelled
-from ryla.graph.executor import ExecutionError
+from ryla.graph.executor import CostLimitError, ExecutionError, Limits
 from ryla.runtime import RunResult, Runtime
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,22 @@ class ServerSettings:
     request_timeout_s: float = 300.0
     max_body_bytes: int = 32 * MB
     max_lora_bytes: int = 2048 * MB  # a rank-128 FLUX LoRA is ~1.3 GB
-    max_image_bytes: int = 10 * MB  # decoded reference / pose photo
+    max_image_bytes: int = 10 * MB  # an encoded reference / pose / workflow photo
+    max_image_pixels: int = 40_000_000  # one decoded image
+    # What one graph may cost (ryla.graph.executor.Limits); refused with 422 before it queues.
+    max_pixels: int = 4096 * 4096
+    max_steps: int = 1_000
+    max_schedule: int = 10_000
+    max_nodes: int = 10_000
     preload: bool = True
     data_dir: Path | None = None  # input/, output/, temp/ [default: $RYLA_DATA_DIR or ~/.cache/ryla/data]
     max_output_bytes: int = 10 * 1024 * MB
     max_output_age_s: float = 7 * 86400.0
     max_history: int = job_states.MAX_HISTORY
     allow_private_webhooks: bool = False
+    # Host names the server answers to (DNS-rebinding guard; `ryla serve` sets the loopback
+    # names when it binds to loopback); None answers any.
+    allowed_hosts: frozenset[str] | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> ServerSettings:
@@ -62,12 +72,18 @@ class ServerSettings:
                                 ("max_body_bytes", "RYLA_MAX_BODY_BYTES", int),
                                 ("max_lora_bytes", "RYLA_MAX_LORA_BYTES", int),
                                 ("max_output_bytes", "RYLA_MAX_OUTPUT_BYTES", int),
+                                ("max_image_pixels", "RYLA_MAX_IMAGE_PIXELS", int),
+                                ("max_pixels", "RYLA_MAX_PIXELS", int),
+                                ("max_steps", "RYLA_MAX_STEPS", int),
+                                ("max_schedule", "RYLA_MAX_SCHEDULE", int),
+                                ("max_nodes", "RYLA_MAX_NODES", int),
                                 ("max_output_age_s", "RYLA_MAX_OUTPUT_AGE", float)):
             if os.environ.get(env):
                 values[name] = cast(os.environ[env])
         if os.environ.get("RYLA_ALLOW_PRIVATE_WEBHOOKS", "").lower() in ("1", "true", "yes"):
             values["allow_private_webhooks"] = True
         values.update({k: v for k, v in overrides.items() if v is not None})
+        check_key(values.get("api_key"))
         return cls(**values)
 
 
@@ -97,6 +113,8 @@ class Service:
         self.folders = DataFolders(settings.data_dir or default_data_dir(), settings.max_output_bytes,
                                    settings.max_output_age_s)
         self._tasks: set[asyncio.Task] = set()
+        self.limits = Limits(max_nodes=settings.max_nodes, max_pixels=settings.max_pixels,
+                             max_steps=settings.max_steps, max_schedule=settings.max_schedule)
 
     # ------------------------------------------------------------------ submitting
 
@@ -107,8 +125,12 @@ class Service:
         """Validate now (a bad graph gets its 400 without waiting in line), then queue the job."""
         request_id = request.state.request_id
         context = self.runtime.context(request_id=request_id, request_images=request_images or {},
-                                       input_dir=self.folders.folder("input"))
-        validated = self.runtime.validate(graph, context)
+                                       input_dir=self.folders.folder("input"), limits=self.limits)
+        try:
+            validated = self.runtime.validate(graph, context)
+        except CostLimitError as exc:
+            raise ApiError(422, "limit_exceeded", str(exc), {"limit": exc.limit, "value": exc.value,
+                                                              "maximum": exc.maximum, "node_id": exc.node_id})
         job = self.jobs.create(endpoint=endpoint, request_id=request_id, graph=graph, extra_data=extra_data,
                                outputs_to_execute=list(validated.outputs),
                                node_types={node_id: cls.class_type for node_id, (cls, _) in validated.nodes.items()},
@@ -150,7 +172,13 @@ class Service:
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
+                waited = job.status == job_states.PENDING
                 self.cancel(job, reason="timeout")
+                if waited:
+                    raise ApiError(504, "timeout", f"the request waited {self.settings.request_timeout_s:g}s in the "
+                                                   "queue for the GPU and never started; nothing was generated",
+                                   {"queue_depth": self.queue.depth},
+                                   headers={"Retry-After": str(self.queue.expected_wait())})
                 raise _timeout_error(self.settings)
             done, _ = await asyncio.wait({job.result}, timeout=min(0.2, remaining))
             if done:

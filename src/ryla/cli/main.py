@@ -115,22 +115,60 @@ def cmd_run_workflow(args: argparse.Namespace) -> None:
     print(f"{len(written)} image(s) in {result.seconds:.2f}s -> {', '.join(written)}")
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ryla.api.app import ServerSettings, create_app
 
-    settings = ServerSettings.from_env(max_queue=args.max_queue, request_timeout_s=args.timeout,
-                                       max_body_bytes=int(args.max_body_mb * 1024 * 1024) if args.max_body_mb else None,
-                                       data_dir=Path(args.data_dir) if args.data_dir else None,
-                                       max_output_bytes=int(args.max_output_gb * 1024**3) if args.max_output_gb else None,
-                                       allow_private_webhooks=args.allow_private_webhooks)
+    loopback = _is_loopback(args.host)
+    try:
+        settings = ServerSettings.from_env(
+            max_queue=args.max_queue, request_timeout_s=args.timeout,
+            max_body_bytes=int(args.max_body_mb * 1024 * 1024) if args.max_body_mb else None,
+            data_dir=Path(args.data_dir) if args.data_dir else None,
+            max_output_bytes=int(args.max_output_gb * 1024**3) if args.max_output_gb else None,
+            allow_private_webhooks=args.allow_private_webhooks,
+            allowed_hosts=LOOPBACK_NAMES | {args.host.strip("[]").lower()} if loopback else None)
+    except ValueError as exc:
+        raise CliError(str(exc))
+    if not loopback and settings.api_key is None and not args.no_auth:
+        raise CliError(f"refusing to serve on {args.host} without an API key: anyone who reaches it could use the "
+                       "GPU. Set RYLA_API_KEY, or pass --no-auth if a proxy in front does the checking")
+    _check_port_free(args.host, args.port)
     logging.getLogger("ryla").setLevel(logging.INFO)  # a server logs its requests
     runtime = _open_runtime(args)
     log.warning("serving %s model set from %s on http://%s:%d (auth %s)", "TINY" if runtime.store.tiny else "real",
                 runtime.store.root, args.host, args.port, "on" if settings.api_key else "off")
+    # Connections beyond limit_concurrency get 503 at once; idle keep-alive connections close
+    # after 5 s; a request head larger than 64 KiB is refused by the HTTP parser.
     uvicorn.run(create_app(runtime, settings), host=args.host, port=args.port, log_config=None,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, limit_concurrency=args.max_connections, timeout_keep_alive=5,
+                h11_max_incomplete_event_size=64 * 1024)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Before the models load: a taken port fails in a second, not after a minute of loading."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}")
 
 
 def cmd_models_make_tiny(args: argparse.Namespace) -> None:
@@ -320,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "[default: $RYLA_DATA_DIR or ~/.cache/ryla/data]")
     serve.add_argument("--max-output-gb", type=float, default=None,
                        help="output/ is pruned, oldest first, past this size [default: 10, env RYLA_MAX_OUTPUT_BYTES]")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="serve on a non-loopback --host without RYLA_API_KEY (when a proxy in front checks "
+                            "access); without it the server refuses to start that way")
+    serve.add_argument("--max-connections", type=int, default=256,
+                       help="open connections at once; more get 503 [default: 256]")
     serve.add_argument("--allow-private-webhooks", action="store_true", default=None,
                        help="let requests name webhooks on loopback or private addresses "
                             "[default: refused; env RYLA_ALLOW_PRIVATE_WEBHOOKS]")

@@ -532,13 +532,24 @@ class FluxEngine:
     # ------------------------------------------------------------------ decoding
 
     @torch.inference_mode()
-    def decode(self, vae: Vae, latent: torch.Tensor) -> torch.Tensor:
-        """VAEDecode: LATENT -> IMAGE, ComfyUI's [B, H, W, 3] float in 0..1."""
-        # Under the same lock as sampling: two threads computing at once can make CPU kernels
-        # split reductions differently, and the same request must give the same bytes.
-        with self._use_lock:
-            pixels = vae.vae.decode(latent.to(self.device, vae.vae.dtype), return_dict=False)[0]
-        return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    def decode(self, vae: Vae, latent: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
+        """VAEDecode: LATENT -> IMAGE, ComfyUI's [B, H, W, 3] float in 0..1. One image at a
+        time: the decoder's activations of a large batch would multiply its peak memory, and a
+        cancelled request stops between images."""
+        images = []
+        for index in range(latent.shape[0]):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            # Under the same lock as sampling: two threads computing at once can make CPU kernels
+            # split reductions differently, and the same request must give the same bytes.
+            with self._use_lock:
+                pixels = vae.vae.decode(latent[index:index + 1].to(self.device, vae.vae.dtype), return_dict=False)[0]
+            images.append((pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
+        return torch.cat(images)
+
+    @staticmethod
+    def vae_latent_channels(vae: Vae) -> int:
+        return int(vae.vae.config.latent_channels)
 
 
 def _part_key(component: str, path) -> tuple[str, str]:

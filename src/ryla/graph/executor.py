@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +60,31 @@ class NodeUserError(Exception):
         super().__init__(message)
 
 
+class CostLimitError(Exception):
+    """The graph asks for more than the server allows (a protection limit, apart from the nodes'
+    own bounds): `limit` names the setting."""
+
+    def __init__(self, limit: str, value: float, maximum: float, node_id: str | None = None):
+        self.limit, self.value, self.maximum, self.node_id = limit, value, maximum, node_id
+        where = f" (node {node_id})" if node_id else ""
+        super().__init__(f"the workflow needs {limit.removeprefix('max_')} {value:g}{where}, over this server's "
+                         f"{limit} of {maximum:g}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one graph may cost, checked from its validated inputs before it queues.
+
+    pixels: the largest latent batch (width x height x batch) any node makes; steps: model
+    evaluations summed over samplers; schedule: the longest sigma schedule a sampler builds
+    (steps / denoise, as ComfyUI's KSampler does for denoise < 1); nodes: the graph's size."""
+
+    max_nodes: int = 10_000
+    max_pixels: int = 4096 * 4096
+    max_steps: int = 1_000
+    max_schedule: int = 10_000
+
+
 class ExecutionError(Exception):
     """A node failed while running. `user_error` is set when the client can fix it."""
 
@@ -94,6 +120,9 @@ class RunContext:
     on_executing: Callable[[str], None] | None = None
     # The server's input folder (uploads LoadImage reads by name); None outside a server.
     input_dir: Path | None = None
+    limits: Limits = field(default_factory=Limits)
+    # For the running node: each linked input's source, "node 5 (EmptyLatentImage)".
+    input_sources: dict[str, str] = field(default_factory=dict)
     request_id: str = "-"
     outputs: list[SavedImages] = field(default_factory=list)
     # Response annotations a node wants the API to pass on (e.g. faces found).
@@ -127,15 +156,25 @@ class Executor:
             raise GraphValidationError(error_entry(
                 "invalid_prompt", "Workflow must be a non-empty object of nodes in ComfyUI API format"))
         prompt = {str(k): v for k, v in prompt.items()}
+        if len(prompt) > context.limits.max_nodes:
+            raise CostLimitError("max_nodes", len(prompt), context.limits.max_nodes)
         for node_id, entry in prompt.items():
             if not isinstance(entry, dict) or "class_type" not in entry:
                 raise GraphValidationError(error_entry(
                     "invalid_prompt", "Cannot execute because a node is missing the class_type property.",
                     f"Node ID '#{node_id}'"))
-            if entry["class_type"] not in self.registry:
+            if not isinstance(entry["class_type"], str):
                 raise GraphValidationError(error_entry(
-                    "invalid_prompt", f"Cannot execute because node {entry['class_type']} does not exist.",
+                    "invalid_prompt", "class_type must be a string naming a node type",
                     f"Node ID '#{node_id}'"))
+        unknown = {node_id: entry["class_type"] for node_id, entry in prompt.items()
+                   if entry["class_type"] not in self.registry}
+        if unknown:  # every unknown type at once, so one round trip shows what is missing
+            types = sorted(set(unknown.values()))
+            raise GraphValidationError(error_entry(
+                "invalid_prompt", f"Cannot execute because node {', '.join(types)} does not exist.",
+                ", ".join(f"Node ID '#{node_id}'" for node_id in sorted(unknown, key=_id_order)),
+                {"unknown_node_types": types}))
         outputs = sorted((nid for nid, e in prompt.items() if self.registry.get(e["class_type"]).output_node),
                          key=_id_order)
         if not outputs:
@@ -143,11 +182,15 @@ class Executor:
 
         state = _Validation(prompt, self.registry, context)
         for output_id in outputs:
-            state.visit(output_id, output_id, ())
+            # Ancestors first, found without recursion (a 5,000-node chain is an ordinary graph),
+            # so each node's links point at nodes validated already.
+            for node_id in state.ancestors_first(output_id):
+                state.visit(node_id, output_id, ())
         if state.node_errors:
             raise GraphValidationError(
                 error_entry("prompt_outputs_failed_validation", "Prompt outputs failed validation"),
                 state.node_errors)
+        check_cost(state.resolved, context.limits)
         return ValidatedGraph(state.resolved, outputs)
 
     # ------------------------------------------------------------------ execution
@@ -167,16 +210,47 @@ class Executor:
                 raise ExecutionError(node_id, cls.class_type, Cancelled())
             if context.on_executing is not None:
                 context.on_executing(node_id)
+            context.input_sources = {name: f"node {v.node_id} ({graph.nodes[v.node_id][0].class_type})"
+                                     for name, v in inputs.items() if isinstance(v, Link)}
             start = time.perf_counter()
             try:
                 out = cls().run(context, **values)
             except ExecutionError:
                 raise
+            except RuntimeError as exc:
+                if _SHAPE_MISMATCH.search(str(exc)):
+                    # Two nodes' tensors that do not fit (a latent of another model, say): the
+                    # client's graph, not the server, so a 422 naming both ends.
+                    sources = ", ".join(f"{name} from {source}" for name, source in context.input_sources.items())
+                    raise ExecutionError(node_id, cls.class_type, NodeUserError(
+                        "shape_mismatch", f"node {node_id} ({cls.class_type}) cannot use its inputs ({sources}): "
+                        f"{str(exc).splitlines()[0]}", details={"node_id": node_id,
+                                                                 "inputs": context.input_sources})) from exc
+                raise ExecutionError(node_id, cls.class_type, exc) from exc
             except Exception as exc:
                 raise ExecutionError(node_id, cls.class_type, exc) from exc
             context.node_seconds[node_id] = time.perf_counter() - start
             results[node_id] = tuple(out) if out is not None else ()
         return context.outputs
+
+
+_SHAPE_MISMATCH = re.compile(r"size of tensor|shapes? cannot be multiplied|must match the size|expected input"
+                             r"|to have \d+ channels|mat1 and mat2|shape .* is invalid|Sizes of tensors must match")
+
+
+def check_cost(nodes: dict, limits: Limits) -> None:
+    """Refuse a graph whose nodes (by their literal inputs) ask for more than `limits`."""
+    steps = 0
+    for node_id, (cls, inputs) in nodes.items():
+        literals = {name: value for name, value in inputs.items() if not isinstance(value, Link)}
+        cost = cls().cost(**literals)
+        if cost.get("pixels", 0) > limits.max_pixels:
+            raise CostLimitError("max_pixels", cost["pixels"], limits.max_pixels, node_id)
+        if cost.get("schedule", 0) > limits.max_schedule:
+            raise CostLimitError("max_schedule", cost["schedule"], limits.max_schedule, node_id)
+        steps += cost.get("steps", 0)
+        if steps > limits.max_steps:
+            raise CostLimitError("max_steps", steps, limits.max_steps, node_id)
 
 
 def _id_order(node_id: str):
@@ -186,18 +260,42 @@ def _id_order(node_id: str):
 def _execution_order(graph: ValidatedGraph) -> list[str]:
     order: list[str] = []
     seen: set[str] = set()
-
-    def visit(node_id: str) -> None:
-        if node_id in seen:
-            return
-        seen.add(node_id)
-        for value in graph.nodes[node_id][1].values():
-            if isinstance(value, Link):
-                visit(value.node_id)
-        order.append(node_id)
-
     for output_id in graph.outputs:
-        visit(output_id)
+        for node_id in _post_order(output_id, lambda n: [v.node_id for v in graph.nodes[n][1].values()
+                                                         if isinstance(v, Link)], seen):
+            order.append(node_id)
+    return order
+
+
+def _post_order(root: str, dependencies, seen: set[str], on_cycle=None) -> list[str]:
+    """Nodes reachable from `root`, each after its dependencies, skipping `seen` (updated);
+    iterative depth-first search. `on_cycle(path)` is told of each link back into the path."""
+    order: list[str] = []
+    if root in seen:
+        return order
+    seen.add(root)
+    path = [root]
+    stack = [(root, iter(dependencies(root)))]
+    on_path = {root}
+    while stack:
+        node_id, children = stack[-1]
+        for child in children:
+            if child in on_path:
+                if on_cycle is not None:
+                    on_cycle(path[path.index(child):] + [child])
+                continue
+            if child in seen:
+                continue
+            seen.add(child)
+            path.append(child)
+            on_path.add(child)
+            stack.append((child, iter(dependencies(child))))
+            break
+        else:
+            stack.pop()
+            path.pop()
+            on_path.discard(node_id)
+            order.append(node_id)
     return order
 
 
@@ -217,6 +315,28 @@ class _Validation:
             entry["errors"].append(err)
         if output_id not in entry["dependent_outputs"]:
             entry["dependent_outputs"].append(output_id)
+
+    def links(self, node_id: str) -> list[str]:
+        """The ids of the existing nodes that `node_id`'s inputs link to."""
+        inputs = self.prompt[node_id].get("inputs")
+        if not isinstance(inputs, dict):
+            return []
+        return [str(value[0]) for value in inputs.values()
+                if isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
+                and not isinstance(value[0], bool) and str(value[0]) in self.prompt]
+
+    def ancestors_first(self, output_id: str) -> list[str]:
+        """`output_id` and its ancestors, dependencies first; nodes on a cycle are marked
+        invalid with ComfyUI's dependency_cycle error."""
+
+        def cycle(members: list[str]) -> None:
+            for member in members[:-1]:
+                self.fail(member, output_id, error_entry(
+                    "dependency_cycle", "Dependency cycle detected", f"Node ID '#{member}' links back to itself",
+                    {"cycle": members}))
+                self.valid[member] = False
+
+        return _post_order(output_id, self.links, set(), cycle)
 
     def visit(self, node_id: str, output_id: str, path: tuple[str, ...]) -> bool:
         if node_id in path:
@@ -317,15 +437,17 @@ class _Validation:
                 return error_entry("value_not_in_list", "Value not in list",
                                    f"{spec.name}: '{value}' not in {options}", extra), None
             return None, value
+        if spec.type in ("INT", "FLOAT") and isinstance(value, float) and not math.isfinite(value):
+            return error_entry("invalid_input_type", f"{spec.name} must be a finite number, got {value!r}"
+                               .replace("nan", "NaN"), f"{spec.name}, {value!r}", extra), None
+        if spec.type in ("INT", "FLOAT") and isinstance(value, bool):
+            return error_entry("invalid_input_type", f"{spec.name} must be a number, got the boolean "
+                               f"{str(value).lower()}", f"{spec.name}, {value!r}", extra), None
         try:
             if spec.type == "INT":
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise ValueError(value)
                 converted: Any = int(value)
             elif spec.type == "FLOAT":
                 converted = float(value)
-                if not math.isfinite(converted):
-                    raise ValueError(value)
             elif spec.type == "BOOLEAN":
                 if not isinstance(value, bool):
                     raise ValueError(value)

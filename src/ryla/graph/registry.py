@@ -91,6 +91,12 @@ class Node:
         """Cross-field checks on literal values; a message makes custom_validation_failed."""
         return None
 
+    def cost(self, **values) -> dict[str, float]:
+        """What running this node costs, from its literal inputs (those given as links are
+        absent): "pixels" of the largest latent batch it makes, sampling "steps", the length of
+        the sigma "schedule" it builds. Checked against the server's limits before queueing."""
+        return {}
+
     @classmethod
     def input_spec(cls, name: str) -> InputSpec | None:
         return next((spec for spec in cls.inputs if spec.name == name), None)

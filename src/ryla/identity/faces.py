@@ -9,28 +9,19 @@ stands in for ArcFace; its keypoints are placed from the face box's proportions.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from ryla.imaging import ImageError, decode_image  # noqa: F401 (the decoder every image goes through)
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP"}
 TINY_EMBEDDER = "tiny-arcface.safetensors"
-MAX_PIXELS = 40_000_000  # decompression-bomb guard
-
-
-class ImageError(ValueError):
-    """Not a decodable JPEG, PNG or WebP image."""
-
-
 @dataclass(frozen=True)
 class Face:
     bbox: tuple[float, float, float, float]  # x0, y0, x1, y1
@@ -42,34 +33,6 @@ class Face:
     def area(self) -> float:
         x0, y0, x1, y1 = self.bbox
         return max(0.0, x1 - x0) * max(0.0, y1 - y0)
-
-
-def base64_payload(text: str) -> str:
-    """The base64 part of a bare base64 string or a data: URL."""
-    text = text.strip()
-    return text.partition(",")[2] if text.startswith("data:") else text
-
-
-def bytes_from_base64(text: str) -> bytes:
-    try:
-        return base64.b64decode(base64_payload(text), validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError("not valid base64 (or a data: URL)")
-
-
-def decode_image(data: bytes | str) -> Image.Image:
-    """Bytes, base64 or a data URL -> RGB image. Raises ImageError saying what is wrong."""
-    if isinstance(data, str):
-        data = bytes_from_base64(data)
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.format not in ACCEPTED_FORMATS:
-            raise ImageError(f"unsupported image format {image.format}; send JPEG, PNG or WebP")
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"not a readable JPEG, PNG or WebP image ({type(exc).__name__})")
-    return image.convert("RGB")
 
 
 class TinyFaceEmbedder(torch.nn.Module):

@@ -19,6 +19,7 @@ converted weights is the engine's (ryla.flux.lora).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -106,7 +107,19 @@ def convert(tensors: dict[str, torch.Tensor], transformer_shapes: dict[str, tupl
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
             raise LoraFormatError(f"{module}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a LoRA pair")
         rank = down.shape[0]
-        scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
+        if rank == 0:
+            raise LoraFormatError(f"{module}: rank 0 (an empty LoRA pair)")
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise LoraFormatError(f"{module}: the weights hold NaN or infinite values")
+        scale = 1.0
+        if "alpha" in parts:
+            alpha = parts["alpha"]
+            if alpha.numel() != 1:
+                raise LoraFormatError(f"{module}: alpha must be one number, got shape {tuple(alpha.shape)}")
+            alpha = float(alpha.float())
+            if not math.isfinite(alpha):
+                raise LoraFormatError(f"{module}: alpha is {alpha}")
+            scale = alpha / rank
         # Resolve the module name in the base model's terms.
         if module.startswith("base_model.model."):
             module = module[len("base_model.model."):]

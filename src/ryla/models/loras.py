@@ -3,8 +3,12 @@
 Each LoRA is `loras/<id>.safetensors` with `loras/<id>.json` beside it (trigger word, rank,
 format, targets, sha256, size, added_at). Ids are checked before any path is built. Writes
 are atomic: the file is validated under a hidden temporary name, fsynced and renamed, so a
-failed or cut-off upload never appears in the listing. On Modal, `on_change` commits the
-Volume and `on_miss` reloads it, so a LoRA uploaded through one container is found by others.
+failed or cut-off upload never appears in the listing, and an id is claimed with an exclusive
+create, so of two uploads to one id exactly one succeeds. Temporary files a killed process left
+behind are removed when the store opens. Entries that cannot be used (a link that points
+nowhere or out of the folder, unreadable metadata) are left out of the listing, logged, and
+refused as InvalidLora when asked for. On Modal, `on_change` commits the Volume and `on_miss`
+reloads it, so a LoRA uploaded through one container is found by others.
 """
 
 from __future__ import annotations
@@ -43,6 +47,25 @@ class LoraExists(ValueError):
     pass
 
 
+class InvalidLora(ValueError):
+    """An entry of the store that cannot be used (the message says why)."""
+
+
+MAX_TRIGGER_WORD = 100
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def check_trigger_word(word: str | None) -> str | None:
+    """A trigger word goes into prompts and response headers: printable text, 100 characters."""
+    if word is None or word == "":
+        return None
+    if len(word) > MAX_TRIGGER_WORD:
+        raise InvalidLoraId(f"trigger_word: at most {MAX_TRIGGER_WORD} characters")
+    if _CONTROL.search(word):
+        raise InvalidLoraId("trigger_word: control characters (line breaks, tabs...) are not allowed")
+    return word
+
+
 def check_id(lora_id: str) -> str:
     if not isinstance(lora_id, str) or not LORA_ID.match(lora_id):
         raise InvalidLoraId(f"invalid LoRA id {lora_id!r}: use 1-128 of A-Z a-z 0-9 . _ - "
@@ -63,6 +86,16 @@ class LoraStore:
         self.target_shapes = target_shapes  # () -> (transformer linear shapes, text encoder linear shapes)
         self.on_change = on_change
         self.on_miss = on_miss
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files and id claims of uploads cut off by a killed process."""
+        if not self.folder.is_dir():
+            return
+        for leftover in [*self.folder.glob(".upload-*.tmp"), *self.folder.glob(".*.claim"),
+                         *self.folder.glob(".*.json.*.tmp")]:
+            log.warning("removing %s, left by an upload that did not finish", leftover.name)
+            leftover.unlink(missing_ok=True)
 
     def _paths(self, lora_id: str) -> tuple[Path, Path]:
         check_id(lora_id)
@@ -74,24 +107,53 @@ class LoraStore:
         entries = []
         for path in sorted(self.folder.glob("*.safetensors")):
             if LORA_ID.match(path.stem):
-                entries.append(self._describe(path))
+                try:
+                    entries.append(self._describe(path))
+                except InvalidLora as exc:
+                    log.warning("LoRA store: leaving out %s: %s", path.name, exc)
         return entries
 
+    def _inside(self, path: Path) -> bool:
+        try:
+            return path.resolve(strict=True).is_relative_to(self.folder.resolve())
+        except (OSError, RuntimeError):  # dangling or looping links
+            return False
+
     def _describe(self, path: Path) -> dict:
+        if not self._inside(path):
+            raise InvalidLora(f"{path.name} is a link that points nowhere or out of the LoRA folder")
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise InvalidLora(f"{path.name} cannot be read ({exc.strerror})")
+        if not path.is_file():
+            raise InvalidLora(f"{path.name} is not a file")
+        fallback = {"id": path.stem, "file": path.name, "size": stat.st_size, "trigger_word": None}
         meta_path = path.with_suffix(".json")
-        if meta_path.is_file():
-            try:
-                return json.loads(meta_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                log.warning("unreadable LoRA metadata %s", meta_path)
-        # A file dropped in by hand: list it with what the file system says.
-        return {"id": path.stem, "file": path.name, "size": path.stat().st_size, "trigger_word": None}
+        if not (meta_path.exists() or meta_path.is_symlink()):
+            return fallback  # a file dropped in by hand: what the file system says
+        # Metadata is never read through a link that leaves the store.
+        if not self._inside(meta_path) or not meta_path.is_file():
+            log.warning("LoRA store: ignoring %s (a link out of the folder, or not a file)", meta_path.name)
+            return fallback
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("LoRA store: unreadable metadata %s (%s)", meta_path.name, exc)
+            return fallback
+        if not isinstance(meta, dict) or not isinstance(meta.get("size", 0), int):
+            log.warning("LoRA store: metadata %s is not a LoRA description", meta_path.name)
+            return fallback
+        trigger = meta.get("trigger_word")
+        if trigger is not None and (not isinstance(trigger, str) or _CONTROL.search(trigger)):
+            trigger = None
+        return {**meta, "id": path.stem, "file": path.name, "trigger_word": trigger}
 
     def get(self, lora_id: str) -> dict:
         path, _ = self._paths(lora_id)
-        if not path.is_file() and self.on_miss is not None:
+        if not (path.exists() or path.is_symlink()) and self.on_miss is not None:
             self.on_miss()
-        if not path.is_file():
+        if not (path.exists() or path.is_symlink()):
             raise LoraNotFound(lora_id)
         return self._describe(path)
 
@@ -104,11 +166,14 @@ class LoraStore:
         """Validate and store a LoRA from a stream of bytes; nothing is visible unless it is
         a valid FLUX LoRA for the base model."""
         path, meta_path = self._paths(lora_id)
-        if path.exists() and not overwrite:
+        trigger_word = check_trigger_word(trigger_word)
+        if (path.exists() or path.is_symlink()) and not overwrite:
             raise LoraExists(f"a LoRA with id {lora_id!r} exists; remove it first")
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self.folder, prefix=f".upload-{lora_id}-", suffix=".tmp")
         tmp = Path(tmp_name)
+        claim = self.folder / f".{lora_id}.claim"
+        claimed = False
         try:
             digest, size = hashlib.sha256(), 0
             with os.fdopen(fd, "wb") as out:
@@ -122,6 +187,14 @@ class LoraStore:
             metadata.update(id=lora_id, file=path.name, trigger_word=trigger_word or None,
                             sha256=digest.hexdigest(), size=size,
                             added_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            # Claim the id: an exclusive create succeeds for exactly one of two uploads.
+            try:
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                claimed = True
+            except FileExistsError:
+                raise LoraExists(f"a LoRA with id {lora_id!r} is being uploaded right now")
+            if (path.exists() or path.is_symlink()) and not overwrite:
+                raise LoraExists(f"a LoRA with id {lora_id!r} exists; remove it first")
             write_atomic(meta_path, json.dumps(metadata, indent=2).encode())
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
@@ -129,6 +202,9 @@ class LoraStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            if claimed:
+                claim.unlink(missing_ok=True)
         log.info("stored LoRA %s (%s, rank %s, %d bytes)", lora_id, metadata["format"], metadata["rank"], size)
         if self.on_change is not None:
             self.on_change()
@@ -146,7 +222,7 @@ class LoraStore:
 
     def remove(self, lora_id: str) -> None:
         path, meta_path = self._paths(lora_id)
-        if not path.is_file():
+        if not (path.exists() or path.is_symlink()):
             raise LoraNotFound(lora_id)
         path.unlink()
         meta_path.unlink(missing_ok=True)

@@ -61,17 +61,26 @@ def default_tiny_dir() -> Path:
     return cache / "ryla" / "tiny-models"
 
 
+# What a user adds to a store (LoRAs). When the server falls back to the shared tiny model set,
+# these kinds still live in the user's own models folder, not in the shared cache.
+USER_KINDS = ("loras",)
+
+
 class ModelStore:
-    def __init__(self, root: Path | str, *, tiny: bool = False):
+    def __init__(self, root: Path | str, *, tiny: bool = False, user_root: Path | str | None = None):
         self.root = Path(root).expanduser().resolve()
         # The generated tiny set marks its folder, so it is reported as tiny wherever it is.
         self.tiny = tiny or (self.root / "TINY_MODELS").is_file()
+        self.user_root = Path(user_root).expanduser().resolve() if user_root is not None else None
+
+    def _root(self, kind: str) -> Path:
+        return self.user_root if self.user_root is not None and kind in USER_KINDS else self.root
 
     def __repr__(self) -> str:
         return f"ModelStore({str(self.root)!r}, tiny={self.tiny})"
 
     def folder(self, kind: str) -> Path:
-        return self.root / FOLDERS[kind][0]
+        return self._root(kind) / FOLDERS[kind][0]
 
     def ensure_layout(self) -> None:
         for kind in FOLDERS:
@@ -81,7 +90,7 @@ class ModelStore:
         """Model files of one kind, as the names a workflow uses (POSIX separators)."""
         names: set[str] = set()
         for folder_name in FOLDERS[kind]:
-            folder = self.root / folder_name
+            folder = self._root(kind) / folder_name
             if not folder.is_dir():
                 continue
             for path in folder.rglob("*"):
@@ -92,7 +101,7 @@ class ModelStore:
     def resolve(self, kind: str, name: str) -> Path:
         """The file a workflow's model name refers to; refuses names that escape the tree."""
         for folder_name in FOLDERS[kind]:
-            candidate = _inside(self.root / folder_name, name)
+            candidate = _inside(self._root(kind) / folder_name, name)
             if candidate.is_file():
                 return candidate
         raise ModelNotFoundError(kind, name, self.list(kind))

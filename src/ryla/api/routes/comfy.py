@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 
 from ryla.api.auth import websocket_authorized
-from ryla.api.errors import ApiError
+from ryla.api.errors import INVALID_JSON, ApiError
 from ryla.api.service import Service, get_service
 from ryla.api.storage import UnsafePath
 from ryla.graph.executor import RunContext
@@ -43,8 +43,8 @@ async def json_body(request: Request, default: Any = None) -> Any:
         return default
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}")
+    except (ValueError, RecursionError):  # not UTF-8 or JSON, a huge number, nesting too deep
+        raise ApiError(400, "invalid_json", INVALID_JSON)
 
 
 def _ok() -> Response:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import Response
 
 from ryla import catalogue
+from ryla.imaging import ImageError, base64_payload, bytes_from_base64, decode_image
 from ryla.api.errors import ApiError
 from ryla.api.responses import IMAGE_RESPONSES, header_safe, image_response
 from ryla.api.routes.jobs import accepted, wants_async
@@ -39,15 +40,16 @@ async def run_or_accept(request: Request, service: Service, graph: dict, endpoin
 
 
 def decode_photo(settings: ServerSettings, field_name: str, data: str) -> bytes:
-    """Decode a base64 / data-URL photo now, so a bad one is refused before queueing."""
-    from ryla.identity.faces import ImageError, base64_payload, bytes_from_base64, decode_image
-
+    """Check a base64 / data-URL photo now, so a bad one is refused before queueing."""
+    if not isinstance(data, str):
+        raise ApiError(422, "invalid_image", f"{field_name}: expected a base64 string or a data: URL",
+                       {"errors": [{"field": field_name, "message": "expected a string"}]})
     # Size from the encoded length, before decoding anything.
     if len(base64_payload(data)) * 3 // 4 > settings.max_image_bytes:
         raise ApiError(413, "image_too_large", f"{field_name}: over the limit of {settings.max_image_bytes} bytes")
     try:
         raw = bytes_from_base64(data)
-        decode_image(raw)
+        decode_image(raw, max_pixels=settings.max_image_pixels)
     except ImageError as exc:
         raise ApiError(422, "invalid_image", f"{field_name}: {exc}",
                        {"errors": [{"field": field_name, "message": str(exc)}]})
@@ -121,7 +123,7 @@ async def flux_lora(body: FluxLoraRequest, request: Request, service: Service = 
         request, service, graph, "flux-lora", seeds=[seed] * body.num_images, webhook=body.webhook,
         make_response=lambda result, timings: image_response(
             request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format, quality=body.quality,
-            timings=timings, headers={"X-Prompt": header_safe(params["prompt"])}))
+            timings=timings, headers={"X-Prompt": header_safe(params["prompt"])}, prompt=params["prompt"]))
 
 
 @router.post("/flux-instantid", responses={**IMAGE_RESPONSES, 413: {"model": ErrorResponse}}, response_class=Response,

@@ -13,11 +13,18 @@ from ryla.api.errors import ApiError
 from ryla.api.schemas import ErrorResponse, LoraInfo, LoraList
 from ryla.api.service import Service, get_service
 from ryla.models.lora_format import LoraFormatError
-from ryla.models.loras import InvalidLoraId, LoraExists, LoraNotFound, check_id, id_from_filename
+from ryla.models.loras import (
+    InvalidLora,
+    InvalidLoraId,
+    LoraExists,
+    LoraNotFound,
+    check_id,
+    check_trigger_word,
+    id_from_filename,
+)
 from ryla.runtime import Runtime
 
 router = APIRouter(tags=["loras"])
-MAX_TRIGGER_WORD = 100
 
 
 @contextmanager
@@ -29,6 +36,8 @@ def lora_errors(lora_id: str):
         raise ApiError(422, "invalid_lora_id", str(exc))
     except LoraNotFound as exc:
         raise ApiError(404, "lora_not_found", str(exc), {"lora_id": lora_id})
+    except InvalidLora as exc:
+        raise ApiError(422, "invalid_lora", f"LoRA {lora_id!r} cannot be used: {exc}", {"lora_id": lora_id})
 
 
 def lora_entry(runtime: Runtime, lora_id: str) -> dict:
@@ -69,8 +78,10 @@ async def upload_lora(request: Request, service: Service = Depends(get_service))
         lora_id = check_id(raw_id) if isinstance(raw_id, str) and raw_id else id_from_filename(upload.filename or "")
     except InvalidLoraId as exc:
         raise ApiError(422, "invalid_lora_id", str(exc), {"errors": [{"field": "id", "message": str(exc)}]})
-    if isinstance(trigger, str) and len(trigger) > MAX_TRIGGER_WORD:
-        raise ApiError(422, "invalid_request", f"trigger_word: at most {MAX_TRIGGER_WORD} characters")
+    try:
+        trigger = check_trigger_word(trigger if isinstance(trigger, str) else None)
+    except InvalidLoraId as exc:
+        raise ApiError(422, "invalid_request", str(exc), {"errors": [{"field": "trigger_word", "message": str(exc)}]})
 
     def chunks():
         upload.file.seek(0)
@@ -78,8 +89,7 @@ async def upload_lora(request: Request, service: Service = Depends(get_service))
             yield chunk
 
     try:
-        return await asyncio.to_thread(service.runtime.loras.add_chunks, chunks(), lora_id,
-                                       trigger if isinstance(trigger, str) else None)
+        return await asyncio.to_thread(service.runtime.loras.add_chunks, chunks(), lora_id, trigger)
     except LoraExists as exc:
         raise ApiError(409, "lora_exists", str(exc))
     except LoraFormatError as exc:

@@ -38,7 +38,7 @@ _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 class ImageGenerationRequest(BaseModel):
     # OpenAI's clients send parameters for OpenAI's models; unknown ones are ignored, not refused.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     prompt: str = Field(..., min_length=1, max_length=int(catalogue.PROMPT.max))
     model: str | None = Field(None, description="flux-dev (or an OpenAI image model name) or a LoRA id from /loras")
     n: int = Field(1, ge=1, le=int(catalogue.NUM_IMAGES.max))

@@ -72,11 +72,14 @@ class LoadImage(Node):
         else:
             raise NodeUserError("invalid_image", f"{image}: no such image")
         try:
-            picture = decode_image(data)
+            picture, alpha = decode_image(data, with_alpha=True)
         except ImageError as exc:
             raise NodeUserError("invalid_image", f"{image}: {exc}") from exc
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]
-        return pixels, torch.zeros(1, picture.height, picture.width)
+        if alpha is None:
+            return pixels, torch.zeros(1, picture.height, picture.width)
+        # ComfyUI's LoadImage: the mask is 1 where the image is transparent.
+        return pixels, 1.0 - torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)[None]
 
 
 @node
@@ -132,10 +135,35 @@ SCHEDULE = (
 )
 
 
+# Face detectors work on a few hundred pixels (antelopev2's SCRFD at 640x640): a larger photo is
+# scaled down to this longest side first, which bounds the analysis's time and memory.
+ANALYSIS_MAX_SIDE = 1536
+
+
+def faces_in(context, analyzer, picture):
+    """The faces of `picture`, analysed at most ANALYSIS_MAX_SIDE pixels wide; boxes and
+    keypoints in the picture's own coordinates."""
+    from PIL import Image
+
+    if context.cancel.is_set():
+        from ryla.flux.engine import Cancelled
+
+        raise Cancelled()
+    scale = min(1.0, ANALYSIS_MAX_SIDE / max(picture.size))
+    if scale < 1.0:
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                                 Image.LANCZOS)
+    faces = analyzer.faces(picture)
+    if scale == 1.0:
+        return faces
+    return [dataclasses.replace(face, bbox=tuple(v / scale for v in face.bbox), kps=face.kps / scale)
+            for face in faces]
+
+
 def apply_identity(context, instantid, insightface, control_net, image, model, positive, negative, vae,
                    ip_weight, cn_strength, start_at, end_at, image_kps=None):
     reference = imaging.to_pil(image)[0]
-    faces = insightface.faces(reference)
+    faces = faces_in(context, insightface, reference)
     context.annotations["faces_found"] = len(faces)
     if not faces:
         raise NodeUserError("no_face_detected", "no face found in the reference image; send a clear, "
@@ -150,7 +178,7 @@ def apply_identity(context, instantid, insightface, control_net, image, model, p
     control_image = None
     if image_kps is not None:
         pose = imaging.to_pil(image_kps)[0]
-        pose_faces = insightface.faces(pose)
+        pose_faces = faces_in(context, insightface, pose)
         if not pose_faces:
             raise NodeUserError("no_face_detected", "no face found in the pose image")
         control_image = draw_kps(pose.size, largest_face(pose_faces).kps)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from ryla import catalogue
-from ryla.graph.executor import SavedImages
+from ryla.graph.executor import NodeUserError, SavedImages
 from ryla.graph.registry import Node, Output, from_param, link, node
 
 
@@ -17,7 +17,15 @@ class VAEDecode(Node):
     outputs = (Output("IMAGE", "IMAGE"),)
 
     def run(self, context, samples, vae):
-        return (context.engine.decode(vae, samples["samples"]),)
+        latent = samples["samples"]
+        channels = context.engine.vae_latent_channels(vae)
+        if latent.ndim != 4 or latent.shape[1] != channels:
+            raise NodeUserError("shape_mismatch", f"VAEDecode: the latent from {context.input_sources.get('samples', 'its input')} "
+                                f"has shape {tuple(latent.shape)}, but this VAE decodes {channels}-channel latents "
+                                f"(from {context.input_sources.get('vae', 'the VAE')}); an EmptyLatentImage's "
+                                "4-channel latent must go through a sampler first", details={"node_id": context.current_node,
+                                                                                            "inputs": context.input_sources})
+        return (context.engine.decode(vae, latent, cancel=context.cancel),)
 
 
 _PARENT_STEP = re.compile(r"(^|[\\/])\.\.($|[\\/])")

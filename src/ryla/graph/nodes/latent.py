@@ -20,6 +20,9 @@ class EmptySD3LatentImage(Node):
 
     channels = LATENT_CHANNELS
 
+    def cost(self, width=0, height=0, batch_size=1, **_):
+        return {"pixels": width * height * batch_size}
+
     def run(self, context, width, height, batch_size):
         return ({"samples": torch.zeros(batch_size, self.channels, height // 8, width // 8)},)
 

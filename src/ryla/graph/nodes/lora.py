@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ryla import catalogue
 from ryla.models.lora_format import LoraFormatError
+from ryla.models.store import ModelNotFoundError, UnsafeNameError
+from ryla.models.tensor_files import ModelFormatError
 from ryla.graph.executor import NodeUserError
 from ryla.graph.nodes.loaders import files
 from ryla.graph.registry import InputSpec, Node, Output, from_param, link, node
@@ -12,7 +14,10 @@ from ryla.graph.registry import InputSpec, Node, Output, from_param, link, node
 def _load(context, lora_name, model, strength_model, clip=None, strength_clip=0.0):
     try:
         return context.engine.load_lora(lora_name, strength_model, model, strength_clip, clip)
-    except LoraFormatError as exc:
+    except ModelNotFoundError as exc:  # removed while the request waited for the GPU
+        raise NodeUserError("lora_not_found", f"{lora_name}: the LoRA is no longer in the store", status=404,
+                            details={"lora_name": lora_name}) from exc
+    except (LoraFormatError, ModelFormatError, UnsafeNameError, OSError) as exc:
         raise NodeUserError("invalid_lora", f"{lora_name}: {exc}") from exc
 
 

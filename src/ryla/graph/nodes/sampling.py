@@ -17,6 +17,13 @@ from ryla.graph.registry import Node, Output, from_param, link, node
 from ryla.graph.nodes.latent import LATENT_CHANNELS
 
 
+def sampling_cost(steps=0, denoise=1.0, **_) -> dict[str, float]:
+    """A sampler's steps, and the schedule it builds: steps / denoise below denoise 1, as
+    KSampler.set_steps does (a tiny denoise asks for a huge schedule)."""
+    schedule = steps / denoise if denoise is not None and 0 < denoise < 0.9999 else steps
+    return {"steps": steps, "schedule": schedule}
+
+
 def model_sampling(model: FluxModel) -> sampling.FluxModelSampling:
     return sampling.FluxModelSampling(model.shift if model.shift is not None else sampling.DEFAULT_SHIFT)
 
@@ -56,6 +63,9 @@ class KSampler(Node):
         from_param(catalogue.DENOISE),
     )
     outputs = (Output("LATENT", "LATENT"),)
+
+    def cost(self, **values):
+        return sampling_cost(**values)
 
     def run(self, context, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
             denoise):
@@ -129,6 +139,9 @@ class BasicScheduler(Node):
     inputs = (link("model", "MODEL"), from_param(catalogue.SCHEDULER), from_param(catalogue.STEPS),
               from_param(catalogue.DENOISE))
     outputs = (Output("SIGMAS", "SIGMAS"),)
+
+    def cost(self, **values):
+        return sampling_cost(**values)
 
     def run(self, context, model, scheduler, steps, denoise):
         return (sampling.ksampler_sigmas(model_sampling(model), scheduler, steps, denoise),)
