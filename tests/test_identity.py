@@ -121,6 +121,7 @@ def test_client_flux_instantid_character_sheet_and_eval(server, astronaut, tmp_p
     r = client("character-sheet", "--reference", str(tmp_path / "face.png"), "--count", "3", "--width", "64",
                "--height", "64", "--steps", "2", "--seed", "5", "--output-dir", str(tmp_path / "sheet"))
     assert r.returncode == 0, r.stderr
+    assert "of 3 variations look like the reference" in r.stdout and "SFace cosine" in r.stdout
     names = sorted(p.name for p in (tmp_path / "sheet").iterdir())
     assert names == ["contact_sheet.png", "sheet_01.png", "sheet_02.png", "sheet_03.png"]
     assert Image.open(tmp_path / "sheet" / "contact_sheet.png").size == (3 * 64, 64 + 28)
@@ -138,9 +139,10 @@ def test_client_flux_instantid_character_sheet_and_eval(server, astronaut, tmp_p
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["images"] == 3 and summary["faces_found"] == 2
-    assert summary["mean_cosine"] == pytest.approx(1.0, abs=1e-3)
+    assert summary["images"] == 3 and summary["with_a_face"] == 2 and summary["recognizer"] == "SFace"
+    assert summary["mean_score"] == pytest.approx(1.0, abs=1e-3)
     assert summary["share_above_threshold"] == pytest.approx(2 / 3, abs=1e-3)
+    assert [r["same_person"] for r in summary["results"]] == [True, True, False]
 
 
 def test_workflow_endpoint_takes_images_for_load_image_nodes(server, astronaut):

@@ -20,7 +20,8 @@ def header_safe(text: str) -> str:
 
 
 def image_response(request: Request, images, *, seeds: list[int | None], fmt: str, quality: int,
-                   timings: Timings, headers: dict[str, str] | None = None, prompt: str | None = None) -> Response:
+                   timings: Timings, headers: dict[str, str] | None = None, prompt: str | None = None,
+                   identity: dict | None = None) -> Response:
     """One image as bytes; several, or `Accept: application/json`, as JSON with base64."""
     headers = dict(headers or {})
     headers["X-Generation-Time"] = f"{timings.generation:.3f}"
@@ -41,6 +42,7 @@ def image_response(request: Request, images, *, seeds: list[int | None], fmt: st
         timings=timings.as_dict(),
         prompt=prompt,
         job_id=timings.job_id,
+        identity=identity,
     )
     return JSONResponse(body.model_dump(), headers=headers)
 

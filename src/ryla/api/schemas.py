@@ -117,6 +117,8 @@ class ImagesResponse(BaseModel):
     timings: dict[str, float] = Field(description="seconds: queue wait, generation, total")
     prompt: str | None = Field(None, description="the prompt used, when the server changed it (a LoRA's trigger word)")
     job_id: str | None = Field(None, description="the job (ComfyUI prompt_id) that made the images")
+    identity: dict[str, Any] | None = Field(None, description="/flux-instantid: each image's likeness to the "
+                                            "reference (backend, threshold, scores, share_above_threshold)")
 
 
 class ErrorBody(BaseModel):
@@ -137,3 +139,5 @@ class HealthResponse(BaseModel):
     queue_depth: int
     device: str
     speed: dict[str, Any]
+    face_analysis: str = Field(description="antelopev2, or yunet+sface (bundled; no identity conditioning with "
+                                           "real FLUX weights)")

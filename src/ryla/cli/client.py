@@ -286,6 +286,7 @@ def cmd_character_sheet(client: Client, args: argparse.Namespace) -> None:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     out = Path(args.output_dir)
     tiles = []
+    passed, threshold, backend = 0, None, None
     for i, prompt in enumerate(prompts):
         full_prompt = f"{args.subject}, {prompt}" if args.subject else prompt
         body = {"prompt": full_prompt, "reference_image": reference, "width": args.width, "height": args.height,
@@ -294,7 +295,12 @@ def cmd_character_sheet(client: Client, args: argparse.Namespace) -> None:
                               lambda body=body: client.request("POST", "/flux-instantid", json=body))
         path = save_images(result, str(out / f"sheet_{i + 1:02d}.png"))[0]
         tiles.append((path, prompt))
-        print(f"{path}  seed {body['seed']}  {prompt}")
+        identity = result.get("identity") or {}
+        score = (identity.get("scores") or [None])[0]
+        if identity:
+            threshold, backend = identity["threshold"], identity["backend"]
+            passed += score is not None and score >= threshold
+        print(f"{path}  seed {body['seed']}  {'no face' if score is None else f'score {score:.3f}'}  {prompt}")
     # One labelled contact sheet.
     columns = min(4, len(tiles))
     rows = (len(tiles) + columns - 1) // columns
@@ -308,6 +314,9 @@ def cmd_character_sheet(client: Client, args: argparse.Namespace) -> None:
         draw.text((x + 4, y + tile_h + 6), f"{index + 1}. {prompt}"[: max(8, tile_w // 7)], fill="black")
     write_atomic(out / "contact_sheet.png", _png(sheet))
     print(f"contact sheet -> {out / 'contact_sheet.png'}")
+    if threshold is not None:
+        print(f"identity: {passed} of {len(tiles)} variations look like the reference "
+              f"({passed / len(tiles) * 100:.0f}%; {backend} cosine >= {threshold:g})")
 
 
 def _png(image) -> bytes:

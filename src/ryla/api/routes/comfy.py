@@ -164,12 +164,21 @@ async def view(request: Request, filename: str, subfolder: str = "", type: str =
         raise ApiError(403, "forbidden", str(exc))
     if not path.is_file():
         raise ApiError(404, "not_found", f"no {kind} file {os.path.join(subfolder, name)!r}")
-    headers = {"Content-Disposition": f'filename="{path.name}"'}
+    headers = {"Content-Disposition": content_disposition(path.name)}
     if preview is None and channel in (None, "rgba"):
         return FileResponse(path, headers=headers)
     if channel not in (None, "rgba", "rgb", "a"):
         raise ApiError(400, "invalid_request", f"channel: must be rgba, rgb or a, got {channel!r}")
     return await asyncio.to_thread(_converted, path, preview, channel, headers)
+
+
+def content_disposition(name: str) -> str:
+    """A file name in a header: an ASCII fallback and the exact name percent-encoded (RFC 6266),
+    so no name can break the header."""
+    from urllib.parse import quote
+
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
+    return f"filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def _annotated(filename: str) -> tuple[str, str | None]:
@@ -197,7 +206,7 @@ def _converted(path, preview: str | None, channel: str | None, headers: dict) ->
         if fmt == "jpeg" or channel == "rgb":
             image = image.convert("RGB")
         image.save(buffer, format=fmt.upper(), quality=min(quality, 100))
-        headers = {"Content-Disposition": f'filename="{path.stem}.{fmt}"'}
+        headers = {"Content-Disposition": content_disposition(f"{path.stem}.{fmt}")}
         return Response(buffer.getvalue(), media_type=f"image/{fmt}", headers=headers)
     if channel == "rgb":
         image.convert("RGB").save(buffer, format="PNG")

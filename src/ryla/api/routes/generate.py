@@ -3,6 +3,7 @@ hand the graph to the same executor as /workflow, through the GPU work queue."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
@@ -36,7 +37,8 @@ async def run_or_accept(request: Request, service: Service, graph: dict, endpoin
     if wants_async(request):
         return accepted(job)
     result = await service.wait_for_images(request, job)
-    return make_response(result, Timings(queue=job.queue_seconds, generation=job.run_seconds, job_id=job.id))
+    response = make_response(result, Timings(queue=job.queue_seconds, generation=job.run_seconds, job_id=job.id))
+    return await response if asyncio.iscoroutine(response) else response
 
 
 def decode_photo(settings: ServerSettings, field_name: str, data: str) -> bytes:
@@ -140,10 +142,36 @@ async def flux_instantid(body: FluxInstantIdRequest, request: Request,
                                  controlnet_strength=body.controlnet_strength,
                                  face_provider="CUDA" if body.face_provider == "gpu" else "CPU")
 
-    def respond(result, timings):
+    def respond(result, timings, scores):
         headers = {"X-Faces-Found": str(result.annotations.get("faces_found", 0))}
+        if scores and scores["scores"][0] is not None:
+            headers["X-Identity-Score"] = f"{scores['scores'][0]:.4f}"
         return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
-                              quality=body.quality, timings=timings, headers=headers)
+                              quality=body.quality, timings=timings, headers=headers, identity=scores)
+
+    async def respond_with_scores(result, timings):
+        scores = await asyncio.to_thread(identity_scores, service, result)
+        return respond(result, timings, scores)
 
     return await run_or_accept(request, service, graph, "flux-instantid", seeds=[seed] * body.num_images,
-                               webhook=body.webhook, request_images=images, make_response=respond)
+                               webhook=body.webhook, request_images=images, make_response=respond_with_scores)
+
+
+def identity_scores(service: Service, result) -> dict | None:
+    """How alike each generated face is to the reference: the recogniser's cosine, with its
+    backend's threshold for "the same person" (off the GPU worker, after generation)."""
+    from ryla.identity.faces import cosine, largest_face, open_analyzer
+
+    reference = result.annotations.get("reference_identity")
+    if reference is None:
+        return None
+    engine = service.runtime.engine
+    analyzer = engine.cached(("faces", "cpu"), lambda: open_analyzer(engine.store, "cpu"))
+    scores = []
+    for image in result.images:
+        faces = analyzer.faces(image)
+        scores.append(round(cosine(reference, largest_face(faces).identity), 4) if faces else None)
+    threshold = analyzer.threshold
+    found = [score for score in scores if score is not None]
+    return {"backend": analyzer.recognizer, "threshold": threshold, "scores": scores,
+            "share_above_threshold": round(sum(score >= threshold for score in found) / len(scores), 4)}

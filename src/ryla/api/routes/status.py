@@ -10,6 +10,7 @@ from fastapi.responses import Response
 
 from ryla.api.auth import key_matches
 from ryla.api.schemas import HealthResponse
+from ryla.identity.faces import backend_name
 from ryla.api.service import Service, get_service
 
 router = APIRouter(tags=["service"])
@@ -28,7 +29,7 @@ async def health(request: Request, service: Service = Depends(get_service)) -> d
     return {"status": "ok", "model_set": "tiny" if runtime.store.tiny else "real",
             "models_dir": str(runtime.store.root) if trusted else None, "loaded_models": loaded,
             "queue_depth": service.queue.depth, "device": str(runtime.engine.device),
-            "speed": runtime.engine.speed_info}
+            "speed": runtime.engine.speed_info, "face_analysis": backend_name(runtime.store)}
 
 
 def _without_path(name: str) -> str:

