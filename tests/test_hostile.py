@@ -28,7 +28,7 @@ from PIL import Image
 
 import lora_files
 from conftest import Server, free_port
-from ryla.workflows import FLUX_DEV, flux_lora_graph
+from ryla.workflows import FLUX_DEV
 
 MAX_IMAGE_PIXELS = 1_000_000
 SMALL = {"prompt": "a fox", "width": 64, "height": 64, "steps": 1, "seed": 1}
