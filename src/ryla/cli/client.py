@@ -26,12 +26,15 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 class Client:
     """A thin HTTP client; every request asks for JSON so seeds and timings come back."""
 
-    def __init__(self, url: str, api_key: str | None, timeout: float):
+    def __init__(self, url: str, api_key: str | None, timeout: float, modal_key: str | None = None,
+                 modal_secret: str | None = None):
         import httpx
 
         headers = {"Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
+        if modal_key and modal_secret:  # Modal's proxy auth (a deployment with RYLA_PROXY_AUTH=1)
+            headers.update({"Modal-Key": modal_key, "Modal-Secret": modal_secret})
         self.url = url.rstrip("/")
         # Redirects are followed: a proxy in front (Modal's web endpoints past their request
         # time) answers 303 with where the result will be.
@@ -375,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("RYLA_API_KEY"),
                         help="API key sent as a Bearer token [default: $RYLA_API_KEY]")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer [default: 600]")
+    parser.add_argument("--modal-key", default=os.environ.get("RYLA_MODAL_KEY"),
+                        help="Modal proxy-auth token id, for a deployment with RYLA_PROXY_AUTH=1 "
+                             "[default: $RYLA_MODAL_KEY]")
+    parser.add_argument("--modal-secret", default=os.environ.get("RYLA_MODAL_SECRET"),
+                        help="Modal proxy-auth token secret [default: $RYLA_MODAL_SECRET]")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     flux = sub.add_parser("flux-dev", help="Text-to-image with FLUX.1-dev.", description="Text-to-image with FLUX.1-dev.")
@@ -442,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: args.handler(Client(args.url, args.api_key, args.timeout), args))
+    return run_cli(lambda: args.handler(Client(args.url, args.api_key, args.timeout, args.modal_key, args.modal_secret),
+                                        args))
 
 
 if __name__ == "__main__":

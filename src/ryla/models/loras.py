@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -51,6 +53,57 @@ class InvalidLora(ValueError):
     """An entry of the store that cannot be used (the message says why)."""
 
 
+class StoreUnavailable(RuntimeError):
+    """The shared store could not be brought up to date; try again in `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 5):
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class VolumeSync:
+    """Keeps a store folder on a shared network volume (a Modal Volume) in step across the
+    containers that mount it: `reload` brings in what others committed, `commit` publishes what
+    this one wrote. Reloads are rate-limited (at most one per `min_interval_s`; the callers run
+    them off the event loop) and retried with a pause, since a reload fails while a file on the
+    volume is open; when they keep failing, StoreUnavailable (a 503 with Retry-After)."""
+
+    def __init__(self, reload: Callable[[], None], commit: Callable[[], None], min_interval_s: float = 2.0,
+                 attempts: int = 3, backoff_s: float = 0.5, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self._reload, self._commit = reload, commit
+        self.min_interval_s, self.attempts, self.backoff_s = min_interval_s, attempts, backoff_s
+        self._clock, self._sleep = clock, sleep
+        self._last_reload = -math.inf
+        self._lock = threading.Lock()
+
+    def _retrying(self, action: Callable[[], None], what: str) -> None:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                action()
+                return
+            except Exception as exc:  # the volume's client raises its own error types
+                log.warning("LoRA volume %s failed (attempt %d of %d): %s", what, attempt, self.attempts, exc)
+                if attempt == self.attempts:
+                    raise StoreUnavailable(f"the shared LoRA store could not {what} ({exc})",
+                                           retry_after=max(1, round(self.backoff_s * 2 ** attempt))) from exc
+                self._sleep(self.backoff_s * 2 ** (attempt - 1))
+
+    def reload(self) -> None:
+        """Reload now, unless another reload finished within min_interval_s."""
+        with self._lock:
+            if self._clock() - self._last_reload < self.min_interval_s:
+                return
+            self._retrying(self._reload, "reload")
+            self._last_reload = self._clock()
+
+    reload_if_stale = reload
+
+    def commit(self) -> None:
+        with self._lock:
+            self._retrying(self._commit, "commit")
+
+
 MAX_TRIGGER_WORD = 100
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -81,11 +134,15 @@ def id_from_filename(filename: str) -> str:
 
 class LoraStore:
     def __init__(self, folder: Path, target_shapes: Callable[[], tuple[dict, dict]],
-                 on_change: Callable[[], None] | None = None, on_miss: Callable[[], None] | None = None):
+                 on_change: Callable[[], None] | None = None, on_miss: Callable[[], None] | None = None,
+                 on_list: Callable[[], None] | None = None):
         self.folder = Path(folder)
         self.target_shapes = target_shapes  # () -> (transformer linear shapes, text encoder linear shapes)
+        # Hooks for a store shared between processes (ryla.models.loras.VolumeSync): after a
+        # change; before answering "not found"; before a listing or a lookup (rate-limited).
         self.on_change = on_change
         self.on_miss = on_miss
+        self.on_list = on_list
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
@@ -102,6 +159,8 @@ class LoraStore:
         return self.folder / f"{lora_id}.safetensors", self.folder / f"{lora_id}.json"
 
     def list(self) -> list[dict]:
+        if self.on_list is not None:
+            self.on_list()
         if not self.folder.is_dir():
             return []
         entries = []
@@ -151,6 +210,8 @@ class LoraStore:
 
     def get(self, lora_id: str) -> dict:
         path, _ = self._paths(lora_id)
+        if self.on_list is not None:  # a shared store: what others replaced or removed, within its interval
+            self.on_list()
         if not (path.exists() or path.is_symlink()) and self.on_miss is not None:
             self.on_miss()
         if not (path.exists() or path.is_symlink()):
@@ -206,8 +267,7 @@ class LoraStore:
             if claimed:
                 claim.unlink(missing_ok=True)
         log.info("stored LoRA %s (%s, rank %s, %d bytes)", lora_id, metadata["format"], metadata["rank"], size)
-        if self.on_change is not None:
-            self.on_change()
+        self._changed()
         return metadata
 
     def add_file(self, source: Path, lora_id: str | None = None, trigger_word: str | None = None) -> dict:
@@ -222,12 +282,23 @@ class LoraStore:
 
     def remove(self, lora_id: str) -> None:
         path, meta_path = self._paths(lora_id)
+        if not (path.exists() or path.is_symlink()) and self.on_miss is not None:
+            self.on_miss()
         if not (path.exists() or path.is_symlink()):
             raise LoraNotFound(lora_id)
         path.unlink()
         meta_path.unlink(missing_ok=True)
-        if self.on_change is not None:
+        self._changed()
+
+    def _changed(self) -> None:
+        """Publish a change to a shared store. The change is already on disk here: a failed
+        publish is logged, not reported as a failed upload (the next commit carries it)."""
+        if self.on_change is None:
+            return
+        try:
             self.on_change()
+        except StoreUnavailable as exc:
+            log.error("LoRA store: %s; other containers see the change after the next commit", exc)
 
     def _inspect(self, path: Path) -> dict:
         from ryla.models.tensor_files import ModelFormatError, read_tensors

@@ -112,7 +112,7 @@ async def workflow(request: Request,
              description=PREFER_ASYNC)
 async def flux_lora(body: FluxLoraRequest, request: Request, service: Service = Depends(get_service)) -> Response:
     refs = [(body.lora_id, body.lora_strength)] + [(ref.id, ref.strength) for ref in body.loras]
-    entries = [lora_entry(service.runtime, lora_id) for lora_id, _ in refs]
+    entries = [await lora_entry(service.runtime, lora_id) for lora_id, _ in refs]
     if body.trigger_word is not None:
         words = [body.trigger_word] + [e.get("trigger_word") for e in entries[1:]]
     else:

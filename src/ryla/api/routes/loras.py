@@ -18,6 +18,7 @@ from ryla.models.loras import (
     InvalidLoraId,
     LoraExists,
     LoraNotFound,
+    StoreUnavailable,
     check_id,
     check_trigger_word,
     id_from_filename,
@@ -38,16 +39,26 @@ def lora_errors(lora_id: str):
         raise ApiError(404, "lora_not_found", str(exc), {"lora_id": lora_id})
     except InvalidLora as exc:
         raise ApiError(422, "invalid_lora", f"LoRA {lora_id!r} cannot be used: {exc}", {"lora_id": lora_id})
+    except StoreUnavailable as exc:
+        raise store_unavailable(exc)
 
 
-def lora_entry(runtime: Runtime, lora_id: str) -> dict:
+def store_unavailable(exc: StoreUnavailable) -> ApiError:
+    return ApiError(503, "store_unavailable", str(exc), headers={"Retry-After": str(exc.retry_after)})
+
+
+async def lora_entry(runtime: Runtime, lora_id: str) -> dict:
+    """The store's entry for an id, looked up off the event loop (a shared store may reload)."""
     with lora_errors(lora_id):
-        return runtime.loras.get(lora_id)
+        return await asyncio.to_thread(runtime.loras.get, lora_id)
 
 
 @router.get("/loras", response_model=LoraList, summary="LoRAs in the store")
 async def list_loras(service: Service = Depends(get_service)) -> dict:
-    return {"loras": await asyncio.to_thread(service.runtime.loras.list)}
+    try:
+        return {"loras": await asyncio.to_thread(service.runtime.loras.list)}
+    except StoreUnavailable as exc:
+        raise store_unavailable(exc)
 
 
 @router.post("/loras", status_code=201, response_model=LoraInfo,
@@ -94,6 +105,8 @@ async def upload_lora(request: Request, service: Service = Depends(get_service))
         raise ApiError(409, "lora_exists", str(exc))
     except LoraFormatError as exc:
         raise ApiError(422, "invalid_lora", f"not a FLUX LoRA for this model: {exc}")
+    except StoreUnavailable as exc:
+        raise store_unavailable(exc)
     finally:
         await upload.close()
 

@@ -72,8 +72,10 @@ async def create_image(body: ImageGenerationRequest, request: Request, service: 
         graph = FLUX_DEV.fill(**params)
     else:
         try:
-            entry = lora_entry(service.runtime, body.model)
-        except ApiError:
+            entry = await lora_entry(service.runtime, body.model)
+        except ApiError as exc:
+            if exc.type not in ("lora_not_found", "invalid_lora_id"):
+                raise
             raise ApiError(404, "model_not_found", f"The model '{body.model}' does not exist: use flux-dev or the "
                                                    "id of a LoRA in GET /loras", {"param": "model"})
         params["prompt"] = with_trigger_words(body.prompt, [entry["trigger_word"]] if entry.get("trigger_word") else [])
