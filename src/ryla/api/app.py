@@ -38,6 +38,9 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
             # ready. A broken file stops the server here, not at a request.
             await asyncio.to_thread(runtime.engine.preload, default_checkpoint)
         service.folders.prune_outputs()
+        if service.safety.mode != "off":
+            # The checker the server promised: loaded now, so a missing package stops the start.
+            await asyncio.to_thread(lambda: service.safety.checker)
         yield
         service.queue.close()
 

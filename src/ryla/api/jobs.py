@@ -48,6 +48,8 @@ class Job:
     node_types: dict[str, str]
     seeds: list[int | None] = field(default_factory=list)
     webhook: str | None = None
+    safety: str = "off"  # the NSFW check this job gets (ryla.safety)
+    nsfw: list[bool] | None = None  # its images' flags, when checked
     base_url: str = ""  # the server's URL as the client reached it, for links in events and webhooks
     status: str = PENDING
     created_at: float = field(default_factory=time.time)
@@ -105,6 +107,9 @@ class Job:
             seeds = self.seeds if len(self.seeds) == len(self.images) else [None] * len(self.images)
             body["result"] = {"images": [{**image, "url": view_url(base_url, image), "seed": seed}
                                          for image, seed in zip(self.images, seeds)]}
+            if self.nsfw is not None:
+                body["result"]["has_nsfw_concepts"] = self.nsfw
+                body["result"]["nsfw_blocked"] = self.safety == "block" and any(self.nsfw)
         return body
 
 

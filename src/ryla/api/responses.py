@@ -21,7 +21,7 @@ def header_safe(text: str) -> str:
 
 def image_response(request: Request, images, *, seeds: list[int | None], fmt: str, quality: int,
                    timings: Timings, headers: dict[str, str] | None = None, prompt: str | None = None,
-                   identity: dict | None = None) -> Response:
+                   identity: dict | None = None, annotations: dict | None = None) -> Response:
     """One image as bytes; several, or `Accept: application/json`, as JSON with base64."""
     headers = dict(headers or {})
     headers["X-Generation-Time"] = f"{timings.generation:.3f}"
@@ -32,6 +32,11 @@ def image_response(request: Request, images, *, seeds: list[int | None], fmt: st
     wants_json = "application/json" in request.headers.get("accept", "").lower() or len(encoded) != 1
     if seeds and seeds[0] is not None:
         headers["X-Seed"] = str(seeds[0])
+    flags = (annotations or {}).get("has_nsfw_concepts")
+    if flags is not None:
+        headers["X-NSFW"] = ",".join("true" if flag else "false" for flag in flags)
+        if annotations.get("nsfw_blocked"):
+            headers["X-NSFW-Blocked"] = "true"
     if not wants_json:
         return Response(encoded[0], media_type=imaging.media_type(fmt), headers=headers)
     body = ImagesResponse(
@@ -43,6 +48,8 @@ def image_response(request: Request, images, *, seeds: list[int | None], fmt: st
         prompt=prompt,
         job_id=timings.job_id,
         identity=identity,
+        has_nsfw_concepts=flags,
+        nsfw_blocked=bool((annotations or {}).get("nsfw_blocked")) if flags is not None else None,
     )
     return JSONResponse(body.model_dump(), headers=headers)
 

@@ -54,6 +54,9 @@ class FluxDevRequest(StrictModel):
     num_images: int = field(catalogue.NUM_IMAGES)
     output_format: Literal["jpeg", "png", "webp"] = field(catalogue.OUTPUT_FORMAT)
     quality: int = field(catalogue.QUALITY)
+    enable_safety_checker: bool | None = Field(None, description="check the images for NSFW content and report "
+                                               "has_nsfw_concepts; can make the server's --safety stricter, never "
+                                               "looser")
     webhook: str | None = Field(None, max_length=2048, examples=["https://example.com/hooks/ryla"],
                                 description="URL that gets one POST of the finished job (GET /jobs/{id}'s body), "
                                             "retried on failure; public addresses only unless the server allows "
@@ -119,6 +122,9 @@ class ImagesResponse(BaseModel):
     job_id: str | None = Field(None, description="the job (ComfyUI prompt_id) that made the images")
     identity: dict[str, Any] | None = Field(None, description="/flux-instantid: each image's likeness to the "
                                             "reference (backend, threshold, scores, share_above_threshold)")
+    has_nsfw_concepts: list[bool] | None = Field(None, description="each image's NSFW flag, when the safety "
+                                                 "checker ran (server --safety flag/block, or enable_safety_checker)")
+    nsfw_blocked: bool | None = Field(None, description="true when flagged images were replaced by black ones")
 
 
 class ErrorBody(BaseModel):
@@ -139,5 +145,6 @@ class HealthResponse(BaseModel):
     queue_depth: int
     device: str
     speed: dict[str, Any]
+    safety: dict[str, Any] = Field(description="the NSFW check: mode (off, flag, block) and checker")
     face_analysis: str = Field(description="antelopev2, or yunet+sface (bundled; no identity conditioning with "
                                            "real FLUX weights)")

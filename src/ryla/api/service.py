@@ -28,8 +28,9 @@ from ryla.api.metrics import Metrics
 from ryla.api.storage import DataFolders
 from ryla.api.work_queue import QueueFull, WorkQueue
 from ryla.flux.engine import Cancelled
-from ryla.graph.executor import CostLimitError, ExecutionError, Limits
+from ryla.graph.executor import CostLimitError, ExecutionError, Limits, NodeUserError
 from ryla.runtime import RunResult, Runtime
+from ryla.safety import Safety, SafetyUnavailable, check_mode, stricter
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class ServerSettings:
     # Host names the server answers to (DNS-rebinding guard; `ryla serve` sets the loopback
     # names when it binds to loopback); None answers any.
     allowed_hosts: frozenset[str] | None = None
+    safety: str = "off"  # off | flag | block (ryla.safety)
+    safety_checker: str = "nudenet"
 
     @classmethod
     def from_env(cls, **overrides) -> ServerSettings:
@@ -80,10 +83,14 @@ class ServerSettings:
                                 ("max_output_age_s", "RYLA_MAX_OUTPUT_AGE", float)):
             if os.environ.get(env):
                 values[name] = cast(os.environ[env])
+        for name, env in (("safety", "RYLA_SAFETY"), ("safety_checker", "RYLA_SAFETY_CHECKER")):
+            if os.environ.get(env):
+                values[name] = os.environ[env]
         if os.environ.get("RYLA_ALLOW_PRIVATE_WEBHOOKS", "").lower() in ("1", "true", "yes"):
             values["allow_private_webhooks"] = True
         values.update({k: v for k, v in overrides.items() if v is not None})
         check_key(values.get("api_key"))
+        check_mode(values.get("safety", "off"))
         return cls(**values)
 
 
@@ -113,6 +120,7 @@ class Service:
         self.folders = DataFolders(settings.data_dir or default_data_dir(), settings.max_output_bytes,
                                    settings.max_output_age_s)
         self._tasks: set[asyncio.Task] = set()
+        self.safety = Safety(settings.safety, settings.safety_checker)
         self.limits = Limits(max_nodes=settings.max_nodes, max_pixels=settings.max_pixels,
                              max_steps=settings.max_steps, max_schedule=settings.max_schedule)
 
@@ -121,7 +129,7 @@ class Service:
     async def submit(self, request: Request, graph: dict, endpoint: str, *,
                      request_images: dict[str, bytes] | None = None, extra_data: dict | None = None,
                      number: float | None = None, front: bool = False, seeds: list | None = None,
-                     webhook: str | None = None) -> Job:
+                     webhook: str | None = None, safety: bool | None = None) -> Job:
         """Validate now (a bad graph gets its 400 without waiting in line), then queue the job."""
         request_id = request.state.request_id
         context = self.runtime.context(request_id=request_id, request_images=request_images or {},
@@ -136,6 +144,7 @@ class Service:
                                node_types={node_id: cls.class_type for node_id, (cls, _) in validated.nodes.items()},
                                number=number, front=front, seeds=seeds, webhook=webhook,
                                base_url=str(request.base_url).rstrip("/"))
+        job.safety = stricter(self.safety.mode, safety)
         loop = asyncio.get_running_loop()
 
         def report(handler, *args):  # from the GPU worker to the event loop
@@ -256,6 +265,13 @@ class Service:
             self._failed(job, exc)
         else:
             job.run_seconds = job.handle.run_seconds
+            if job.safety != "off":
+                try:
+                    await self._check_safety(job, result)
+                except SafetyUnavailable as exc:
+                    self._failed(job, ExecutionError("safety", "SafetyChecker", NodeUserError(
+                        "safety_unavailable", f"the safety checker is not available: {exc}", status=503)))
+                    return
             job.result.set_result(result)
             self.metrics.queue_wait_seconds.observe(job.queue_seconds)
             self.metrics.generation_seconds.labels(endpoint=job.endpoint).observe(job.run_seconds)
@@ -276,6 +292,20 @@ class Service:
             self._finished(job, "execution_success", data)
         finally:
             self.metrics.queue_depth.set(self.queue.depth)
+
+    async def _check_safety(self, job: Job, result: RunResult) -> None:
+        """The NSFW check (ryla.safety) on the decoded images, off the GPU worker, before anyone
+        sees them: flagged images are blacked out in `block` mode, so neither the response nor
+        the output folder holds them."""
+        start = time.perf_counter()
+        images, flags = await asyncio.to_thread(self.safety.apply, result.images, job.safety)
+        result.images = images
+        result.annotations["has_nsfw_concepts"] = flags
+        result.annotations["nsfw_blocked"] = job.safety == "block" and any(flags)
+        result.annotations["safety_mode"] = job.safety
+        job.nsfw = flags
+        seconds = time.perf_counter() - start
+        log.info("[%s] safety %s: %s in %.3fs", job.request_id, job.safety, flags, seconds)
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         cause = exc.cause if isinstance(exc, ExecutionError) else exc

@@ -75,10 +75,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
                           height=args.height, steps=args.steps, guidance=args.guidance, cfg=args.cfg, seed=seed,
                           batch_size=args.batch_size, checkpoint=args.checkpoint)
     result = _run_with_progress(runtime, graph)
-    paths = numbered_paths(Path(args.output), len(result.images))
-    for image, path in zip(result.images, paths):
+    images, flags = result.images, None
+    if args.safety != "off":
+        from ryla.safety import Safety, SafetyUnavailable
+
+        try:
+            images, flags = Safety(args.safety, os.environ.get("RYLA_SAFETY_CHECKER", "nudenet")).apply(
+                images, args.safety)
+        except SafetyUnavailable as exc:
+            raise CliError(str(exc))
+    paths = numbered_paths(Path(args.output), len(images))
+    for image, path in zip(images, paths):
         write_atomic(path, imaging.encode(image, fmt, args.quality))
     print(f"seed {seed}  {result.seconds:.2f}s  -> {', '.join(str(p) for p in paths)}")
+    if flags is not None:
+        verdicts = ", ".join(f"{path.name}: {'NSFW' if flag else 'safe'}" for path, flag in zip(paths, flags))
+        print(f"safety ({args.safety}): {verdicts}" + ("; flagged images are black" if args.safety == "block"
+                                                       and any(flags) else ""))
 
 
 def cmd_run_workflow(args: argparse.Namespace) -> None:
@@ -139,7 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             max_body_bytes=int(args.max_body_mb * 1024 * 1024) if args.max_body_mb else None,
             data_dir=Path(args.data_dir) if args.data_dir else None,
             max_output_bytes=int(args.max_output_gb * 1024**3) if args.max_output_gb else None,
-            allow_private_webhooks=args.allow_private_webhooks,
+            allow_private_webhooks=args.allow_private_webhooks, safety=args.safety,
             allowed_hosts=LOOPBACK_NAMES | {args.host.strip("[]").lower()} if loopback else None)
     except ValueError as exc:
         raise CliError(str(exc))
@@ -342,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default=None,
                      help="image format [default: from the --output suffix, else jpeg]")
     gen.add_argument("--checkpoint", default=None, help="checkpoint in checkpoints/ [default: flux1-dev-fp8.safetensors]")
+    gen.add_argument("--safety", choices=("off", "flag", "block"), default=os.environ.get("RYLA_SAFETY", "off"),
+                     help="NSFW check: flag reports each image, block also blacks out flagged ones "
+                          "(needs `pip install \"ryla[safety]\"`) [default: off, env RYLA_SAFETY]")
 
 
     serve = command("serve", "Serve the HTTP API (OpenAPI docs at /docs).", cmd_serve)
@@ -366,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-auth", action="store_true",
                        help="serve on a non-loopback --host without RYLA_API_KEY (when a proxy in front checks "
                             "access); without it the server refuses to start that way")
+    serve.add_argument("--safety", choices=("off", "flag", "block"), default=None,
+                       help="NSFW check of every image: flag reports has_nsfw_concepts, block also replaces flagged "
+                            "images by black ones; a request's enable_safety_checker can only be stricter "
+                            "[default: off, env RYLA_SAFETY; checker: env RYLA_SAFETY_CHECKER, default nudenet]")
     serve.add_argument("--max-connections", type=int, default=256,
                        help="open connections at once; more get 503 [default: 256]")
     serve.add_argument("--allow-private-webhooks", action="store_true", default=None,

@@ -29,11 +29,12 @@ PREFER_ASYNC = "Send `Prefer: respond-async` to get 202 with the job's links at 
 
 async def run_or_accept(request: Request, service: Service, graph: dict, endpoint: str, *,
                         seeds: list, webhook: str | None = None, request_images: dict | None = None,
-                        make_response):
+                        safety: bool | None = None, make_response):
     """The one place a typed or workflow request becomes a job: 202 with its links when the
     client prefers async, else the image once made (`make_response(result, timings)`)."""
     webhook = await validate_webhook(webhook, service.settings.allow_private_webhooks)
-    job = await service.submit(request, graph, endpoint, request_images=request_images, seeds=seeds, webhook=webhook)
+    job = await service.submit(request, graph, endpoint, request_images=request_images, seeds=seeds, webhook=webhook,
+                               safety=safety)
     if wants_async(request):
         return accepted(job)
     result = await service.wait_for_images(request, job)
@@ -65,9 +66,10 @@ async def flux_dev(body: FluxDevRequest, request: Request, service: Service = De
     graph = FLUX_DEV.fill(**body.template_params(seed))
     return await run_or_accept(
         request, service, graph, "flux-dev", seeds=[seed] * body.num_images, webhook=body.webhook,
+        safety=body.enable_safety_checker,
         make_response=lambda result, timings: image_response(
             request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
-            quality=body.quality, timings=timings))
+            quality=body.quality, timings=timings, annotations=result.annotations))
 
 
 @router.post("/workflow", responses={**IMAGE_RESPONSES, 400: {"description": "ComfyUI's validation error shape: "
@@ -101,7 +103,7 @@ async def workflow(request: Request,
         if not result.images:
             raise ApiError(422, "no_images", "the workflow ran but its output nodes produced no images")
         return image_response(request, result.images, seeds=[None] * len(result.images), fmt=output_format,
-                              quality=quality, timings=timings)
+                              quality=quality, timings=timings, annotations=result.annotations)
 
     return await run_or_accept(request, service, graph, "workflow", seeds=[], webhook=webhook, request_images=images,
                                make_response=respond)
@@ -123,9 +125,11 @@ async def flux_lora(body: FluxLoraRequest, request: Request, service: Service = 
     graph = flux_lora_graph([(e["file"], strength) for e, (_, strength) in zip(entries, refs)], **params)
     return await run_or_accept(
         request, service, graph, "flux-lora", seeds=[seed] * body.num_images, webhook=body.webhook,
+        safety=body.enable_safety_checker,
         make_response=lambda result, timings: image_response(
             request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format, quality=body.quality,
-            timings=timings, headers={"X-Prompt": header_safe(params["prompt"])}, prompt=params["prompt"]))
+            timings=timings, headers={"X-Prompt": header_safe(params["prompt"])}, prompt=params["prompt"],
+            annotations=result.annotations))
 
 
 @router.post("/flux-instantid", responses={**IMAGE_RESPONSES, 413: {"model": ErrorResponse}}, response_class=Response,
@@ -147,14 +151,16 @@ async def flux_instantid(body: FluxInstantIdRequest, request: Request,
         if scores and scores["scores"][0] is not None:
             headers["X-Identity-Score"] = f"{scores['scores'][0]:.4f}"
         return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
-                              quality=body.quality, timings=timings, headers=headers, identity=scores)
+                              quality=body.quality, timings=timings, headers=headers, identity=scores,
+                              annotations=result.annotations)
 
     async def respond_with_scores(result, timings):
         scores = await asyncio.to_thread(identity_scores, service, result)
         return respond(result, timings, scores)
 
     return await run_or_accept(request, service, graph, "flux-instantid", seeds=[seed] * body.num_images,
-                               webhook=body.webhook, request_images=images, make_response=respond_with_scores)
+                               webhook=body.webhook, request_images=images, safety=body.enable_safety_checker,
+                               make_response=respond_with_scores)
 
 
 def identity_scores(service: Service, result) -> dict | None:

@@ -29,7 +29,8 @@ async def health(request: Request, service: Service = Depends(get_service)) -> d
     return {"status": "ok", "model_set": "tiny" if runtime.store.tiny else "real",
             "models_dir": str(runtime.store.root) if trusted else None, "loaded_models": loaded,
             "queue_depth": service.queue.depth, "device": str(runtime.engine.device),
-            "speed": runtime.engine.speed_info, "face_analysis": backend_name(runtime.store)}
+            "speed": runtime.engine.speed_info, "face_analysis": backend_name(runtime.store),
+            "safety": service.safety.describe()}
 
 
 def _without_path(name: str) -> str:
