@@ -195,3 +195,16 @@ def test_object_info_has_comfyui_shape(runtime):
     assert ksampler["input"]["required"]["sampler_name"][0] == ["euler"]
     assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == ["flux1-dev-fp8.safetensors"]
     assert info["SaveImage"]["output_node"] is True and info["KSampler"]["output"] == ["LATENT"]
+
+
+def test_every_scheduler_runs_in_a_ksampler_and_basic_scheduler(runtime):
+    from ryla import catalogue
+
+    outputs = {}
+    for scheduler in catalogue.SCHEDULER.choices:
+        graph = small_graph()
+        graph["7"]["inputs"].update(scheduler=scheduler, steps=3)
+        outputs[scheduler] = runtime.run(graph).images[0].tobytes()
+    assert len(set(outputs.values())) == len(outputs)  # each schedule gives its own image
+    info = runtime.registry.object_info(runtime.context())
+    assert info["BasicScheduler"]["input"]["required"]["scheduler"][0] == list(catalogue.SCHEDULER.choices)

@@ -97,3 +97,19 @@ def test_identity_faces_and_modal_tests_pass_in_the_images_package_set(modal_env
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
     assert re.search(r"\d+ passed", result.stdout)
+
+
+def test_the_lock_agrees_with_pyprojects_pins():
+    """Every exact pin of the product (and of its identity and gpu extras) is in the lock at the
+    same version, so the image cannot drift from what the tests run."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = [*project["dependencies"], *project["optional-dependencies"]["identity"],
+            *project["optional-dependencies"]["gpu"]]
+    locked = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", LOCK.read_text(), flags=re.M))
+    locked = {name.lower().replace("_", "-"): version for name, version in locked.items()}
+    for pin in pins:
+        if "==" in pin:
+            name, version = pin.split("==")
+            assert locked.get(name.lower().replace("_", "-")) == version, pin

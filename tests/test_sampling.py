@@ -103,3 +103,59 @@ def test_noise_leaves_the_global_generator_alone():
     before = torch.get_rng_state()
     sampling.prepare_noise((1, 16, 8, 8), 42)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def comfy_reference_schedule(scheduler: str, shift: float, steps: int) -> np.ndarray:
+    """The rest of ComfyUI's schedulers written out in float64 with numpy, from comfy/samplers.py
+    (ddim, beta, linear_quadratic, kl_optimal) and k-diffusion's get_sigmas_karras and
+    get_sigmas_exponential, independently of ryla's implementation."""
+    from scipy import stats
+
+    t = np.arange(1, 10001) / 10000.0
+    table = math.exp(shift) / (math.exp(shift) + (1 / t - 1))
+    sigma_min, sigma_max = float(np.float32(table[0])), float(np.float32(table[-1]))
+    if scheduler == "karras":
+        ramp = np.linspace(0, 1, steps)
+        return np.append((sigma_max ** (1 / 7) + ramp * (sigma_min ** (1 / 7) - sigma_max ** (1 / 7))) ** 7, 0.0)
+    if scheduler == "exponential":
+        return np.append(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps)), 0.0)
+    if scheduler == "ddim_uniform":
+        stride = 10000 // steps
+        return np.array([table[i] for i in range(1, 10000, stride)][::-1] + [0.0])
+    if scheduler == "beta":
+        indices = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), 0.6, 0.6) * 9999)
+        kept = [int(i) for n, i in enumerate(indices) if n == 0 or i != indices[n - 1]]
+        return np.array([table[i] for i in kept] + [0.0])
+    if scheduler == "linear_quadratic":
+        linear_steps, quadratic_steps = steps // 2, steps - steps // 2
+        diff = linear_steps - 0.025 * steps
+        a = diff / (linear_steps * quadratic_steps ** 2)
+        b = 0.025 / linear_steps - 2 * diff / quadratic_steps ** 2
+        c = a * linear_steps ** 2
+        ramp = [i * 0.025 / linear_steps for i in range(linear_steps)] + \
+               [a * i * i + b * i + c for i in range(linear_steps, steps)] + [1.0]
+        return (1.0 - np.array(ramp)) * sigma_max
+    if scheduler == "kl_optimal":
+        position = np.arange(steps) / (steps - 1)
+        return np.append(np.tan(position * math.atan(sigma_min) + (1 - position) * math.atan(sigma_max)), 0.0)
+    raise ValueError(scheduler)
+
+
+@pytest.mark.parametrize("scheduler", ["karras", "exponential", "ddim_uniform", "beta", "linear_quadratic",
+                                       "kl_optimal"])
+@pytest.mark.parametrize("steps", [4, 28, 50])
+def test_every_comfyui_scheduler_matches_its_formula(scheduler, steps):
+    shift = sampling.resolution_shift(1024, 1024)
+    ours = sampling.calculate_sigmas(sampling.FluxModelSampling(shift), scheduler, steps).numpy()
+    expected = comfy_reference_schedule(scheduler, shift, steps)
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=2e-6)
+    assert ours[-1] == 0.0 and np.all(np.diff(ours) <= 0)  # descending to zero
+
+
+def test_the_scheduler_list_is_comfyuis():
+    from ryla import catalogue
+
+    assert set(sampling.SCHEDULERS) == set(catalogue.SCHEDULER.choices) == {
+        "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic",
+        "kl_optimal"}

@@ -68,7 +68,8 @@ DENOISE = Param("denoise", float, 1.0, "Fraction of the schedule to run; 1.0 sta
 SAMPLER = Param("sampler_name", str, "euler", "Sampler. FLUX.1-dev is trained for flow-matching Euler.",
                 choices=("euler",))
 SCHEDULER = Param("scheduler", str, "simple", "Noise schedule, as ComfyUI computes it.",
-                  choices=("simple", "normal", "sgm_uniform"))
+                  choices=("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                           "linear_quadratic", "kl_optimal"))
 OUTPUT_FORMAT = Param("output_format", str, "jpeg", "Encoding of the returned images.",
                       choices=("jpeg", "png", "webp"))
 QUALITY = Param("quality", int, 90, "JPEG/WebP quality (ignored for PNG).", min=1, max=100)

@@ -76,10 +76,96 @@ def normal_scheduler(ms: FluxModelSampling, steps: int, sgm: bool = False) -> to
     return torch.FloatTensor(sigmas)
 
 
+def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+def karras_scheduler(ms: FluxModelSampling, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """k-diffusion's get_sigmas_karras (Karras et al. 2022, eq. 5) between the model's sigma_min
+    and sigma_max."""
+    ramp = torch.linspace(0, 1, steps)
+    min_inv_rho = float(ms.sigma_min) ** (1 / rho)
+    max_inv_rho = float(ms.sigma_max) ** (1 / rho)
+    return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+
+
+def exponential_scheduler(ms: FluxModelSampling, steps: int) -> torch.Tensor:
+    """k-diffusion's get_sigmas_exponential: log-uniform from sigma_max to sigma_min."""
+    return _append_zero(torch.linspace(math.log(float(ms.sigma_max)), math.log(float(ms.sigma_min)), steps).exp())
+
+
+def ddim_uniform_scheduler(ms: FluxModelSampling, steps: int) -> torch.Tensor:
+    """ComfyUI's ddim_scheduler: every len/steps-th entry of the sigma table, from the second,
+    highest first (with a zero appended unless the table's second entry is already zero)."""
+    sigmas, index = [], 1
+    if math.isclose(float(ms.sigmas[index]), 0, abs_tol=0.00001):
+        steps += 1
+    else:
+        sigmas = [0.0]
+    stride = max(len(ms.sigmas) // steps, 1)
+    while index < len(ms.sigmas):
+        sigmas.append(float(ms.sigmas[index]))
+        index += stride
+    return torch.FloatTensor(sigmas[::-1])
+
+
+def beta_scheduler(ms: FluxModelSampling, steps: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """ComfyUI's beta_scheduler (from "Beta Sampling is All You Need", arXiv:2407.12173): table
+    indices at the Beta(alpha, beta) distribution's quantiles, repeats dropped."""
+    import numpy as np
+    from scipy import stats
+
+    total = len(ms.sigmas) - 1
+    quantiles = 1 - np.linspace(0, 1, steps, endpoint=False)
+    indices = np.rint(stats.beta.ppf(quantiles, alpha, beta) * total)
+    sigmas, last = [], -1
+    for index in indices:
+        if index != last:
+            sigmas.append(float(ms.sigmas[int(index)]))
+        last = index
+    return torch.FloatTensor(sigmas + [0.0])
+
+
+def linear_quadratic_scheduler(ms: FluxModelSampling, steps: int, threshold_noise: float = 0.025,
+                               linear_steps: int | None = None) -> torch.Tensor:
+    """ComfyUI's linear_quadratic_schedule (after Genmo's Mochi): linear up to threshold_noise
+    for the first half of the steps, quadratic after, scaled by sigma_max."""
+    if steps == 1:
+        schedule = [1.0, 0.0]
+    else:
+        linear_steps = steps // 2 if linear_steps is None else linear_steps
+        linear = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+        step_diff = linear_steps - threshold_noise * steps
+        quadratic_steps = steps - linear_steps
+        quadratic_coef = step_diff / (linear_steps * quadratic_steps ** 2)
+        linear_coef = threshold_noise / linear_steps - 2 * step_diff / (quadratic_steps ** 2)
+        const = quadratic_coef * (linear_steps ** 2)
+        quadratic = [quadratic_coef * (i ** 2) + linear_coef * i + const for i in range(linear_steps, steps)]
+        schedule = [1.0 - x for x in linear + quadratic + [1.0]]
+    return torch.FloatTensor(schedule) * ms.sigma_max.cpu()
+
+
+def kl_optimal_scheduler(ms: FluxModelSampling, steps: int) -> torch.Tensor:
+    """ComfyUI's kl_optimal_scheduler (from AUTOMATIC1111's PR 15608, "Align Your Steps"'s KL
+    optimal schedule): tan of a linear interpolation between atan(sigma_max) and atan(sigma_min)."""
+    positions = torch.arange(steps, dtype=torch.float).div_(steps - 1) if steps > 1 else torch.zeros(1)
+    sigmas = positions.new_zeros(steps + 1)
+    sigmas[:-1] = (positions * math.atan(float(ms.sigma_min))
+                   + (1 - positions) * math.atan(float(ms.sigma_max))).tan_()
+    return sigmas
+
+
+# ComfyUI's scheduler names (comfy/samplers.py SCHEDULER_HANDLERS), in its order.
 SCHEDULERS: dict[str, Callable[[FluxModelSampling, int], torch.Tensor]] = {
     "simple": simple_scheduler,
-    "normal": normal_scheduler,
     "sgm_uniform": lambda ms, steps: normal_scheduler(ms, steps, sgm=True),
+    "karras": karras_scheduler,
+    "exponential": exponential_scheduler,
+    "ddim_uniform": ddim_uniform_scheduler,
+    "beta": beta_scheduler,
+    "normal": normal_scheduler,
+    "linear_quadratic": linear_quadratic_scheduler,
+    "kl_optimal": kl_optimal_scheduler,
 }
 SAMPLERS = ("euler",)
 
