@@ -208,3 +208,15 @@ def test_every_scheduler_runs_in_a_ksampler_and_basic_scheduler(runtime):
     assert len(set(outputs.values())) == len(outputs)  # each schedule gives its own image
     info = runtime.registry.object_info(runtime.context())
     assert info["BasicScheduler"]["input"]["required"]["scheduler"][0] == list(catalogue.SCHEDULER.choices)
+
+
+def test_every_sampler_runs_and_ddim_is_comfyuis_euler(runtime):
+    from ryla import catalogue
+
+    images = {}
+    for sampler in catalogue.SAMPLER.choices:
+        graph = small_graph()
+        graph["7"]["inputs"].update(sampler_name=sampler, steps=3)
+        images[sampler] = runtime.run(graph).images[0].tobytes()
+    assert images["ddim"] == images["euler"]  # ComfyUI's ddim is euler unless inpainting
+    assert len({images["euler"], images["heun"], images["dpmpp_2m"]}) == 3

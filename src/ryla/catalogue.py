@@ -65,8 +65,9 @@ BATCH_SIZE = Param("batch_size", int, 1, "Images generated together from consecu
 NUM_IMAGES = Param("num_images", int, 1, "Number of images to return (one batch).", min=1, max=4)
 DENOISE = Param("denoise", float, 1.0, "Fraction of the schedule to run; 1.0 starts from pure noise.",
                 min=0.0, max=1.0)
-SAMPLER = Param("sampler_name", str, "euler", "Sampler. FLUX.1-dev is trained for flow-matching Euler.",
-                choices=("euler",))
+SAMPLER = Param("sampler_name", str, "euler", "Sampler, as ComfyUI computes it. FLUX.1-dev is trained for "
+                "flow-matching Euler; heun evaluates the model twice a step.",
+                choices=("euler", "heun", "dpmpp_2m", "ddim"))
 SCHEDULER = Param("scheduler", str, "simple", "Noise schedule, as ComfyUI computes it.",
                   choices=("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
                            "linear_quadratic", "kl_optimal"))

@@ -432,7 +432,8 @@ class FluxEngine:
     @torch.inference_mode()
     def sample(self, model: FluxModel, positive: Conditioning, negative: Conditioning | None,
                latent: torch.Tensor, noise: torch.Tensor | None, sigmas: torch.Tensor, cfg: float,
-               callback: ProgressCallback | None = None, cancel: threading.Event | None = None) -> torch.Tensor:
+               callback: ProgressCallback | None = None, cancel: threading.Event | None = None,
+               sampler: str = "euler") -> torch.Tensor:
         """Run the sampler. `latent` and the result are in VAE latent space ([B,16,H/8,W/8]),
         as ComfyUI's LATENT; `noise` is ComfyUI's seeded noise (None: start from `latent`)."""
         if len(sigmas) < 2:
@@ -460,7 +461,7 @@ class FluxEngine:
                 return v_uncond + cfg * (v_cond - v_uncond)
 
             try:
-                x = sampling.euler(velocity, x, sigmas, callback)
+                x = sampling.SAMPLERS[sampler](velocity, x, sigmas, callback)
             finally:
                 if plan is not None:
                     plan.close()

@@ -167,7 +167,6 @@ SCHEDULERS: dict[str, Callable[[FluxModelSampling, int], torch.Tensor]] = {
     "linear_quadratic": linear_quadratic_scheduler,
     "kl_optimal": kl_optimal_scheduler,
 }
-SAMPLERS = ("euler",)
 
 
 def calculate_sigmas(ms: FluxModelSampling, scheduler: str, steps: int) -> torch.Tensor:
@@ -204,6 +203,59 @@ def euler(velocity: Callable[[torch.Tensor, float, int], torch.Tensor], x: torch
         if callback is not None:
             callback(i + 1, total)
     return x
+
+
+def heun(velocity: Callable[[torch.Tensor, float, int], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+         callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """k-diffusion's sample_heun (Karras et al. 2022, algorithm 1, no churn) as ComfyUI runs it:
+    Euler to the next sigma, a second evaluation there, the mean of the two slopes; a plain
+    Euler step onto sigma 0. For a flow model d = (x - denoised) / sigma = v."""
+    total = len(sigmas) - 1
+    for i in range(total):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = velocity(x, sigma, i)
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = velocity(x_2, sigma_next, i + 1)  # sigma_next is step i + 1's sigma
+            x = x + (d + d_2) / 2 * dt
+        if callback is not None:
+            callback(i + 1, total)
+    return x
+
+
+def dpmpp_2m(velocity: Callable[[torch.Tensor, float, int], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+             callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """k-diffusion's sample_dpmpp_2m (DPM-Solver++(2M), arXiv:2211.01095) as ComfyUI runs it, in
+    t = -log(sigma): a first-order step, then second-order steps from the last two denoised
+    predictions; onto sigma 0 the result is the denoised prediction. For a flow model
+    denoised = x - sigma * v."""
+    total = len(sigmas) - 1
+    old_denoised = None
+    for i in range(total):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = x - sigma * velocity(x, sigma, i)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            if old_denoised is None:
+                x = (sigma_next / sigma) * x - math.expm1(-h) * denoised
+            else:
+                r = (math.log(float(sigmas[i - 1])) - math.log(sigma)) / h
+                corrected = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+                x = (sigma_next / sigma) * x - math.expm1(-h) * corrected
+        old_denoised = denoised
+        if callback is not None:
+            callback(i + 1, total)
+    return x
+
+
+# ComfyUI's sampler names that ryla runs. "ddim" is ComfyUI's euler with random noise for masked
+# inpainting only (comfy/samplers.py sampler_class), so without a mask it is euler.
+SAMPLERS: dict[str, Callable] = {"euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m, "ddim": euler}
 
 
 # Packing of latents into transformer tokens. Same layout as diffusers' FluxPipeline

@@ -40,16 +40,17 @@ def flux_latent(latent: dict) -> torch.Tensor:
 
 
 def run_sampler(context, model: FluxModel, positive: Conditioning, negative: Conditioning | None,
-                latent: torch.Tensor, noise: torch.Tensor | None, sigmas: torch.Tensor, cfg: float) -> torch.Tensor:
+                latent: torch.Tensor, noise: torch.Tensor | None, sigmas: torch.Tensor, cfg: float,
+                sampler: str = "euler") -> torch.Tensor:
     return context.engine.sample(model, positive, negative, latent, noise, sigmas, cfg,
-                                 callback=context.progress, cancel=context.cancel)
+                                 callback=context.progress, cancel=context.cancel, sampler=sampler)
 
 
 @node
 class KSampler(Node):
     class_type = "KSampler"
     category = "sampling"
-    description = "Denoise a latent with the FLUX model: ComfyUI's KSampler (seeded CPU noise, Euler)."
+    description = "Denoise a latent with the FLUX model: ComfyUI's KSampler (seeded CPU noise, its samplers)."
     inputs = (
         link("model", "MODEL"),
         from_param(catalogue.SEED, name="seed", default=0),
@@ -72,7 +73,8 @@ class KSampler(Node):
         latent = flux_latent(latent_image)
         noise = sampling.prepare_noise(tuple(latent.shape), seed)
         sigmas = sampling.ksampler_sigmas(model_sampling(model), scheduler, steps, denoise)
-        return ({"samples": run_sampler(context, model, positive, negative, latent, noise, sigmas, cfg)},)
+        return ({"samples": run_sampler(context, model, positive, negative, latent, noise, sigmas, cfg,
+                                        sampler=sampler_name)},)
 
 
 @node
@@ -169,7 +171,7 @@ class SamplerCustomAdvanced(Node):
     def run(self, context, noise, guider, sampler, sigmas, latent_image):
         latent = flux_latent(latent_image)
         out = run_sampler(context, guider.model, guider.positive, guider.negative, latent,
-                          noise.generate(latent), sigmas, guider.cfg)
+                          noise.generate(latent), sigmas, guider.cfg, sampler=sampler)
         # After the last step (sigma 0) the output is its own denoised prediction.
         return ({"samples": out}, {"samples": out})
 
