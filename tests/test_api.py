@@ -219,7 +219,7 @@ def test_ryla_client_workflow_and_errors(server, tmp_path):
     r = client(server, "workflow", str(tmp_path / "wf.json"), "--output-dir", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["workflow_1.png", "workflow_2.png"]
-    graph["7"]["inputs"]["sampler_name"] = "dpmpp_2m"
+    graph["7"]["inputs"]["sampler_name"] = "lms"
     (tmp_path / "bad.json").write_text(json.dumps(graph))
     r = client(server, "workflow", str(tmp_path / "bad.json"))
     assert r.returncode == 1 and "node 7 (KSampler)" in r.stderr
