@@ -545,3 +545,25 @@ def test_webhook_delivery_retries_until_accepted():
 
     with pytest.raises(webhooks.WebhookRefused, match="non-public"):
         asyncio.run(webhooks.check_target("http://localhost:9/x", Strict.allow_private_webhooks))
+
+
+def test_a_finished_jobs_images_leave_memory_but_its_files_stay(runtime, monkeypatch, tmp_path):
+    """The history keeps many jobs; their in-memory images (megabytes each) go after a while."""
+    from starlette.testclient import TestClient
+
+    from ryla.api import service as service_module
+    from ryla.api.app import ServerSettings, create_app
+
+    monkeypatch.setattr(service_module, "RESULT_KEEP_S", 0.2)
+    app = create_app(runtime, ServerSettings(preload=False, data_dir=tmp_path))
+    with TestClient(app) as client:
+        response = client.post("/flux-dev", json=SMALL, headers={"Accept": "application/json"})
+        assert response.status_code == 200
+        job = app.state.service.jobs.get(response.json()["job_id"])
+        deadline = time.time() + 5
+        while job.result is not None and time.time() < deadline:
+            time.sleep(0.05)
+        assert job.result is None and job.status == "success"
+        image = client.get("/jobs/" + job.id).json()["result"]["images"][0]
+        assert client.get("/view", params={k: image[k] for k in ("filename", "subfolder", "type")}).status_code == 200
+    app.state.service.queue.close()

@@ -35,6 +35,10 @@ from ryla.safety import Safety, SafetyUnavailable, check_mode, stricter
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
+# How long a finished job keeps its in-memory result (the PIL images a waiting request encodes,
+# or the exception with its traceback): the history keeps a thousand jobs, and their images
+# (3 MB each at 1024x1024) must not stay in memory with them.
+RESULT_KEEP_S = 60.0
 
 
 def default_data_dir() -> Path:
@@ -189,6 +193,8 @@ class Service:
                                    {"queue_depth": self.queue.depth},
                                    headers={"Retry-After": str(self.queue.expected_wait())})
                 raise _timeout_error(self.settings)
+            if job.result is None:
+                return self._result_or_error(job)
             done, _ = await asyncio.wait({job.result}, timeout=min(0.2, remaining))
             if done:
                 return self._result_or_error(job)
@@ -198,6 +204,8 @@ class Service:
                 raise ApiError(499, "client_closed_request", "the client closed the connection")
 
     def _result_or_error(self, job: Job) -> RunResult:
+        if job.result is None:  # released RESULT_KEEP_S after the job finished
+            raise ApiError(410, "result_released", "the job finished long ago; its images are at GET /jobs/{id}")
         try:
             return job.result.result()
         except asyncio.CancelledError:
@@ -338,7 +346,12 @@ class Service:
         job.messages.append(["execution_error", data])
         self._finished(job, "execution_error", data)
 
+    def _release(self, job: Job) -> None:
+        """Drop a finished job's in-memory result; its files and history entry stay."""
+        job.result = None
+
     def _finished(self, job: Job, event: str, data: dict) -> None:
+        asyncio.get_running_loop().call_later(RESULT_KEEP_S, self._release, job)
         job.finished_at = time.time()
         job.current_node = None
         self.jobs.job_event(job, event, data)
