@@ -220,3 +220,23 @@ def test_every_sampler_runs_and_ddim_is_comfyuis_euler(runtime):
         images[sampler] = runtime.run(graph).images[0].tobytes()
     assert images["ddim"] == images["euler"]  # ComfyUI's ddim is euler unless inpainting
     assert len({images["euler"], images["heun"], images["dpmpp_2m"]}) == 3
+
+
+def test_ui_format_is_refused_with_how_to_export_and_runpod_bodies_are_unwrapped(runtime, server):
+    import httpx
+
+    from ryla.graph.executor import unwrap_workflow
+
+    ui = {"last_node_id": 9, "last_link_id": 9, "nodes": [{"id": 3, "type": "KSampler", "widgets_values": []}],
+          "links": [[1, 4, 0, 3, 0, "MODEL"]], "groups": [], "version": 0.4}
+    body = validation_error(runtime, ui)
+    assert body["error"]["type"] == "invalid_prompt" and "UI format" in body["error"]["message"]
+    assert "API" in body["error"]["details"]
+    graph = small_graph()
+    assert unwrap_workflow({"input": {"workflow": graph}}) == (graph, None)
+    assert unwrap_workflow({"input": {"workflow": graph, "images": [{"name": "a.png", "image": "AAAA"}]}})[1] == \
+        {"a.png": "AAAA"}
+    r = httpx.post(server.url + "/workflow", json={"input": {"workflow": graph}}, timeout=60)
+    assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
+    r = httpx.post(server.url + "/workflow", json=ui)
+    assert r.status_code == 400 and "Save (API Format)" in r.json()["error"]["details"]

@@ -61,6 +61,8 @@ def _error_message(response) -> str:
         return f"HTTP {response.status_code}: {response.text[:200]}"
     error = body.get("error", {}) if isinstance(body, dict) else {}
     message = f"{error.get('message', 'request failed')} (HTTP {response.status_code}, {error.get('type', 'error')})"
+    if isinstance(error.get("details"), str) and error["details"] and not body.get("node_errors"):
+        message += f": {error['details']}"
     for node_id, entry in (body.get("node_errors") or {}).items():
         for err in entry.get("errors", []):
             message += f"\n  node {node_id} ({entry.get('class_type')}): {err.get('message')} {err.get('details', '')}"

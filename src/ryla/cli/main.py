@@ -103,8 +103,9 @@ def cmd_run_workflow(args: argparse.Namespace) -> None:
         raise CliError(f"cannot read workflow {args.workflow}: {exc.strerror if isinstance(exc, OSError) else exc}")
     except json.JSONDecodeError as exc:
         raise CliError(f"workflow {args.workflow} is not valid JSON: {exc}")
-    if isinstance(graph, dict) and isinstance(graph.get("prompt"), dict):
-        graph = graph["prompt"]  # the body of ComfyUI's POST /prompt
+    from ryla.graph.executor import unwrap_workflow
+
+    graph, _ = unwrap_workflow(graph)  # a /prompt body, or RunPod's {"input": {"workflow": ...}}
     images = {}
     for spec in args.image or []:
         name, sep, path = spec.partition("=")

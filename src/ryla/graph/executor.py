@@ -60,6 +60,28 @@ class NodeUserError(Exception):
         super().__init__(message)
 
 
+def is_ui_format(body: Any) -> bool:
+    """ComfyUI's UI (editor) format: {"nodes": [...], "links": [...], ...}, not a graph of nodes."""
+    return isinstance(body, dict) and isinstance(body.get("nodes"), list) and isinstance(body.get("links"), list)
+
+
+def unwrap_workflow(body: Any) -> tuple[Any, dict[str, str] | None]:
+    """The graph in a request body, and the images that came with it ({name: base64}):
+    a bare API-format graph; ComfyUI's /prompt body {"prompt": graph} (with ryla's "images");
+    or RunPod's worker-comfyui body {"input": {"workflow": graph, "images": [{"name", "image"}]}}."""
+    if not isinstance(body, dict):
+        return body, None
+    if isinstance(body.get("prompt"), dict):
+        return body["prompt"], body.get("images")
+    runpod = body.get("input")
+    if set(body) == {"input"} and isinstance(runpod, dict) and isinstance(runpod.get("workflow"), dict):
+        images = runpod.get("images")
+        if isinstance(images, list):
+            images = {item.get("name"): item.get("image") for item in images if isinstance(item, dict)}
+        return runpod["workflow"], images
+    return body, None
+
+
 class CostLimitError(Exception):
     """The graph asks for more than the server allows (a protection limit, apart from the nodes'
     own bounds): `limit` names the setting."""
@@ -152,6 +174,12 @@ class Executor:
     # ------------------------------------------------------------------ validation
 
     def validate(self, prompt: Any, context: RunContext) -> ValidatedGraph:
+        if is_ui_format(prompt):
+            raise GraphValidationError(error_entry(
+                "invalid_prompt", "This is a workflow in ComfyUI's UI format (it has 'nodes' and 'links'), not the "
+                "API format this server runs",
+                "In ComfyUI, turn on the dev mode options in the settings and use 'Save (API Format)' "
+                "(newer versions: Workflow > Export (API)), then send that file"))
         if not isinstance(prompt, dict) or not prompt:
             raise GraphValidationError(error_entry(
                 "invalid_prompt", "Workflow must be a non-empty object of nodes in ComfyUI API format"))

@@ -18,6 +18,7 @@ from ryla.api.routes.loras import lora_entry
 from ryla.api.schemas import ErrorResponse, FluxDevRequest, FluxInstantIdRequest, FluxLoraRequest
 from ryla.api.service import ServerSettings, Service, Timings, get_service
 from ryla.api.webhooks import validate_webhook
+from ryla.graph.executor import unwrap_workflow
 from ryla.runtime import random_seed
 from ryla.workflows import FLUX_DEV, flux_instantid_graph, flux_lora_graph, with_trigger_words
 
@@ -86,8 +87,7 @@ async def workflow(request: Request,
                                         le=catalogue.QUALITY.max),
                    service: Service = Depends(get_service)) -> Response:
     wrapped = isinstance(body.get("prompt"), dict)
-    graph = body["prompt"] if wrapped else body
-    uploads = body.get("images") if wrapped else None
+    graph, uploads = unwrap_workflow(body)  # bare, ComfyUI's /prompt body, or RunPod's {"input": ...}
     if uploads is not None and not (isinstance(uploads, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in uploads.items())
             and len(uploads) <= MAX_WORKFLOW_IMAGES):
