@@ -240,3 +240,12 @@ def test_ui_format_is_refused_with_how_to_export_and_runpod_bodies_are_unwrapped
     assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
     r = httpx.post(server.url + "/workflow", json=ui)
     assert r.status_code == 400 and "Save (API Format)" in r.json()["error"]["details"]
+
+
+def test_object_info_carries_what_comfyuis_editor_draws(runtime):
+    info = runtime.registry.object_info(runtime.context())
+    assert info["KSampler"]["input"]["required"]["seed"][1]["control_after_generate"] is True
+    assert info["RandomNoise"]["input"]["required"]["noise_seed"][1]["control_after_generate"] is True
+    assert info["LoadImage"]["input"]["required"]["image"][1]["image_upload"] is True
+    assert info["CheckpointLoaderSimple"]["display_name"] == "Load Checkpoint"
+    assert info["SaveImage"]["display_name"] == "Save Image" and info["KSampler"]["category"] == "sampling"

@@ -32,6 +32,10 @@ class InputSpec:
     optional: bool = False
     multiline: bool = False
     description: str = ""
+    # What ComfyUI's editor draws beside the widget: a "control after generate" menu on seeds,
+    # an upload button on LoadImage's image ("image_upload").
+    control_after_generate: bool = False
+    upload: str | None = None
 
     @property
     def is_widget(self) -> bool:
@@ -149,18 +153,35 @@ class NodeRegistry:
         return {name: _object_info(cls, context) for name, cls in sorted(self.classes.items())}
 
 
+# ComfyUI's display names (nodes.py NODE_DISPLAY_NAME_MAPPINGS) for the nodes that have one.
+DISPLAY_NAMES = {
+    "KSampler": "KSampler", "CheckpointLoaderSimple": "Load Checkpoint", "CLIPTextEncode": "CLIP Text Encode (Prompt)",
+    "VAEDecode": "VAE Decode", "SaveImage": "Save Image", "PreviewImage": "Preview Image", "LoadImage": "Load Image",
+    "EmptyLatentImage": "Empty Latent Image", "LoraLoader": "Load LoRA", "VAELoader": "Load VAE",
+    "UNETLoader": "Load Diffusion Model", "ControlNetLoader": "Load ControlNet Model",
+    "ConditioningCombine": "Conditioning (Combine)",
+}
+
+
 def _object_info(cls: type[Node], context) -> dict:
     required: dict[str, list] = {}
     optional: dict[str, list] = {}
     for spec in cls.inputs:
         if spec.type == "COMBO":
             entry: list = [spec.options(context)]
-            if spec.default is not None:
-                entry.append({"default": spec.default, "tooltip": spec.description})
+            extras = {"default": spec.default} if spec.default is not None else {}
+            if spec.description:
+                extras["tooltip"] = spec.description
+            if spec.upload:
+                extras[spec.upload] = True
+            if extras:
+                entry.append(extras)
         elif spec.is_widget:
             options = {k: v for k, v in (("default", spec.default), ("min", spec.min), ("max", spec.max),
                                          ("step", spec.step), ("multiline", spec.multiline or None),
-                                         ("tooltip", spec.description or None)) if v is not None}
+                                         ("tooltip", spec.description or None),
+                                         ("control_after_generate", spec.control_after_generate or None))
+                       if v is not None}
             entry = [spec.type, options]
         else:
             entry = [spec.type, {"tooltip": spec.description}] if spec.description else [spec.type]
@@ -173,7 +194,7 @@ def _object_info(cls: type[Node], context) -> dict:
         "output_is_list": [False for _ in cls.outputs],
         "output_name": [o.name for o in cls.outputs],
         "name": cls.class_type,
-        "display_name": cls.class_type,
+        "display_name": DISPLAY_NAMES.get(cls.class_type, cls.class_type),
         "description": cls.description,
         "python_module": cls.__module__,
         "category": cls.category,

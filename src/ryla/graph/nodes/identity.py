@@ -59,7 +59,7 @@ class LoadImage(Node):
     category = "image"
     description = ("An image sent with the request, or uploaded to the server's input folder "
                    "(POST /upload/image); never an arbitrary path on the server.")
-    inputs = (InputSpec("image", "COMBO", choices=InputImages,
+    inputs = (InputSpec("image", "COMBO", choices=InputImages, upload="image_upload",
                         description="Name of an image sent with the request (e.g. 'reference') or of a file "
                                     "in the input folder."),)
     outputs = (Output("IMAGE", "IMAGE"), Output("MASK", "MASK"))

@@ -53,7 +53,7 @@ class KSampler(Node):
     description = "Denoise a latent with the FLUX model: ComfyUI's KSampler (seeded CPU noise, its samplers)."
     inputs = (
         link("model", "MODEL"),
-        from_param(catalogue.SEED, name="seed", default=0),
+        from_param(catalogue.SEED, name="seed", default=0, control_after_generate=True),
         from_param(catalogue.STEPS),
         from_param(catalogue.CFG, step=0.1),
         from_param(catalogue.SAMPLER),
@@ -116,7 +116,7 @@ class Guider:
 class RandomNoise(Node):
     class_type = "RandomNoise"
     category = "sampling/custom_sampling/noise"
-    inputs = (from_param(catalogue.SEED, name="noise_seed", default=0),)
+    inputs = (from_param(catalogue.SEED, name="noise_seed", default=0, control_after_generate=True),)
     outputs = (Output("NOISE", "NOISE"),)
 
     def run(self, context, noise_seed):
