@@ -227,9 +227,8 @@ class Service:
         job.interrupted = job.interrupted or interrupted
         if self.queue.remove(job.handle):
             log.info("[%s] removed from the queue (%s)", job.request_id, reason)
-        else:
+        else:  # running: the engine stops at its next step or node; _follow records the outcome
             job.handle.cancel.set()
-            job.handle.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         return True
 
     def delete_pending(self, job: Job) -> bool:

@@ -156,12 +156,6 @@ class WorkQueue:
                 job.state = "done"
                 self._resolve(job, exception=asyncio.CancelledError())
 
-    def abandon(self, job: Job) -> None:
-        """The caller stopped waiting (time limit, client gone): cancel, and swallow the
-        eventual result so it is not reported as an unretrieved exception."""
-        job.cancel.set()
-        job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
-
     def _finish(self, job: Job, result: Any = None, exception: BaseException | None = None) -> None:
         with self._lock:
             self._running = None
