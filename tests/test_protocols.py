@@ -285,6 +285,8 @@ def test_uploads_are_renamed_unless_overwrite_and_loadimage_reads_them(comfy_ser
     r = httpx.post(url + "/upload/image", files={"image": ("x.png", png_bytes("red"), "image/png")},
                    data={"subfolder": "../../outside"})
     assert r.status_code == 400
+    r = httpx.post(url + "/upload/image", files={"image": ("fake.png", b"not an image at all", "image/png")})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_image"
 
     assert name in httpx.get(url + "/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"][0]
     graph = {"1": {"class_type": "LoadImage", "inputs": {"image": name}},

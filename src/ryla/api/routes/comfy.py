@@ -27,6 +27,7 @@ from ryla.api.errors import INVALID_JSON, ApiError
 from ryla.api.service import Service, get_service
 from ryla.api.storage import UnsafePath
 from ryla.graph.executor import RunContext
+from ryla.imaging import ImageError, decode_image
 from ryla.models.store import FOLDERS
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,10 @@ async def upload_image(request: Request, service: Service = Depends(get_service)
     form = await _form(request, service)
     image, subfolder, kind, overwrite = _upload_target(form)
     data = await image.read()
+    try:  # the one decoder every incoming image goes through: refuse what LoadImage could not read
+        await asyncio.to_thread(decode_image, data, service.settings.max_image_pixels)
+    except ImageError as exc:
+        raise ApiError(422, "invalid_image", f"image: {exc}", {"errors": [{"field": "image", "message": str(exc)}]})
     try:
         stored = await asyncio.to_thread(service.folders.upload, data, image.filename, subfolder, kind, overwrite)
     except UnsafePath as exc:
