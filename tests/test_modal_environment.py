@@ -69,9 +69,17 @@ def modal_environment() -> Path:
         run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "-r", str(requirements)], timeout=1500)
         run([str(python), "-m", "pip", "install", "--quiet", *TEST_TOOLS], timeout=600)
         (venv / "complete").write_text(key)
-    # ryla itself, as add_local_python_source puts it in the image: the working tree's code.
-    run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(ROOT)], timeout=600)
     return venv
+
+
+def source_path_env() -> dict[str, str]:
+    """ryla itself as add_local_python_source puts it in the image: the working tree's source
+    on the path, not installed. The virtualenv is shared by every checkout on this machine
+    (a CI clone beside a working copy); installing into it would let one run replace the code
+    under another."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    return env
 
 
 @pytest.mark.slow
@@ -81,7 +89,7 @@ def test_the_images_package_set_has_what_face_analysis_needs(modal_environment):
              "assert cv2.__version__.startswith('4.') and hasattr(cv2, 'FaceDetectorYN'), cv2.__version__; "
              "assert 'CPUExecutionProvider' in onnxruntime.get_available_providers(); "
              "import importlib.metadata as m; print(m.version('opencv-python-headless'))")
-    result = run([str(python), "-c", check], cwd="/", timeout=300)
+    result = run([str(python), "-c", check], cwd="/", timeout=300, env=source_path_env())
     assert result.stdout.strip().startswith("4.")
     installed = run([str(python), "-m", "pip", "list", "--format=freeze"], timeout=120).stdout
     assert "opencv-python==" not in installed and "opencv-python-headless==" in installed
@@ -89,13 +97,15 @@ def test_the_images_package_set_has_what_face_analysis_needs(modal_environment):
 
 @pytest.mark.slow
 def test_identity_faces_and_modal_tests_pass_in_the_images_package_set(modal_environment, tiny_dir, test_photos):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = source_path_env()
     env["RYLA_TINY_MODELS_DIR"] = str(tiny_dir)
     env["RYLA_TEST_PHOTOS"] = str(test_photos)
-    result = subprocess.run([str(modal_environment / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/test_identity.py", "tests/test_faces.py", "tests/test_modal.py"],
+    result = subprocess.run([str(modal_environment / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
+                             "--tb=short", "tests/test_identity.py", "tests/test_faces.py", "tests/test_modal.py"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    # The summary's FAILED lines first: a long assertion diff would push them out of the message.
+    failed = "\n".join(line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR")))
+    assert result.returncode == 0, failed + "\n" + result.stdout[-5000:] + result.stderr[-2000:]
     assert re.search(r"\d+ passed", result.stdout)
 
 
