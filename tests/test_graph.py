@@ -71,7 +71,9 @@ def test_template_runs_and_images_have_the_requested_size(runtime, caplog):
     (lambda g: g["7"]["inputs"].__setitem__("sampler_name", "lms"), "7", "value_not_in_list"),
     (lambda g: g["7"]["inputs"].__setitem__("scheduler", "not_a_scheduler"), "7", "value_not_in_list"),
     (lambda g: g["1"]["inputs"].__setitem__("ckpt_name", "missing.safetensors"), "1", "value_not_in_list"),
-    (lambda g: g["5"]["inputs"].__setitem__("width", 1000), "5", "custom_validation_failed"),
+    # ComfyUI's bounds (a width of 1000 is fine, as in ComfyUI), not the typed endpoints'
+    (lambda g: g["5"]["inputs"].__setitem__("width", 20000), "5", "value_bigger_than_max"),
+    (lambda g: g["9"]["inputs"].__setitem__("filename_prefix", "../out"), "9", "custom_validation_failed"),
 ])
 def test_each_error_type_names_the_node(runtime, mutate, node_id, error_type):
     graph = small_graph()
@@ -87,7 +89,7 @@ def test_each_error_type_names_the_node(runtime, mutate, node_id, error_type):
 
 def test_unsupported_sampler_error_lists_the_supported_values(runtime):
     graph = small_graph()
-    graph["7"]["inputs"]["sampler_name"] = "lms"  # a ComfyUI sampler ryla does not run yet
+    graph["7"]["inputs"]["sampler_name"] = "lms"  # a ComfyUI sampler ryla does not run
     body = validation_error(runtime, graph)
     details = body["node_errors"]["7"]["errors"][0]["details"]
     assert "euler" in details and "dpmpp_2m" in details
@@ -191,8 +193,15 @@ def test_object_info_has_comfyui_shape(runtime):
     info = runtime.registry.object_info(runtime.context())
     ksampler = info["KSampler"]
     assert ksampler["input"]["required"]["steps"][0] == "INT"
-    assert ksampler["input"]["required"]["steps"][1]["default"] == 28
-    assert ksampler["input"]["required"]["sampler_name"][0] == ["euler", "heun", "dpmpp_2m", "ddim"]
+    # ComfyUI's own defaults and bounds (nodes.py KSampler), not the typed endpoints'
+    assert ksampler["input"]["required"]["steps"][1] == {"default": 20, "min": 1, "max": 10000, "step": 1,
+                                                         "tooltip": ksampler["input"]["required"]["steps"][1]["tooltip"]}
+    assert ksampler["input"]["required"]["cfg"][1]["default"] == 8.0
+    assert info["EmptyLatentImage"]["input"]["required"]["width"][1]["default"] == 512
+    assert info["EmptySD3LatentImage"]["input"]["required"]["batch_size"][1]["max"] == 4096
+    assert info["LoraLoader"]["input"]["required"]["strength_model"][1]["min"] == -100.0
+    from ryla.flux import samplers
+    assert ksampler["input"]["required"]["sampler_name"][0] == list(samplers.SAMPLERS)
     assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == ["flux1-dev-fp8.safetensors"]
     assert info["SaveImage"]["output_node"] is True and info["KSampler"]["output"] == ["LATENT"]
 
@@ -216,22 +225,26 @@ def test_every_sampler_runs_and_ddim_is_comfyuis_euler(runtime):
     images = {}
     for sampler in catalogue.SAMPLER.choices:
         graph = small_graph()
-        graph["7"]["inputs"].update(sampler_name=sampler, steps=3)
+        graph["7"]["inputs"].update(sampler_name=sampler, steps=4)  # at 3 steps 3m_sde is 2m_sde_heun
         images[sampler] = runtime.run(graph).images[0].tobytes()
     assert images["ddim"] == images["euler"]  # ComfyUI's ddim is euler unless inpainting
-    assert len({images["euler"], images["heun"], images["dpmpp_2m"]}) == 3
+    # The *_gpu variants build their Brownian tree on the model's device: the CPU here.
+    assert images["dpmpp_sde_gpu"] == images["dpmpp_sde"] and images["dpmpp_2m_sde_gpu"] == images["dpmpp_2m_sde"]
+    distinct = {name: image for name, image in images.items() if name not in ("ddim", "dpmpp_sde_gpu",
+                                                                               "dpmpp_2m_sde_gpu")}
+    assert len(set(distinct.values())) == len(distinct)
 
 
-def test_ui_format_is_refused_with_how_to_export_and_runpod_bodies_are_unwrapped(runtime, server):
+def test_ui_format_is_converted_and_runpod_bodies_are_unwrapped(runtime, server):
     import httpx
 
     from ryla.graph.executor import unwrap_workflow
 
     ui = {"last_node_id": 9, "last_link_id": 9, "nodes": [{"id": 3, "type": "KSampler", "widgets_values": []}],
           "links": [[1, 4, 0, 3, 0, "MODEL"]], "groups": [], "version": 0.4}
+    # converted (tests/test_ui_format.py has the rules); a lone KSampler is a graph with no outputs
     body = validation_error(runtime, ui)
-    assert body["error"]["type"] == "invalid_prompt" and "UI format" in body["error"]["message"]
-    assert "API" in body["error"]["details"]
+    assert body["error"]["type"] == "prompt_no_outputs"
     graph = small_graph()
     assert unwrap_workflow({"input": {"workflow": graph}}) == (graph, None)
     assert unwrap_workflow({"input": {"workflow": graph, "images": [{"name": "a.png", "image": "AAAA"}]}})[1] == \
@@ -239,7 +252,7 @@ def test_ui_format_is_refused_with_how_to_export_and_runpod_bodies_are_unwrapped
     r = httpx.post(server.url + "/workflow", json={"input": {"workflow": graph}}, timeout=60)
     assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
     r = httpx.post(server.url + "/workflow", json=ui)
-    assert r.status_code == 400 and "Save (API Format)" in r.json()["error"]["details"]
+    assert r.status_code == 400 and r.json()["error"]["type"] == "prompt_no_outputs"
 
 
 def test_object_info_carries_what_comfyuis_editor_draws(runtime):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ryla.flux import sampling
+from ryla.flux import samplers, sampling
 
 
 def comfy_reference_sigmas(shift: float, steps: int, scheduler: str) -> np.ndarray:
@@ -92,7 +92,7 @@ def test_pack_unpack_roundtrip():
 def test_euler_step_is_flow_matching():
     sigmas = torch.tensor([1.0, 0.5, 0.0])
     x = torch.ones(1)
-    out = sampling.euler(lambda x, s, i: torch.full_like(x, 2.0), x, sigmas)
+    out = samplers.euler(samplers.FlowModel(lambda x, s, i: torch.full_like(x, 2.0)), x, sigmas)
     assert out.item() == pytest.approx(1.0 + (-0.5) * 2 + (-0.5) * 2)
 
 
@@ -166,52 +166,320 @@ def toy_denoiser(x: np.ndarray, sigma: float) -> np.ndarray:
     return np.tanh(x) * (1 - sigma) + 0.3 * np.sin(3 * x) * sigma
 
 
-def comfy_reference_sample(sampler: str, x: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
-    """comfy/k_diffusion/sampling.py's sample_heun and sample_dpmpp_2m, in float64 on the toy
-    denoiser, written from those functions (k-diffusion's to_d, t = -log sigma)."""
+class ComfyReference:
+    """comfy/k_diffusion/sampling.py's samplers for a CONST (flow) model, transcribed into float64
+    torch on the toy denoiser, independently of ryla.flux.samplers: the RF variants, to_d,
+    get_ancestral_step, the half-log-SNR helpers, default_noise_sampler and
+    BrownianTreeNoiseSampler as ComfyUI builds them."""
+
+    def __init__(self, seed=5, shift=1.15, mask=None, latent=None, noise=None):
+        self.seed, self.shift, self.calls = seed, shift, 0
+        self.mask, self.latent, self.noise = mask, latent, noise
+
+    def model(self, x, sigma):  # KSamplerX0Inpaint around the toy model
+        self.calls += 1
+        s = float(sigma)
+        if self.mask is None:
+            return torch.from_numpy(toy_denoiser(x.numpy(), s))
+        keep = 1.0 - self.mask
+        x = x * self.mask + (s * self.noise + (1 - s) * self.latent) * keep
+        out = torch.from_numpy(toy_denoiser(x.numpy(), s))
+        return out * self.mask + self.latent * keep
+
+    @staticmethod
     def to_d(x, sigma, denoised):
         return (x - denoised) / sigma
 
-    old_denoised = None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = toy_denoiser(x, sigma)
-        if sampler == "heun":
-            d = to_d(x, sigma, denoised)
-            dt = sigma_next - sigma
-            if sigma_next == 0:
+    @staticmethod
+    def ancestral_step(sigma_from, sigma_to, eta=1.0):
+        if not eta:
+            return sigma_to, 0.0
+        sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+        return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+    def noise_sampler(self, x):
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(self.seed + 1)  # +1 on the CPU, as default_noise_sampler does
+        return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, generator=generator)
+
+    def brownian(self, x, sigmas):
+        import torchsde
+
+        t0, t1 = sigmas[sigmas > 0].min().float(), sigmas.max().float()
+        tree = torchsde.BrownianTree(t0, torch.zeros_like(x), t1, entropy=self.seed)
+
+        def sample(sigma, sigma_next):
+            a, b = torch.as_tensor(float(sigma)).float(), torch.as_tensor(float(sigma_next)).float()
+            lo, hi, sign = (a, b, 1) if a < b else (b, a, -1)
+            return tree(lo, hi).to(torch.float32) * sign / (b - a).abs().sqrt()
+        return sample
+
+    def offset(self, sigmas):
+        if sigmas[0] >= 1:
+            sigmas = sigmas.clone()
+            sigmas[0] = math.exp(self.shift) / (math.exp(self.shift) + (1 / (1.0 - 1e-4) - 1))
+        return sigmas
+
+    lam = staticmethod(lambda sigma: sigma.logit().neg())  # sigma_to_half_log_snr, CONST
+    sig = staticmethod(lambda lam: lam.neg().sigmoid())  # half_log_snr_to_sigma, CONST
+
+    def run(self, name, x, sigmas):
+        return getattr(self, name)(x, sigmas)
+
+    def heun(self, x, sigmas):
+        for i in range(len(sigmas) - 1):
+            denoised = self.model(x, sigmas[i])
+            d = self.to_d(x, sigmas[i], denoised)
+            dt = sigmas[i + 1] - sigmas[i]
+            if sigmas[i + 1] == 0:
                 x = x + d * dt
             else:
                 x_2 = x + d * dt
-                d_2 = to_d(x_2, sigma_next, toy_denoiser(x_2, sigma_next))
+                d_2 = self.to_d(x_2, sigmas[i + 1], self.model(x_2, sigmas[i + 1]))
                 x = x + (d + d_2) / 2 * dt
-        elif sampler == "dpmpp_2m":
-            t, t_next = -np.log(sigma), (-np.log(sigma_next) if sigma_next > 0 else np.inf)
+        return x
+
+    def dpmpp_2m(self, x, sigmas):
+        old = None
+        for i in range(len(sigmas) - 1):
+            denoised = self.model(x, sigmas[i])
+            t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
             h = t_next - t
-            if old_denoised is None or sigma_next == 0:
-                x = (np.exp(-t_next) / np.exp(-t)) * x - np.expm1(-h) * denoised
+            if old is None or sigmas[i + 1] == 0:
+                x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised
             else:
-                r = (t - (-np.log(sigmas[i - 1]))) / h
-                x = (np.exp(-t_next) / np.exp(-t)) * x - np.expm1(-h) * (
-                    (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised)
-            old_denoised = denoised
-    return x
+                r = (t - (-sigmas[i - 1].log())) / h
+                x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old)
+            old = denoised
+        return x
+
+    def euler_ancestral(self, x, sigmas, eta=1.0):
+        noise = self.noise_sampler(x)
+        for i in range(len(sigmas) - 1):
+            denoised = self.model(x, sigmas[i])
+            if sigmas[i + 1] == 0:
+                x = denoised
+            else:
+                sigma_down = sigmas[i + 1] * (1 + (sigmas[i + 1] / sigmas[i] - 1) * eta)
+                alpha_ip1, alpha_down = 1 - sigmas[i + 1], 1 - sigma_down
+                renoise = (sigmas[i + 1] ** 2 - sigma_down ** 2 * alpha_ip1 ** 2 / alpha_down ** 2) ** 0.5
+                ratio = sigma_down / sigmas[i]
+                x = ratio * x + (1 - ratio) * denoised
+                x = (alpha_ip1 / alpha_down) * x + noise(sigmas[i], sigmas[i + 1]) * renoise
+        return x
+
+    def dpm_2(self, x, sigmas):
+        for i in range(len(sigmas) - 1):
+            d = self.to_d(x, sigmas[i], self.model(x, sigmas[i]))
+            if sigmas[i + 1] == 0:
+                x = x + d * (sigmas[i + 1] - sigmas[i])
+            else:
+                sigma_mid = sigmas[i].log().lerp(sigmas[i + 1].log(), 0.5).exp()
+                x_2 = x + d * (sigma_mid - sigmas[i])
+                x = x + self.to_d(x_2, sigma_mid, self.model(x_2, sigma_mid)) * (sigmas[i + 1] - sigmas[i])
+        return x
+
+    def dpm_2_ancestral(self, x, sigmas, eta=1.0):
+        noise = self.noise_sampler(x)
+        for i in range(len(sigmas) - 1):
+            d = self.to_d(x, sigmas[i], self.model(x, sigmas[i]))
+            sigma_down = sigmas[i + 1] * (1 + (sigmas[i + 1] / sigmas[i] - 1) * eta)
+            alpha_ip1, alpha_down = 1 - sigmas[i + 1], 1 - sigma_down
+            renoise = (sigmas[i + 1] ** 2 - sigma_down ** 2 * alpha_ip1 ** 2 / alpha_down ** 2) ** 0.5
+            if sigma_down == 0:
+                x = x + d * (sigma_down - sigmas[i])
+            else:
+                sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
+                x_2 = x + d * (sigma_mid - sigmas[i])
+                x = x + self.to_d(x_2, sigma_mid, self.model(x_2, sigma_mid)) * (sigma_down - sigmas[i])
+                x = (alpha_ip1 / alpha_down) * x + noise(sigmas[i], sigmas[i + 1]) * renoise
+        return x
+
+    def dpmpp_sde(self, x, sigmas, eta=1.0, r=0.5):
+        noise = self.brownian(x, sigmas)
+        sigmas = self.offset(sigmas)
+        for i in range(len(sigmas) - 1):
+            denoised = self.model(x, sigmas[i])
+            if sigmas[i + 1] == 0:
+                x = denoised
+                continue
+            lambda_s, lambda_t = self.lam(sigmas[i]), self.lam(sigmas[i + 1])
+            h = lambda_t - lambda_s
+            lambda_s_1 = lambda_s + r * h
+            fac = 1 / (2 * r)
+            sigma_s_1 = self.sig(lambda_s_1)
+            alpha_s, alpha_s_1 = sigmas[i] * lambda_s.exp(), sigma_s_1 * lambda_s_1.exp()
+            alpha_t = sigmas[i + 1] * lambda_t.exp()
+            sd, su = self.ancestral_step(lambda_s.neg().exp(), lambda_s_1.neg().exp(), eta)
+            h_ = sd.log().neg() - lambda_s
+            x_2 = (alpha_s_1 / alpha_s) * (-h_).exp() * x - alpha_s_1 * (-h_).expm1() * denoised
+            x_2 = x_2 + alpha_s_1 * noise(sigmas[i], sigma_s_1) * su
+            denoised_2 = self.model(x_2, sigma_s_1)
+            sd, su = self.ancestral_step(lambda_s.neg().exp(), lambda_t.neg().exp(), eta)
+            h_ = sd.log().neg() - lambda_s
+            denoised_d = (1 - fac) * denoised + fac * denoised_2
+            x = (alpha_t / alpha_s) * (-h_).exp() * x - alpha_t * (-h_).expm1() * denoised_d
+            x = x + alpha_t * noise(sigmas[i], sigmas[i + 1]) * su
+        return x
+
+    def dpmpp_2m_sde(self, x, sigmas, eta=1.0):
+        noise = self.brownian(x, sigmas)
+        sigmas = self.offset(sigmas)
+        old, h, h_last = None, None, None
+        for i in range(len(sigmas) - 1):
+            denoised = self.model(x, sigmas[i])
+            if sigmas[i + 1] == 0:
+                x = denoised
+            else:
+                lambda_s, lambda_t = self.lam(sigmas[i]), self.lam(sigmas[i + 1])
+                h = lambda_t - lambda_s
+                h_eta = h * (eta + 1)
+                alpha_t = sigmas[i + 1] * lambda_t.exp()
+                x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+                if old is not None:
+                    x = x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / (h_last / h)) * (denoised - old)
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt()
+            old, h_last = denoised, h
+        return x
+
+    def dpmpp_3m_sde(self, x, sigmas, eta=1.0):
+        noise = self.brownian(x, sigmas)
+        sigmas = self.offset(sigmas)
+        d_1 = d_2 = h = h_1 = h_2 = None
+        for i in range(len(sigmas) - 1):
+            denoised = self.model(x, sigmas[i])
+            if sigmas[i + 1] == 0:
+                x = denoised
+            else:
+                lambda_s, lambda_t = self.lam(sigmas[i]), self.lam(sigmas[i + 1])
+                h = lambda_t - lambda_s
+                h_eta = h * (eta + 1)
+                alpha_t = sigmas[i + 1] * lambda_t.exp()
+                x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+                if h_2 is not None:
+                    r0, r1 = h_1 / h, h_2 / h
+                    d1_0, d1_1 = (denoised - d_1) / r0, (d_1 - d_2) / r1
+                    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                    d2 = (d1_0 - d1_1) / (r0 + r1)
+                    phi_2 = h_eta.neg().expm1() / h_eta + 1
+                    x = x + (alpha_t * phi_2) * d1 - (alpha_t * (phi_2 / h_eta - 0.5)) * d2
+                elif h_1 is not None:
+                    phi_2 = h_eta.neg().expm1() / h_eta + 1
+                    x = x + (alpha_t * phi_2) * ((denoised - d_1) / (h_1 / h))
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt()
+            d_1, d_2 = denoised, d_1
+            h_1, h_2 = h, h_1
+        return x
+
+    def lcm(self, x, sigmas):
+        noise = self.noise_sampler(x)
+        for i in range(len(sigmas) - 1):
+            x = self.model(x, sigmas[i])
+            if sigmas[i + 1] > 0:
+                x = sigmas[i + 1] * noise(sigmas[i], sigmas[i + 1]) + (1.0 - sigmas[i + 1]) * x
+        return x
+
+    def ipndm(self, x, sigmas, max_order=4):
+        buffer = []
+        for i in range(len(sigmas) - 1):
+            t_cur, t_next = sigmas[i], sigmas[i + 1]
+            denoised = self.model(x, t_cur)
+            d_cur = (x - denoised) / t_cur
+            order = min(max_order, i + 1)
+            if t_next == 0:
+                x = denoised
+            elif order == 1:
+                x = x + (t_next - t_cur) * d_cur
+            elif order == 2:
+                x = x + (t_next - t_cur) * (3 * d_cur - buffer[-1]) / 2
+            elif order == 3:
+                x = x + (t_next - t_cur) * (23 * d_cur - 16 * buffer[-1] + 5 * buffer[-2]) / 12
+            else:
+                x = x + (t_next - t_cur) * (55 * d_cur - 59 * buffer[-1] + 37 * buffer[-2] - 9 * buffer[-3]) / 24
+            if len(buffer) == max_order - 1:
+                for k in range(max_order - 2):
+                    buffer[k] = buffer[k + 1]
+                buffer[-1] = d_cur
+            else:
+                buffer.append(d_cur)
+        return x
+
+    def res_multistep(self, x, sigmas, eta=0.0):
+        noise = self.noise_sampler(x)
+        old, old_sigma_down = None, None
+        for i in range(len(sigmas) - 1):
+            denoised = self.model(x, sigmas[i])
+            sigma_down, sigma_up = self.ancestral_step(sigmas[i], sigmas[i + 1], eta)
+            if sigma_down == 0 or old is None:
+                x = x + self.to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            else:
+                t, t_old, t_next, t_prev = (-sigmas[i].log(), -old_sigma_down.log(), -sigma_down.log(),
+                                            -sigmas[i - 1].log())
+                h = t_next - t
+                c2 = (t_prev - t_old) / h
+                phi1 = torch.expm1(-h) / -h
+                phi2 = (phi1 - 1.0) / -h
+                b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
+                b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
+                x = (-h).exp() * x + h * (b1 * denoised + b2 * old)
+            if sigmas[i + 1] > 0 and sigma_up:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigma_up
+            old, old_sigma_down = denoised, sigma_down
+        return x
+
+    def res_multistep_ancestral(self, x, sigmas):
+        return self.res_multistep(x, sigmas, eta=1.0)
 
 
-@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m"])
+REFERENCE_SAMPLERS = ["heun", "dpmpp_2m", "euler_ancestral", "dpm_2", "dpm_2_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
+                      "dpmpp_3m_sde", "lcm", "ipndm", "res_multistep", "res_multistep_ancestral"]
+# The Brownian-tree samplers draw float32 noise (BatchedBrownianTree casts to the sigmas' dtype).
+LOOSER = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+
+
+def flow_velocity(calls):
+    def velocity(x, sigma, step):
+        calls.append(step)
+        return (x - torch.from_numpy(toy_denoiser(x.numpy(), sigma))) / sigma
+    return velocity
+
+
+@pytest.mark.parametrize("sampler", REFERENCE_SAMPLERS)
 @pytest.mark.parametrize("scheduler,steps", [("simple", 8), ("karras", 12), ("beta", 20)])
 def test_samplers_give_comfyuis_latents_on_a_toy_model(sampler, scheduler, steps):
     sigmas = sampling.calculate_sigmas(sampling.FluxModelSampling(1.15), scheduler, steps)
     x0 = np.random.default_rng(3).standard_normal((1, 4, 6, 6))
     calls = []
+    model = samplers.FlowModel(flow_velocity(calls), seed=5)
+    ours = samplers.SAMPLERS[sampler](model, torch.from_numpy(x0.copy()), sigmas).numpy()
+    reference = ComfyReference(seed=5)
+    expected = reference.run(sampler, torch.from_numpy(x0.copy()), sigmas.double()).numpy()
+    tolerance = 1e-6 if sampler in LOOSER else 1e-9
+    np.testing.assert_allclose(ours, expected, rtol=tolerance, atol=tolerance)
+    assert len(calls) == reference.calls  # the same number of model evaluations
+    if sampler == "heun":  # twice a step, once onto sigma 0, at the schedule's own sigmas only
+        assert len(calls) == 2 * steps - 1 and sorted(set(calls)) == list(range(steps))
 
-    def velocity(x, sigma, step):
-        calls.append(step)
-        return (x - torch.from_numpy(toy_denoiser(x.numpy(), sigma))) / sigma
 
-    ours = sampling.SAMPLERS[sampler](velocity, torch.from_numpy(x0.copy()), sigmas).numpy()
-    expected = comfy_reference_sample(sampler, x0.copy(), sigmas.double().numpy())
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "euler_ancestral"])
+def test_inpainting_mask_is_comfyuis_ksampler_x0_inpaint(sampler):
+    sigmas = sampling.calculate_sigmas(sampling.FluxModelSampling(1.15), "simple", 6)
+    rng = np.random.default_rng(4)
+    x0 = torch.from_numpy(rng.standard_normal((1, 4, 6, 6)))
+    latent = torch.from_numpy(rng.standard_normal((1, 4, 6, 6)))
+    mask = torch.zeros(1, 4, 6, 6, dtype=torch.float64)
+    mask[..., 2:5, 1:4] = 1.0
+    model = samplers.FlowModel(flow_velocity([]), seed=5, denoise_mask=mask, latent=latent, noise=x0)
+    ours = samplers.SAMPLERS[sampler](model, x0.clone(), sigmas).numpy()
+    reference = ComfyReference(seed=5, mask=mask, latent=latent, noise=x0)
+    if sampler == "euler":
+        x = x0.clone()
+        s = sigmas.double()
+        for i in range(len(s) - 1):
+            x = x + reference.to_d(x, s[i], reference.model(x, s[i])) * (s[i + 1] - s[i])
+        expected = x.numpy()
+    else:
+        expected = reference.run(sampler, x0.clone(), sigmas.double()).numpy()
     np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-9)
-    # heun evaluates twice a step but once onto sigma 0, and at the schedule's own sigmas only
-    assert len(calls) == (2 * steps - 1 if sampler == "heun" else steps)
-    assert sorted(set(calls)) == list(range(steps))
+    # Outside the mask the result is the input latent, exactly where the last step lands on it.
+    np.testing.assert_allclose(ours[..., 0, :], latent.numpy()[..., 0, :], atol=1e-9)

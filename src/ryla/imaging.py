@@ -119,3 +119,89 @@ def media_type(fmt: str) -> str:
 
 def extension(fmt: str) -> str:
     return FORMATS[fmt][2]
+
+
+# --------------------------------------------------------------------------- resampling
+# ComfyUI's comfy/utils.py common_upscale, which its image and latent scaling nodes share.
+
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")  # ImageScale's list
+LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")  # LatentUpscale's
+
+
+def upscale(samples: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled") -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, height, width] by `method`; crop "center" first cuts the input to
+    the new aspect ratio around its centre."""
+    if crop == "center":
+        old_width, old_height = samples.shape[-1], samples.shape[-2]
+        old_aspect, new_aspect = old_width / old_height, width / height
+        x = y = 0
+        if old_aspect > new_aspect:
+            x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
+        elif old_aspect < new_aspect:
+            y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
+        samples = samples.narrow(-2, y, old_height - y * 2).narrow(-1, x, old_width - x * 2)
+    if method == "bislerp":
+        return _bislerp(samples, width, height)
+    if method == "lanczos":
+        return _lanczos(samples, width, height)
+    return torch.nn.functional.interpolate(samples, size=(height, width), mode=method)
+
+
+def _lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Pillow's Lanczos on 8-bit copies of the images, as ComfyUI does it."""
+    out = []
+    for image in samples:
+        pixels = np.clip(255.0 * image.movedim(0, -1).cpu().numpy(), 0, 255).astype(np.uint8)
+        resized = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).resize(
+            (width, height), resample=Image.Resampling.LANCZOS)
+        array = np.asarray(resized).astype(np.float32) / 255.0
+        out.append(torch.from_numpy(array.reshape(height, width, -1)).movedim(-1, 0))
+    return torch.stack(out).to(samples.device, samples.dtype)
+
+
+def _slerp(low: torch.Tensor, high: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of rows (N x C) by ratio (N x 1), norms interpolated linearly;
+    nearly equal directions keep `low`, opposite ones fall back to linear."""
+    channels = low.shape[-1]
+    low_norm, high_norm = low.norm(dim=-1, keepdim=True), high.norm(dim=-1, keepdim=True)
+    low_unit, high_unit = low / low_norm, high / high_norm
+    low_unit[low_norm.expand(-1, channels) == 0.0] = 0.0
+    high_unit[high_norm.expand(-1, channels) == 0.0] = 0.0
+    dot = (low_unit * high_unit).sum(1)
+    omega = torch.acos(dot)
+    sin_omega = torch.sin(omega)
+    result = ((torch.sin((1.0 - ratio.squeeze(1)) * omega) / sin_omega).unsqueeze(1) * low_unit
+              + (torch.sin(ratio.squeeze(1) * omega) / sin_omega).unsqueeze(1) * high_unit)
+    result *= (low_norm * (1.0 - ratio) + high_norm * ratio).expand(-1, channels)
+    result[dot > 1 - 1e-5] = low[dot > 1 - 1e-5]
+    result[dot < 1e-5 - 1] = (low * (1.0 - ratio) + high * ratio)[dot < 1e-5 - 1]
+    return result
+
+
+def _bilinear_taps(old: int, new: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each new position: the two source indices bilinear resampling reads, and the ratio."""
+    first = torch.nn.functional.interpolate(torch.arange(old, dtype=torch.float32, device=device).reshape(1, 1, 1, -1),
+                                            size=(1, new), mode="bilinear")
+    ratios = first - first.floor()
+    second = torch.arange(old, dtype=torch.float32, device=device).reshape(1, 1, 1, -1) + 1
+    second[:, :, :, -1] -= 1
+    second = torch.nn.functional.interpolate(second, size=(1, new), mode="bilinear")
+    return ratios, first.to(torch.int64), second.to(torch.int64)
+
+
+def _bislerp(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """ComfyUI's "bislerp": bilinear taps along width then height, each blended by slerp over
+    the channel vector (keeps latent vectors' lengths where bilinear shrinks them)."""
+    dtype = samples.dtype
+    samples = samples.float()
+    n, c, h, w = samples.shape
+    ratios, first, second = _bilinear_taps(w, width, samples.device)
+    low = samples.gather(-1, first.expand(n, c, h, -1)).movedim(1, -1).reshape(-1, c)
+    high = samples.gather(-1, second.expand(n, c, h, -1)).movedim(1, -1).reshape(-1, c)
+    rows = _slerp(low, high, ratios.expand(n, 1, h, -1).movedim(1, -1).reshape(-1, 1))
+    rows = rows.reshape(n, h, width, c).movedim(-1, 1)
+    ratios, first, second = _bilinear_taps(h, height, samples.device)
+    low = rows.gather(-2, first.reshape(1, 1, -1, 1).expand(n, c, -1, width)).movedim(1, -1).reshape(-1, c)
+    high = rows.gather(-2, second.reshape(1, 1, -1, 1).expand(n, c, -1, width)).movedim(1, -1).reshape(-1, c)
+    out = _slerp(low, high, ratios.reshape(1, 1, -1, 1).expand(n, 1, -1, width).movedim(1, -1).reshape(-1, 1))
+    return out.reshape(n, height, width, c).movedim(-1, 1).to(dtype)

@@ -52,6 +52,9 @@ class FluxDevRequest(StrictModel):
     cfg: float = field(catalogue.CFG)
     seed: int | None = field(catalogue.SEED)
     num_images: int = field(catalogue.NUM_IMAGES)
+    image: str | None = field(catalogue.IMAGE, min_length=1)
+    strength: float = field(catalogue.STRENGTH)
+    mask: str | None = field(catalogue.MASK, min_length=1)
     output_format: Literal["jpeg", "png", "webp"] = field(catalogue.OUTPUT_FORMAT)
     quality: int = field(catalogue.QUALITY)
     enable_safety_checker: bool | None = Field(None, description="check the images for NSFW content and report "

@@ -28,7 +28,7 @@ from ryla.api.metrics import Metrics
 from ryla.api.storage import DataFolders
 from ryla.api.work_queue import QueueFull, WorkQueue
 from ryla.flux.engine import Cancelled
-from ryla.graph.executor import CostLimitError, ExecutionError, Limits, NodeUserError
+from ryla.graph.executor import CostLimitError, ExecutionError, Limits, NodeUserError, is_ui_format
 from ryla.runtime import RunResult, Runtime
 from ryla.safety import Safety, SafetyUnavailable, check_mode, stricter
 
@@ -143,6 +143,12 @@ class Service:
         except CostLimitError as exc:
             raise ApiError(422, "limit_exceeded", str(exc), {"limit": exc.limit, "value": exc.value,
                                                               "maximum": exc.maximum, "node_id": exc.node_id})
+        if is_ui_format(graph):
+            # The API graph runs and goes into history; the editor's file is kept for the PNGs'
+            # "workflow" chunk, as ComfyUI's frontend sends it in extra_pnginfo.
+            extra_data = dict(extra_data or {})
+            extra_data.setdefault("extra_pnginfo", {"workflow": graph})
+            graph = validated.prompt
         job = self.jobs.create(endpoint=endpoint, request_id=request_id, graph=graph, extra_data=extra_data,
                                outputs_to_execute=list(validated.outputs),
                                node_types={node_id: cls.class_type for node_id, (cls, _) in validated.nodes.items()},

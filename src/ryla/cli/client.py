@@ -186,6 +186,11 @@ def flux_body(args: argparse.Namespace, fields=FLUX_FIELDS) -> dict:
         from ryla.imaging import format_for_path
 
         body["output_format"] = format_for_path(args.output)
+    for name in ("image", "mask"):  # image-to-image and inpainting: the files, as base64
+        if getattr(args, name, None):
+            body[name] = _photo_b64(getattr(args, name), name)
+    if getattr(args, "strength", None) is not None:
+        body["strength"] = args.strength
     return body
 
 
@@ -333,12 +338,16 @@ def _png(image) -> bytes:
 
 
 def cmd_workflow(client: Client, args: argparse.Namespace) -> None:
+    from ryla.graph.ui_format import UiFormatError, is_png, workflow_from_png
+
     try:
-        graph = json.loads(Path(args.workflow).read_text())
+        data = Path(args.workflow).read_bytes()
+        # a ComfyUI PNG carries its workflow; UI-format files go as they are (the server converts)
+        graph = workflow_from_png(data) if is_png(data) else json.loads(data.decode("utf-8"))
     except OSError as exc:
         raise CliError(f"cannot read workflow {args.workflow}: {exc.strerror}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CliError(f"workflow {args.workflow} is not valid JSON: {exc}")
+    except (json.JSONDecodeError, UnicodeDecodeError, UiFormatError) as exc:
+        raise CliError(f"workflow {args.workflow}: {exc}")
     params = {"output_format": args.format}
     if args.image:  # photos for LoadImage nodes travel beside the graph, as the API expects
         if not (isinstance(graph, dict) and isinstance(graph.get("prompt"), dict)):
@@ -364,6 +373,11 @@ def add_flux_options(parser: argparse.ArgumentParser) -> None:
         add_param(parser, param, omit_default=True)  # not given: not sent, the server's default applies
     parser.add_argument("--output", "-o", default="ryla.jpg",
                         help="image file; several images get _1, _2... [default: ryla.jpg]")
+    parser.add_argument("--image", metavar="PATH", default=None,
+                        help="start from this image (image-to-image); the result has its size")
+    parser.add_argument("--mask", metavar="PATH", default=None,
+                        help="with --image: redraw only where this black-and-white mask is white (inpainting)")
+    add_param(parser, catalogue.STRENGTH, omit_default=True)
     add_async_option(parser)
 
 
@@ -436,8 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("id")
     rm.set_defaults(handler=cmd_loras)
 
-    wf = sub.add_parser("workflow", help="Run a ComfyUI API-format workflow JSON file.")
-    wf.add_argument("workflow", help="workflow file (API format, or a /prompt body)")
+    wf = sub.add_parser("workflow", help="Run a ComfyUI workflow: API format, the editor's UI format, or a PNG "
+                                         "ComfyUI saved.")
+    wf.add_argument("workflow", help="workflow file: API format (or a /prompt body), UI format as ComfyUI's "
+                                     "editor saves it, or a ComfyUI PNG with the workflow embedded")
     wf.add_argument("--output-dir", default="output", help="[default: output]")
     wf.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default="png", help="[default: png]")
     wf.add_argument("--image", action="append", metavar="NAME=PATH",

@@ -70,11 +70,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CliError("; ".join(problems))
     seed = args.seed if args.seed is not None else random_seed()
     fmt = args.format or imaging.format_for_path(args.output)
-    runtime = _open_runtime(args)
     graph = FLUX_DEV.fill(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                           height=args.height, steps=args.steps, guidance=args.guidance, cfg=args.cfg, seed=seed,
                           batch_size=args.batch_size, checkpoint=args.checkpoint)
-    result = _run_with_progress(runtime, graph)
+    graph, images = _image_input(args, graph)
+    runtime = _open_runtime(args)
+    result = _run_with_progress(runtime, graph, images)
     images, flags = result.images, None
     if args.safety != "off":
         from ryla.safety import Safety, SafetyUnavailable
@@ -94,18 +95,89 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                                        and any(flags) else ""))
 
 
+def _image_input(args: argparse.Namespace, graph: dict) -> tuple[dict, dict[str, bytes]]:
+    """`--image` (with `--mask`, `--strength`): the same image-to-image and inpainting graphs as
+    the typed endpoints' `image` and `mask` fields, the size the image's."""
+    from ryla import imaging
+    from ryla.workflows import with_image_input
+
+    if args.image is None:
+        for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
+            if value is not None:
+                raise CliError(f"{flag} applies only with --image")
+        return graph, {}
+    images = {}
+    for name, path in (("image", args.image), ("mask", args.mask)):
+        if path is None:
+            continue
+        try:
+            images[name] = Path(path).read_bytes()
+            picture = imaging.decode_image(images[name])
+        except OSError as exc:
+            raise CliError(f"cannot read --{name} {path}: {exc.strerror}")
+        except imaging.ImageError as exc:
+            raise CliError(f"--{name} {path}: {exc}")
+        if name == "image":
+            width, height = (picture.width // 8) * 8, (picture.height // 8) * 8
+            low, high = int(catalogue.WIDTH.min), int(catalogue.WIDTH.max)
+            if not (low <= width <= high and low <= height <= high):
+                raise CliError(f"--image {path} is {picture.width}x{picture.height}; ryla generate takes {low} to "
+                               f"{high} pixels a side (resize it, or run a workflow with `ryla run-workflow`)")
+    strength = catalogue.STRENGTH.default if args.strength is None else args.strength
+    if problem := catalogue.STRENGTH.check(strength):
+        raise CliError(problem)
+    return with_image_input(graph, strength, width, height, mask="mask" in images, batch_size=args.batch_size), images
+
+
+def read_workflow(path_text: str) -> dict:
+    """A workflow file: API-format JSON, a /prompt or RunPod body, ComfyUI's UI format (converted
+    when validated), or a PNG that ComfyUI saved (its embedded "prompt", else "workflow")."""
+    from ryla.graph.executor import unwrap_workflow
+    from ryla.graph.ui_format import UiFormatError, is_png, workflow_from_png
+
+    path = Path(path_text)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read workflow {path_text}: {exc.strerror}")
+    if is_png(data):
+        try:
+            return workflow_from_png(data)
+        except UiFormatError as exc:
+            raise CliError(f"{path_text}: {exc}")
+    try:
+        graph = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CliError(f"cannot read workflow {path_text}: {exc}")
+    except json.JSONDecodeError as exc:
+        raise CliError(f"workflow {path_text} is not valid JSON: {exc}")
+    graph, _ = unwrap_workflow(graph)  # a /prompt body, or RunPod's {"input": {"workflow": ...}}
+    return graph
+
+
+def cmd_convert_workflow(args: argparse.Namespace) -> None:
+    from ryla.graph.executor import Executor, GraphValidationError, is_ui_format
+    from ryla.graph.nodes import default_registry
+
+    workflow = read_workflow(args.workflow)
+    if not is_ui_format(workflow):
+        raise CliError(f"{args.workflow} is already in the API format (no 'nodes' and 'links')")
+    try:
+        graph = Executor(default_registry()).from_ui_format(workflow)
+    except GraphValidationError as exc:
+        raise CliError(exc.summary())
+    text = json.dumps(graph, indent=2) + "\n"
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        write_atomic(Path(args.output), text.encode())
+        print(f"{len(graph)} nodes -> {args.output}")
+
+
 def cmd_run_workflow(args: argparse.Namespace) -> None:
     from ryla import imaging
 
-    try:
-        graph = json.loads(Path(args.workflow).read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"cannot read workflow {args.workflow}: {exc.strerror if isinstance(exc, OSError) else exc}")
-    except json.JSONDecodeError as exc:
-        raise CliError(f"workflow {args.workflow} is not valid JSON: {exc}")
-    from ryla.graph.executor import unwrap_workflow
-
-    graph, _ = unwrap_workflow(graph)  # a /prompt body, or RunPod's {"input": {"workflow": ...}}
+    graph = read_workflow(args.workflow)
     images = {}
     for spec in args.image or []:
         name, sep, path = spec.partition("=")
@@ -356,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default=None,
                      help="image format [default: from the --output suffix, else jpeg]")
     gen.add_argument("--checkpoint", default=None, help="checkpoint in checkpoints/ [default: flux1-dev-fp8.safetensors]")
+    gen.add_argument("--image", metavar="PATH", default=None,
+                     help="start from this image (image-to-image); the result has its size, cut to whole 8-pixel "
+                          "blocks, and --width/--height are not used")
+    gen.add_argument("--mask", metavar="PATH", default=None,
+                     help="with --image: redraw only where this black-and-white mask is white (inpainting)")
+    add_param(gen, catalogue.STRENGTH, omit_default=True)
     gen.add_argument("--safety", choices=("off", "flag", "block"), default=os.environ.get("RYLA_SAFETY", "off"),
                      help="NSFW check: flag reports each image, block also blacks out flagged ones "
                           "(needs `pip install \"ryla[safety]\"`) [default: off, env RYLA_SAFETY]")
@@ -393,8 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let requests name webhooks on loopback or private addresses "
                             "[default: refused; env RYLA_ALLOW_PRIVATE_WEBHOOKS]")
 
-    run = command("run-workflow", "Run a ComfyUI API-format workflow JSON file.", cmd_run_workflow)
-    run.add_argument("workflow", help="workflow file (API format, or a /prompt body)")
+    run = command("run-workflow", "Run a ComfyUI workflow: API format, the editor's UI format, or a PNG "
+                  "ComfyUI saved.", cmd_run_workflow)
+    run.add_argument("workflow", help="workflow file: API format (or a /prompt body), UI format as ComfyUI's "
+                                      "editor saves it, or a ComfyUI PNG with the workflow embedded")
     run.add_argument("--output-dir", default="output", help="folder for the images [default: output]")
     run.add_argument("--image", action="append", metavar="NAME=PATH",
                      help="an image for the workflow's LoadImage nodes, e.g. reference=face.jpg (repeatable)")
@@ -404,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (gen, run):
         p.add_argument("--speed", choices=("eager", "exact", "fast", "turbo"), default="eager",
                        help="transformer speed mode (see `ryla serve --help`) [default: eager]")
+
+    convert = command("convert-workflow", "Convert a UI-format workflow (what ComfyUI's editor saves, or a "
+                      "ComfyUI PNG) to the API format, as ComfyUI's editor does when it queues it.",
+                      cmd_convert_workflow, models_dir=False)
+    convert.add_argument("workflow", help="UI-format JSON file, or a PNG with an embedded workflow")
+    convert.add_argument("--output", "-o", default=None, help="API-format file to write [default: standard output]")
 
     models = sub.add_parser("models", help="Inspect and prepare the model store.")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

@@ -35,6 +35,8 @@ class FluxModel:
     shift: float | None = None  # ModelSamplingFlux shift; None means the model's default (1.15)
     loras: tuple[LoraPatch, ...] = ()
     identity: Any = None  # set by ApplyInstantID (ryla.identity)
+    # DifferentialDiffusion's strength: masks repaint by their grey levels over the steps
+    differential_diffusion: float | None = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ryla.flux import loading, sampling
+from ryla.flux import loading, samplers, sampling
 from ryla.flux.components import Cond, Conditioning, FluxModel, LoraPatch, TextEncoder, Vae
 from ryla.flux.lora import WeightPatcher, linear_shapes
 from ryla.speed.modulation import ModulationPlan
@@ -402,10 +402,12 @@ class FluxEngine:
     # ------------------------------------------------------------------ text
 
     @torch.inference_mode()
-    def encode(self, encoder: TextEncoder, text: str) -> Cond:
+    def encode(self, encoder: TextEncoder, text: str, t5_text: str | None = None) -> Cond:
         """CLIPTextEncode for FLUX: CLIP-L pooled vector + T5 token sequence (as diffusers'
-        FluxPipeline.encode_prompt), cached by encoder and text."""
-        key = (id(encoder.clip), id(encoder.t5), encoder.loras, text)
+        FluxPipeline.encode_prompt), cached by encoder and texts. `t5_text` gives T5 its own
+        text (CLIPTextEncodeFlux's t5xxl beside its clip_l)."""
+        t5_text = text if t5_text is None else t5_text
+        key = (id(encoder.clip), id(encoder.t5), encoder.loras, text, t5_text)
         with self._prompt_lock:
             if key in self._prompt_cache:
                 self._prompt_cache.move_to_end(key)
@@ -414,7 +416,7 @@ class FluxEngine:
         self.stats.prompt_cache_misses += 1
         clip_ids = encoder.clip_tokenizer([text], padding="max_length", max_length=CLIP_MAX_LENGTH,
                                           truncation=True, return_tensors="pt").input_ids
-        t5_ids = encoder.t5_tokenizer([text], padding="max_length", max_length=T5_MAX_LENGTH,
+        t5_ids = encoder.t5_tokenizer([t5_text], padding="max_length", max_length=T5_MAX_LENGTH,
                                       truncation=True, return_tensors="pt").input_ids
         with self._use_lock:
             self._patch(encoder.clip, encoder.loras)
@@ -433,40 +435,75 @@ class FluxEngine:
     def sample(self, model: FluxModel, positive: Conditioning, negative: Conditioning | None,
                latent: torch.Tensor, noise: torch.Tensor | None, sigmas: torch.Tensor, cfg: float,
                callback: ProgressCallback | None = None, cancel: threading.Event | None = None,
-               sampler: str = "euler") -> torch.Tensor:
-        """Run the sampler. `latent` and the result are in VAE latent space ([B,16,H/8,W/8]),
-        as ComfyUI's LATENT; `noise` is ComfyUI's seeded noise (None: start from `latent`)."""
+               sampler: str = "euler", denoise_mask: torch.Tensor | None = None, seed: int = 0,
+               mask_function=None, sampler_options: dict | None = None,
+               denoised_out: list | None = None) -> torch.Tensor:
+        """Run a sampler, as comfy/samplers.py CFGGuider.inner_sample and KSAMPLER.sample do.
+        `latent` and the result are in VAE latent space ([B,16,H/8,W/8]), as ComfyUI's LATENT;
+        `noise` is ComfyUI's seeded noise (None: DisableNoise's zeros). `denoise_mask` (the
+        latent's noise_mask, any size) repaints where it is 1 and keeps the latent where it is 0;
+        `seed` seeds the noise that stochastic samplers add on the way; `sampler_options` are a
+        sampler node's settings (SamplerEulerAncestral's eta, say). `denoised_out`, a list,
+        receives the last step's denoised prediction (SamplerCustom's denoised_output)."""
         if len(sigmas) < 2:
             return latent
-        x0 = (latent.float() - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE
+        latent = latent.float()
+        # An all-zero latent (an empty one) is not shifted into model space: ComfyUI's
+        # inner_sample skips process_latent_in for it, so a denoise < 1 run from an empty latent
+        # starts from zeros there too.
+        x0 = ((latent - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE if torch.count_nonzero(latent) > 0
+              else torch.zeros_like(latent))
+        noise = torch.zeros_like(x0) if noise is None else noise.float()
         sigma0 = float(sigmas[0])
-        x = sigma0 * noise.float() + (1.0 - sigma0) * x0 if noise is not None else x0
-        x = x.to(self.device)
+        x = (sigma0 * noise + (1.0 - sigma0) * x0).to(self.device)  # CONST.noise_scaling
         use_cfg = negative is not None and not _isclose(cfg, 1.0)
         streams = [positive, negative] if use_cfg else [positive]
+        mask = None
+        if denoise_mask is not None:
+            mask = sampling.latent_mask(denoise_mask, x.shape).to(self.device)
+            if sampler == "ddim":
+                # comfy/samplers.py: ddim is euler with inpaint_options {"random": True}, the masked
+                # region's noise drawn from torch.manual_seed(seed + 1).
+                generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+                noise = torch.randn(noise.shape, generator=generator, device="cpu")
 
         with self._use_lock:
             self._patch(model.transformer, model.loras)
             # after the LoRA patch: the modulation rows come from the patched weights
             plan = self._modulation_plan(model.transformer, x.shape[0], streams, sigmas)
             predict = self._velocity_fn(model, x.shape, positive, plan)
+            schedule = [float(s) for s in sigmas]
 
             def velocity(x_t: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
-                v_cond = predict(x_t, sigma, positive, step, len(sigmas) - 1)
+                # A sampler's intermediate sigma (dpm_2's midpoint) has no planned modulation rows.
+                planned = step < len(schedule) and _isclose(sigma, schedule[step])
+                key = step if planned else None
+                v_cond = predict(x_t, sigma, positive, key, len(schedule) - 1, step)
                 if not use_cfg:
                     return v_cond
-                v_uncond = predict(x_t, sigma, negative, step, len(sigmas) - 1)
+                v_uncond = predict(x_t, sigma, negative, key, len(schedule) - 1, step)
                 return v_uncond + cfg * (v_cond - v_uncond)
 
+            flow = samplers.FlowModel(velocity, shift=model.shift if model.shift is not None else sampling.DEFAULT_SHIFT,
+                                      denoise_mask=mask, latent=x0.to(self.device) if mask is not None else None,
+                                      noise=noise.to(self.device) if mask is not None else None,
+                                      mask_function=mask_function, seed=seed)
             try:
-                x = sampling.SAMPLERS[sampler](velocity, x, sigmas, callback)
+                x = samplers.SAMPLERS[sampler](flow, x, sigmas, callback, **(sampler_options or {}))
             finally:
                 if plan is not None:
                     plan.close()
                 if getattr(model.transformer, "is_cache_enabled", False):
                     model.transformer._reset_stateful_cache()  # first-block cache: per image
+        if denoised_out is not None:
+            denoised = flow.last_denoised()
+            denoised_out.append(None if denoised is None else
+                                (denoised / sampling.LATENT_SCALE + sampling.LATENT_SHIFT).cpu())
+        last = float(sigmas[-1])
+        if last != 0.0:
+            x = x / (1.0 - last)  # CONST.inverse_noise_scaling, for a schedule that stops early
         return (x / sampling.LATENT_SCALE + sampling.LATENT_SHIFT).cpu()
 
     def _time_inputs(self, transformer, cond: Cond, sigma: float, batch: int):
@@ -493,16 +530,29 @@ class FluxEngine:
     def _velocity_fn(self, model: FluxModel, shape: torch.Size, positive_conds: Conditioning,
                      plan: ModulationPlan | None = None):
         batch, channels, h, w = shape
+        # A latent of odd height or width (an image size not a multiple of 16) is padded to whole
+        # 2x2 patches and the prediction cropped back, as comfy/ldm/flux/model.py does
+        # (common_dit.pad_to_patch_size, circular padding).
+        padded_h, padded_w = h + h % 2, w + w % 2
+        shift = model.shift if model.shift is not None else sampling.DEFAULT_SHIFT
         transformer = model.transformer
-        img_ids = sampling.latent_image_ids(h, w, self.device, self.dtype)
+        img_ids = sampling.latent_image_ids(padded_h, padded_w, self.device, self.dtype)
         identity = model.identity
-        control = (self.encode_control_image(identity.vae, identity.control_image, w * 8, h * 8)
+        control = (self.encode_control_image(identity.vae, identity.control_image, padded_w * 8, padded_h * 8)
                    if identity is not None else None)
 
-        def predict(x: torch.Tensor, sigma: float, conds: Conditioning, step: int, total: int) -> torch.Tensor:
+        def predict(x: torch.Tensor, sigma: float, conds: Conditioning, key: int | None, total: int,
+                    step: int) -> torch.Tensor:
+            active = [(index, cond) for index, cond in enumerate(conds) if _active_at(cond, sigma, shift)]
+            if not active:
+                # comfy/samplers.py calc_cond_batch: no entry in its timestep range leaves the
+                # denoised prediction at zero, whose velocity is x / sigma.
+                return x / sigma
+            if (padded_h, padded_w) != (h, w):
+                x = torch.nn.functional.pad(x, (0, padded_w - w, 0, padded_h - h), mode="circular")
             packed = sampling.pack_latents(x).to(self.device, self.dtype)
             outputs = []
-            for index, cond in enumerate(conds):
+            for index, cond in active:
                 txt_ids = torch.zeros(cond.t5.shape[1], 3, device=self.device, dtype=self.dtype)
                 timestep, guidance_tensor, pooled = self._time_inputs(transformer, cond, sigma, batch)
                 kwargs = dict(
@@ -520,17 +570,39 @@ class FluxEngine:
                                                      pooled, batch))
                 stream = _stream_name(conds, positive_conds, index)
                 if plan is not None:
-                    plan.select((step, stream))
+                    plan.select((key, stream))
                 # First-block caching (turbo) keeps one cache per conditioning stream.
                 with _cache_context(transformer, stream):
                     out = transformer(**kwargs)[0]
                 outputs.append(out.float())
             v = torch.stack(outputs).mean(0) if len(outputs) > 1 else outputs[0]
-            return sampling.unpack_latents(v, h, w)
+            return sampling.unpack_latents(v, padded_h, padded_w)[:, :, :h, :w]
 
         return predict
 
     # ------------------------------------------------------------------ decoding
+
+    @torch.inference_mode()
+    def encode_image(self, vae: Vae, pixels: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
+        """VAEEncode: IMAGE [B, H, W, C] in 0..1 -> LATENT samples, as ComfyUI's VAE.encode does
+        it: the first three channels, cropped to whole 8-pixel blocks around the centre
+        (vae_encode_crop_pixels), scaled to -1..1, the posterior's mode (its
+        DiagonalGaussianRegularizer does not sample). One image at a time, as decode."""
+        pixels = pixels[..., :3]
+        for dim in (1, 2):
+            size = pixels.shape[dim]
+            whole = (size // 8) * 8
+            if whole != size:
+                pixels = pixels.narrow(dim, (size % 8) // 2, whole)
+        latents = []
+        for index in range(pixels.shape[0]):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            x = pixels[index:index + 1].movedim(-1, 1).float() * 2.0 - 1.0
+            with self._use_lock:
+                posterior = vae.vae.encode(x.to(self.device, vae.vae.dtype)).latent_dist
+                latents.append(posterior.mode().float().cpu())
+        return torch.cat(latents)
 
     @torch.inference_mode()
     def decode(self, vae: Vae, latent: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
@@ -578,6 +650,17 @@ def _cache_context(transformer, name: str):
     if getattr(transformer, "is_cache_enabled", False):
         return transformer.cache_context(name)
     return contextlib.nullcontext()
+
+
+def _active_at(cond: Cond, sigma: float, shift: float) -> bool:
+    """Whether a conditioning entry applies at sigma: ConditioningSetTimestepRange's
+    start_percent / end_percent, as sigmas (ModelSamplingFlux.percent_to_sigma), compared as
+    comfy/samplers.py calc_cond_batch compares them."""
+    start, end = cond.option("start_percent", 0.0), cond.option("end_percent", 1.0)
+    if start <= 0.0 and end >= 1.0:
+        return True
+    percent_to_sigma = samplers.FlowModel(None, shift=shift).percent_to_sigma
+    return not (sigma > percent_to_sigma(start) or sigma < percent_to_sigma(end))
 
 
 def _isclose(a: float, b: float) -> bool:

@@ -1,9 +1,10 @@
-"""FLUX sampling with ComfyUI's semantics: sigmas, seeded noise and the Euler loop.
+"""FLUX sampling with ComfyUI's semantics: sigmas, seeded noise, masks and latent packing
+(the samplers themselves are in ryla.flux.samplers).
 
 Sources of truth, in ComfyUI: comfy/model_sampling.py (ModelSamplingFlux,
-flux_time_shift), comfy/samplers.py (simple/normal schedulers, KSampler.set_steps),
-comfy/sample.py (prepare_noise), comfy/k_diffusion/sampling.py (sample_euler). Reproducing
-them makes a ComfyUI workflow run here give ComfyUI's sigmas and starting noise.
+flux_time_shift), comfy/samplers.py (its schedulers, KSampler.set_steps), comfy/sample.py
+(prepare_noise), comfy/utils.py (reshape_mask). Reproducing them makes a ComfyUI workflow run
+here give ComfyUI's sigmas and starting noise.
 """
 
 from __future__ import annotations
@@ -80,13 +81,17 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros([1])])
 
 
-def karras_scheduler(ms: FluxModelSampling, steps: int, rho: float = 7.0) -> torch.Tensor:
-    """k-diffusion's get_sigmas_karras (Karras et al. 2022, eq. 5) between the model's sigma_min
-    and sigma_max."""
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """k-diffusion's get_sigmas_karras (Karras et al. 2022, eq. 5)."""
     ramp = torch.linspace(0, 1, steps)
-    min_inv_rho = float(ms.sigma_min) ** (1 / rho)
-    max_inv_rho = float(ms.sigma_max) ** (1 / rho)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
     return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+
+
+def karras_scheduler(ms: FluxModelSampling, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """The karras schedule between the model's sigma_min and sigma_max."""
+    return karras_sigmas(steps, float(ms.sigma_min), float(ms.sigma_max), rho)
 
 
 def exponential_scheduler(ms: FluxModelSampling, steps: int) -> torch.Tensor:
@@ -183,79 +188,42 @@ def ksampler_sigmas(ms: FluxModelSampling, scheduler: str, steps: int, denoise: 
     return sigmas[-(steps + 1):]
 
 
-def prepare_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def prepare_noise(shape: tuple[int, ...], seed: int, batch_index: list[int] | None = None) -> torch.Tensor:
     """comfy.sample.prepare_noise: one CPU float32 draw for the whole batch, unpacked shape.
+    With a latent's batch_index (LatentFromBatch's), image i of the batch gets the noise that
+    position batch_index[i] had in the full batch: one draw per position up to the largest.
     ComfyUI seeds torch's global generator; a private CPU generator gives the same numbers
     without touching global state, so concurrent requests cannot disturb each other's noise."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(shape, dtype=torch.float32, generator=generator, device="cpu")
+    if batch_index is None:
+        return torch.randn(shape, dtype=torch.float32, generator=generator, device="cpu")
+    draws = {}
+    for position in range(max(batch_index) + 1):
+        noise = torch.randn((1, *shape[1:]), dtype=torch.float32, generator=generator, device="cpu")
+        if position in batch_index:
+            draws[position] = noise
+    return torch.cat([draws[position] for position in batch_index])
 
 
-def euler(velocity: Callable[[torch.Tensor, float, int], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
-          callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Flow-matching Euler: x_next = x + (sigma_next - sigma) * v. Identical to ComfyUI's
-    sample_euler for a flow model, where d = (x - denoised) / sigma = v."""
-    total = len(sigmas) - 1
-    for i in range(total):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        v = velocity(x, sigma, i)
-        x = x + (sigma_next - sigma) * v
-        if callback is not None:
-            callback(i + 1, total)
-    return x
+def latent_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A LATENT's noise_mask at the latent's shape (comfy/utils.py reshape_mask, as
+    sampler_helpers.prepare_mask uses it): bilinear to the latent's height and width, the same
+    mask for every channel, repeated or cut to the batch."""
+    mask = mask.float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+    mask = torch.nn.functional.interpolate(mask, size=tuple(shape[2:]), mode="bilinear")
+    if mask.shape[1] < shape[1]:
+        mask = mask.repeat(1, shape[1], 1, 1)[:, :shape[1]]
+    return repeat_to_batch(mask, shape[0])
 
 
-def heun(velocity: Callable[[torch.Tensor, float, int], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
-         callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """k-diffusion's sample_heun (Karras et al. 2022, algorithm 1, no churn) as ComfyUI runs it:
-    Euler to the next sigma, a second evaluation there, the mean of the two slopes; a plain
-    Euler step onto sigma 0. For a flow model d = (x - denoised) / sigma = v."""
-    total = len(sigmas) - 1
-    for i in range(total):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = velocity(x, sigma, i)
-        dt = sigma_next - sigma
-        if sigma_next == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = velocity(x_2, sigma_next, i + 1)  # sigma_next is step i + 1's sigma
-            x = x + (d + d_2) / 2 * dt
-        if callback is not None:
-            callback(i + 1, total)
-    return x
-
-
-def dpmpp_2m(velocity: Callable[[torch.Tensor, float, int], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
-             callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """k-diffusion's sample_dpmpp_2m (DPM-Solver++(2M), arXiv:2211.01095) as ComfyUI runs it, in
-    t = -log(sigma): a first-order step, then second-order steps from the last two denoised
-    predictions; onto sigma 0 the result is the denoised prediction. For a flow model
-    denoised = x - sigma * v."""
-    total = len(sigmas) - 1
-    old_denoised = None
-    for i in range(total):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = x - sigma * velocity(x, sigma, i)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma) - math.log(sigma_next)
-            if old_denoised is None:
-                x = (sigma_next / sigma) * x - math.expm1(-h) * denoised
-            else:
-                r = (math.log(float(sigmas[i - 1])) - math.log(sigma)) / h
-                corrected = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-                x = (sigma_next / sigma) * x - math.expm1(-h) * corrected
-        old_denoised = denoised
-        if callback is not None:
-            callback(i + 1, total)
-    return x
-
-
-# ComfyUI's sampler names that ryla runs. "ddim" is ComfyUI's euler with random noise for masked
-# inpainting only (comfy/samplers.py sampler_class), so without a mask it is euler.
-SAMPLERS: dict[str, Callable] = {"euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m, "ddim": euler}
+def repeat_to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """comfy/utils.py repeat_to_batch_size: the first `batch` entries, repeating as needed."""
+    if tensor.shape[0] > batch:
+        return tensor[:batch]
+    if tensor.shape[0] < batch:
+        repeats = math.ceil(batch / tensor.shape[0])
+        return tensor.repeat(repeats, *([1] * (tensor.ndim - 1)))[:batch]
+    return tensor
 
 
 # Packing of latents into transformer tokens. Same layout as diffusers' FluxPipeline

@@ -160,11 +160,26 @@ class RunContext:
         if self.on_progress is not None:
             self.on_progress(self.current_node, value, total)
 
+    def check_pixels(self, pixels: float) -> None:
+        """The size of an image or latent batch a node is about to make, where it is known only
+        at run time (scaled from a linked input, say), against the server's max_pixels: a 422
+        naming the limit, before the tensor is allocated. Latents count their image's pixels."""
+        if pixels > self.limits.max_pixels:
+            error = CostLimitError("max_pixels", pixels, self.limits.max_pixels, self.current_node)
+            raise NodeUserError("limit_exceeded", str(error), details={
+                "limit": error.limit, "value": error.value, "maximum": error.maximum, "node_id": error.node_id})
+
+    def check_cancelled(self) -> None:
+        """Stop a long loop inside a node when the request is interrupted or timed out."""
+        if self.cancel.is_set():
+            raise Cancelled()
+
 
 @dataclass
 class ValidatedGraph:
     nodes: dict[str, tuple[type[Node], dict[str, Any]]]  # id -> (class, inputs: literal | Link)
     outputs: list[str]
+    prompt: dict | None = None  # the API-format graph (converted, when a UI-format file came)
 
 
 class Executor:
@@ -173,13 +188,24 @@ class Executor:
 
     # ------------------------------------------------------------------ validation
 
+    def from_ui_format(self, workflow: dict, context: RunContext | None = None) -> dict:
+        """A UI-format workflow (what ComfyUI's editor saves) as the API graph it queues."""
+        from ryla.graph.ui_format import UiFormatError, to_api_format
+
+        if len(workflow.get("nodes") or []) > (context.limits.max_nodes if context else Limits().max_nodes):
+            raise CostLimitError("max_nodes", len(workflow["nodes"]), context.limits.max_nodes if context else
+                                 Limits().max_nodes)
+        try:
+            return to_api_format(workflow, self.registry, context)
+        except UiFormatError as exc:
+            extra = {"unknown_node_types": exc.unknown_types} if exc.unknown_types else {}
+            details = ", ".join(f"Node ID '#{node_id}'" for node_id in exc.node_ids) or (
+                "Send ComfyUI's UI-format file as saved, or its API format ('Export (API)')")
+            raise GraphValidationError(error_entry("invalid_prompt", str(exc), details, extra)) from exc
+
     def validate(self, prompt: Any, context: RunContext) -> ValidatedGraph:
         if is_ui_format(prompt):
-            raise GraphValidationError(error_entry(
-                "invalid_prompt", "This is a workflow in ComfyUI's UI format (it has 'nodes' and 'links'), not the "
-                "API format this server runs",
-                "In ComfyUI, turn on the dev mode options in the settings and use 'Save (API Format)' "
-                "(newer versions: Workflow > Export (API)), then send that file"))
+            prompt = self.from_ui_format(prompt, context)
         if not isinstance(prompt, dict) or not prompt:
             raise GraphValidationError(error_entry(
                 "invalid_prompt", "Workflow must be a non-empty object of nodes in ComfyUI API format"))
@@ -219,7 +245,7 @@ class Executor:
                 error_entry("prompt_outputs_failed_validation", "Prompt outputs failed validation"),
                 state.node_errors)
         check_cost(state.resolved, context.limits)
-        return ValidatedGraph(state.resolved, outputs)
+        return ValidatedGraph(state.resolved, outputs, prompt)
 
     # ------------------------------------------------------------------ execution
 

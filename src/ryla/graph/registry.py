@@ -50,7 +50,9 @@ class InputSpec:
 
 
 def from_param(param: Param, name: str | None = None, **overrides) -> InputSpec:
-    """An input whose bounds and description come from the shared catalogue."""
+    """A node input whose description, default and bounds come from the shared catalogue:
+    ComfyUI's own where the catalogue records them (`Param.comfyui`), so a workflow is
+    validated as ComfyUI validates it; `overrides` last (one node's own default, say)."""
     kind = {int: "INT", float: "FLOAT", str: "STRING", bool: "BOOLEAN"}[param.type]
     if param.choices is not None:
         kind = "COMBO"
@@ -58,11 +60,14 @@ def from_param(param: Param, name: str | None = None, **overrides) -> InputSpec:
         name=name or param.name, type=kind, default=param.default, description=param.description,
         choices=param.choices,
     )
+    comfyui = dict(param.comfyui or {})
     if kind in ("INT", "FLOAT"):
         values.update(min=param.min, max=param.max, multiple_of=param.multiple_of,
                       step=param.multiple_of or (1 if kind == "INT" else 0.01))
     elif kind == "STRING":
         values.update(max=param.max)  # a length bound
+        comfyui.pop("min", None)
+    values.update(comfyui)
     values.update(overrides)
     return InputSpec(**values)
 

@@ -108,3 +108,31 @@ def flux_instantid_graph(pose: bool = False, **params: Any) -> dict:
         graph["15"] = {"class_type": "LoadImage", "inputs": {"image": "pose"}, "_meta": {"title": "Pose face"}}
         graph["14"]["inputs"]["image_kps"] = ["15", 0]
     return graph
+
+
+def with_image_input(graph: dict, strength: float, width: int, height: int, mask: bool = False,
+                     batch_size: int = 1) -> dict:
+    """A text-to-image template made image-to-image, the way ComfyUI's img2img and inpainting
+    examples build it: the request's image ("image") through VAEEncode into the KSampler with
+    denoise = strength; with a mask ("mask", white = redraw) through LoadImageMask and
+    SetLatentNoiseMask; a batch repeats the latent (RepeatLatentBatch), each image with its
+    own noise. The empty latent goes; ModelSamplingFlux gets the image's size."""
+    graph = copy.deepcopy(graph)
+    del graph["5"]  # EmptySD3LatentImage
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "image"}, "_meta": {"title": "Load Image"}}
+    graph["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["1", 2]},
+                   "_meta": {"title": "VAE Encode"}}
+    latent = ["21", 0]
+    if mask:
+        graph["22"] = {"class_type": "LoadImageMask", "inputs": {"image": "mask", "channel": "red"},
+                       "_meta": {"title": "Load Image (as Mask)"}}
+        graph["23"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": latent, "mask": ["22", 0]},
+                       "_meta": {"title": "Set Latent Noise Mask"}}
+        latent = ["23", 0]
+    if batch_size > 1:
+        graph["24"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": latent, "amount": batch_size},
+                       "_meta": {"title": "Repeat Latent Batch"}}
+        latent = ["24", 0]
+    graph["6"]["inputs"].update(width=width, height=height)
+    graph["7"]["inputs"].update(latent_image=latent, denoise=strength)
+    return graph

@@ -20,7 +20,7 @@ from ryla.api.service import ServerSettings, Service, Timings, get_service
 from ryla.api.webhooks import validate_webhook
 from ryla.graph.executor import unwrap_workflow
 from ryla.runtime import random_seed
-from ryla.workflows import FLUX_DEV, flux_instantid_graph, flux_lora_graph, with_trigger_words
+from ryla.workflows import FLUX_DEV, flux_instantid_graph, flux_lora_graph, with_image_input, with_trigger_words
 
 router = APIRouter(tags=["generate"])
 MAX_WORKFLOW_IMAGES = 8
@@ -43,8 +43,9 @@ async def run_or_accept(request: Request, service: Service, graph: dict, endpoin
     return await response if asyncio.iscoroutine(response) else response
 
 
-def decode_photo(settings: ServerSettings, field_name: str, data: str) -> bytes:
-    """Check a base64 / data-URL photo now, so a bad one is refused before queueing."""
+def decode_photo(settings: ServerSettings, field_name: str, data: str, sizes: dict | None = None) -> bytes:
+    """Check a base64 / data-URL photo now, so a bad one is refused before queueing (`sizes`,
+    a dict, receives its (width, height) after EXIF rotation under `field_name`)."""
     if not isinstance(data, str):
         raise ApiError(422, "invalid_image", f"{field_name}: expected a base64 string or a data: URL",
                        {"errors": [{"field": field_name, "message": "expected a string"}]})
@@ -53,21 +54,55 @@ def decode_photo(settings: ServerSettings, field_name: str, data: str) -> bytes:
         raise ApiError(413, "image_too_large", f"{field_name}: over the limit of {settings.max_image_bytes} bytes")
     try:
         raw = bytes_from_base64(data)
-        decode_image(raw, max_pixels=settings.max_image_pixels)
+        picture = decode_image(raw, max_pixels=settings.max_image_pixels)
+        if sizes is not None:
+            sizes[field_name] = picture.size
     except ImageError as exc:
         raise ApiError(422, "invalid_image", f"{field_name}: {exc}",
                        {"errors": [{"field": field_name, "message": str(exc)}]})
     return raw
 
 
+def field_error(field_name: str, message: str) -> ApiError:
+    return ApiError(422, "invalid_request", f"{field_name}: {message}",
+                    {"errors": [{"field": field_name, "message": message}]})
+
+
+def image_input(body: FluxDevRequest, service: Service, graph: dict, images: dict[str, bytes]) -> dict:
+    """The typed endpoints' image-to-image and inpainting: with `image` the template becomes
+    ComfyUI's img2img graph (and with `mask` its inpainting one), its size the image's; without,
+    `mask` and `strength` have nothing to act on and are refused rather than ignored."""
+    given = body.model_fields_set
+    if body.image is None:
+        for name in ("mask", "strength"):
+            if name in given:
+                raise field_error(name, "applies only with an image (the `image` field)")
+        return graph
+    for name in ("width", "height"):
+        if name in given:
+            raise field_error(name, "comes from the image when `image` is given; leave it out, or resize the image")
+    sizes: dict[str, tuple[int, int]] = {}
+    images["image"] = decode_photo(service.settings, "image", body.image, sizes)
+    width, height = ((side // 8) * 8 for side in sizes["image"])
+    low, high = int(catalogue.WIDTH.min), int(catalogue.WIDTH.max)
+    if not (low <= width <= high and low <= height <= high):
+        raise field_error("image", f"is {sizes['image'][0]}x{sizes['image'][1]}; this endpoint takes {low} to {high} "
+                                   "pixels a side (resize it, or send a ComfyUI workflow to /workflow)")
+    if body.mask is not None:
+        images["mask"] = decode_photo(service.settings, "mask", body.mask)
+    return with_image_input(graph, body.strength, width, height, mask=body.mask is not None,
+                            batch_size=body.num_images)
+
+
 @router.post("/flux-dev", responses=IMAGE_RESPONSES, response_class=Response, summary="Text-to-image with FLUX.1-dev",
              description=PREFER_ASYNC)
 async def flux_dev(body: FluxDevRequest, request: Request, service: Service = Depends(get_service)) -> Response:
     seed = body.seed if body.seed is not None else random_seed()
-    graph = FLUX_DEV.fill(**body.template_params(seed))
+    images: dict[str, bytes] = {}
+    graph = image_input(body, service, FLUX_DEV.fill(**body.template_params(seed)), images)
     return await run_or_accept(
         request, service, graph, "flux-dev", seeds=[seed] * body.num_images, webhook=body.webhook,
-        safety=body.enable_safety_checker,
+        safety=body.enable_safety_checker, request_images=images,
         make_response=lambda result, timings: image_response(
             request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
             quality=body.quality, timings=timings, annotations=result.annotations))
@@ -122,10 +157,12 @@ async def flux_lora(body: FluxLoraRequest, request: Request, service: Service = 
     seed = body.seed if body.seed is not None else random_seed()
     params = body.template_params(seed)
     params["prompt"] = with_trigger_words(body.prompt, [w for w in words if w])
-    graph = flux_lora_graph([(e["file"], strength) for e, (_, strength) in zip(entries, refs)], **params)
+    images: dict[str, bytes] = {}
+    graph = image_input(body, service, flux_lora_graph([(e["file"], strength) for e, (_, strength) in
+                                                        zip(entries, refs)], **params), images)
     return await run_or_accept(
         request, service, graph, "flux-lora", seeds=[seed] * body.num_images, webhook=body.webhook,
-        safety=body.enable_safety_checker,
+        safety=body.enable_safety_checker, request_images=images,
         make_response=lambda result, timings: image_response(
             request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format, quality=body.quality,
             timings=timings, headers={"X-Prompt": header_safe(params["prompt"])}, prompt=params["prompt"],
@@ -141,10 +178,10 @@ async def flux_instantid(body: FluxInstantIdRequest, request: Request,
     if body.pose_image:
         images["pose"] = decode_photo(service.settings, "pose_image", body.pose_image)
     seed = body.seed if body.seed is not None else random_seed()
-    graph = flux_instantid_graph(pose="pose" in images, **body.template_params(seed),
-                                 instantid_strength=body.instantid_strength,
-                                 controlnet_strength=body.controlnet_strength,
-                                 face_provider="CUDA" if body.face_provider == "gpu" else "CPU")
+    graph = image_input(body, service, flux_instantid_graph(
+        pose="pose" in images, **body.template_params(seed), instantid_strength=body.instantid_strength,
+        controlnet_strength=body.controlnet_strength, face_provider="CUDA" if body.face_provider == "gpu" else "CPU"),
+        images)
 
     def respond(result, timings, scores):
         headers = {"X-Faces-Found": str(result.annotations.get("faces_found", 0))}

@@ -1,12 +1,17 @@
-"""Decoding and output nodes: VAEDecode, SaveImage, PreviewImage."""
+"""Images: decoding, output, and ComfyUI's size and batch nodes (nodes.py ImageScale ...
+ImageBatch, comfy_extras/nodes_images.py ResizeAndPadImage), with its inputs and arithmetic.
+An IMAGE is ComfyUI's [B, H, W, C] float tensor in 0..1."""
 
 from __future__ import annotations
 
+import math
 import re
 
-from ryla import catalogue
+import torch
+
+from ryla import catalogue, imaging
 from ryla.graph.executor import NodeUserError, SavedImages
-from ryla.graph.registry import Node, Output, from_param, link, node
+from ryla.graph.registry import InputSpec, Node, Output, from_param, link, node
 
 
 @node
@@ -68,4 +73,174 @@ class PreviewImage(Node):
         return ()
 
 
-NODES = (VAEDecode, SaveImage, PreviewImage)
+MAX = catalogue.MAX_RESOLUTION
+UPSCALE_METHOD = InputSpec("upscale_method", "COMBO", default="nearest-exact", choices=imaging.UPSCALE_METHODS)
+
+
+def scaled(context, image: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled"):
+    """An IMAGE resized with ComfyUI's common_upscale, checked against max_pixels first."""
+    context.check_pixels(image.shape[0] * width * height)
+    return imaging.upscale(image.movedim(-1, 1), width, height, method, crop).movedim(1, -1)
+
+
+@node
+class ImageScale(Node):
+    class_type = "ImageScale"
+    category = "image/upscaling"
+    description = "Resize to width x height; a size of 0 keeps the aspect ratio from the other."
+    inputs = (link("image", "IMAGE"), UPSCALE_METHOD,
+              InputSpec("width", "INT", default=512, min=0, max=MAX, step=1),
+              InputSpec("height", "INT", default=512, min=0, max=MAX, step=1),
+              InputSpec("crop", "COMBO", default="disabled", choices=("disabled", "center")))
+    outputs = (Output("IMAGE", "IMAGE"),)
+
+    def cost(self, width=0, height=0, **_):
+        return {"pixels": width * height}
+
+    def run(self, context, image, upscale_method, width, height, crop):
+        if width == 0 and height == 0:
+            return (image,)
+        if width == 0:
+            width = max(1, round(image.shape[2] * height / image.shape[1]))
+        elif height == 0:
+            height = max(1, round(image.shape[1] * width / image.shape[2]))
+        return (scaled(context, image, width, height, upscale_method, crop),)
+
+
+@node
+class ImageScaleBy(Node):
+    class_type = "ImageScaleBy"
+    category = "image/upscaling"
+    inputs = (link("image", "IMAGE"), UPSCALE_METHOD,
+              InputSpec("scale_by", "FLOAT", default=1.0, min=0.01, max=8.0, step=0.01))
+    outputs = (Output("IMAGE", "IMAGE"),)
+
+    def run(self, context, image, upscale_method, scale_by):
+        width, height = round(image.shape[2] * scale_by), round(image.shape[1] * scale_by)
+        return (scaled(context, image, width, height, upscale_method),)
+
+
+@node
+class ImageScaleToTotalPixels(Node):
+    class_type = "ImageScaleToTotalPixels"
+    category = "image/upscaling"
+    description = "Resize to about this many megapixels, keeping the aspect ratio."
+    inputs = (link("image", "IMAGE"), UPSCALE_METHOD,
+              InputSpec("megapixels", "FLOAT", default=1.0, min=0.01, max=16.0, step=0.01),
+              InputSpec("resolution_steps", "INT", default=1, min=1, max=256, optional=True))
+    outputs = (Output("IMAGE", "IMAGE"),)
+
+    def run(self, context, image, upscale_method, megapixels, resolution_steps=1):
+        steps = resolution_steps or 1
+        scale_by = math.sqrt(megapixels * 1024 * 1024 / (image.shape[2] * image.shape[1]))
+        width = round(image.shape[2] * scale_by / steps) * steps
+        height = round(image.shape[1] * scale_by / steps) * steps
+        return (scaled(context, image, int(width), int(height), upscale_method),)
+
+
+@node
+class ImageCrop(Node):
+    class_type = "ImageCrop"
+    category = "image/transform"
+    inputs = (link("image", "IMAGE"),
+              InputSpec("width", "INT", default=512, min=1, max=MAX, step=8),
+              InputSpec("height", "INT", default=512, min=1, max=MAX, step=8),
+              InputSpec("x", "INT", default=0, min=0, max=MAX, step=8),
+              InputSpec("y", "INT", default=0, min=0, max=MAX, step=8))
+    outputs = (Output("IMAGE", "IMAGE"),)
+
+    def run(self, context, image, width, height, x, y):
+        x, y = min(x, image.shape[2] - 1), min(y, image.shape[1] - 1)
+        return (image[:, y:y + height, x:x + width, :],)
+
+
+@node
+class ImageInvert(Node):
+    class_type = "ImageInvert"
+    category = "image"
+    inputs = (link("image", "IMAGE"),)
+    outputs = (Output("IMAGE", "IMAGE"),)
+
+    def run(self, context, image):
+        return (1.0 - image,)
+
+
+@node
+class ImagePadForOutpaint(Node):
+    class_type = "ImagePadForOutpaint"
+    category = "image"
+    description = ("Extend the canvas with grey on each side; the MASK marks the new area (and a feathered "
+                   "band inside the old edge) for inpainting.")
+    inputs = (link("image", "IMAGE"),
+              *(InputSpec(side, "INT", default=0, min=0, max=MAX, step=8) for side in ("left", "top", "right", "bottom")),
+              InputSpec("feathering", "INT", default=40, min=0, max=MAX, step=1))
+    outputs = (Output("IMAGE", "IMAGE"), Output("MASK", "MASK"))
+
+    def run(self, context, image, left, top, right, bottom, feathering):
+        batch, height, width, channels = image.shape
+        context.check_pixels(batch * (height + top + bottom) * (width + left + right))
+        out = torch.ones((batch, height + top + bottom, width + left + right, channels), dtype=torch.float32) * 0.5
+        out[:, top:top + height, left:left + width, :] = image
+        mask = torch.ones((height + top + bottom, width + left + right), dtype=torch.float32)
+        inner = torch.zeros((height, width), dtype=torch.float32)
+        if feathering > 0 and feathering * 2 < height and feathering * 2 < width:
+            # nodes.py computes this per pixel in a Python loop; the same numbers, at once: the
+            # distance to the nearest padded side (a side not padded counts as far away).
+            rows = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
+            cols = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
+            far_rows, far_cols = torch.full_like(rows, height), torch.full_like(cols, width)
+            distance = torch.minimum(
+                torch.minimum(rows if top != 0 else far_rows, height - rows if bottom != 0 else far_rows),
+                torch.minimum(cols if left != 0 else far_cols, width - cols if right != 0 else far_cols))
+            near = distance < feathering
+            inner[near] = ((feathering - distance[near]) / feathering) ** 2
+        mask[top:top + height, left:left + width] = inner
+        return out, mask[None]
+
+
+@node
+class ResizeAndPadImage(Node):
+    class_type = "ResizeAndPadImage"
+    category = "image/transform"
+    description = "Fit the image inside target_width x target_height and pad the rest."
+    inputs = (link("image", "IMAGE"),
+              InputSpec("target_width", "INT", default=512, min=1, max=MAX, step=1),
+              InputSpec("target_height", "INT", default=512, min=1, max=MAX, step=1),
+              InputSpec("padding_color", "COMBO", default="white", choices=("white", "black")),
+              InputSpec("interpolation", "COMBO", default="area",
+                        choices=("area", "bicubic", "nearest-exact", "bilinear", "lanczos")))
+    outputs = (Output("IMAGE", "IMAGE"),)
+
+    def cost(self, target_width=0, target_height=0, **_):
+        return {"pixels": target_width * target_height}
+
+    def run(self, context, image, target_width, target_height, padding_color, interpolation):
+        batch, height, width, channels = image.shape
+        scale = min(target_width / width, target_height / height)
+        new_width, new_height = int(width * scale), int(height * scale)
+        resized = scaled(context, image, new_width, new_height, interpolation).movedim(-1, 1)
+        padded = torch.full((batch, channels, target_height, target_width), 0.0 if padding_color == "black" else 1.0,
+                            dtype=image.dtype)
+        top, left = (target_height - new_height) // 2, (target_width - new_width) // 2
+        padded[:, :, top:top + new_height, left:left + new_width] = resized
+        return (padded.movedim(1, -1),)
+
+
+@node
+class ImageBatch(Node):
+    class_type = "ImageBatch"
+    category = "image"
+    description = "Two images in one batch; the second is resized (centre crop) to the first's size."
+    inputs = (link("image1", "IMAGE"), link("image2", "IMAGE"))
+    outputs = (Output("IMAGE", "IMAGE"),)
+
+    def run(self, context, image1, image2):
+        context.check_pixels((image1.shape[0] + image2.shape[0]) * image1.shape[1] * image1.shape[2])
+        if image1.shape[1:] != image2.shape[1:]:
+            image2 = imaging.upscale(image2.movedim(-1, 1), image1.shape[2], image1.shape[1], "bilinear",
+                                     "center").movedim(1, -1)
+        return (torch.cat((image1, image2), dim=0),)
+
+
+NODES = (VAEDecode, SaveImage, PreviewImage, ImageScale, ImageScaleBy, ImageScaleToTotalPixels, ImageCrop, ImageInvert,
+         ImagePadForOutpaint, ResizeAndPadImage, ImageBatch)
