@@ -56,15 +56,16 @@ def test_every_documented_route_exists(runtime):
     from ryla.api.app import ServerSettings, create_app
 
     from ryla.api import playground
-    from ryla.api.routes import comfy
+    from ryla.api.routes import comfy, editor
 
     app = create_app(runtime, ServerSettings(preload=False))
-    # Served routes: those in the OpenAPI schema, the playground's (left out of it), and
-    # FastAPI's own documentation routes.
+    # Served routes: those in the OpenAPI schema, the playground's and the editor's (left out
+    # of it), and FastAPI's own documentation routes.
     routes = {(method.upper(), re.sub(r"\{[^}]+\}", "{}", path))
               for path, operations in app.openapi()["paths"].items() for method in operations}
     routes |= {(method, re.sub(r"\{[^}]+\}", "{}", route.path))
-               for route in [*playground.router.routes, *app.routes] for method in getattr(route, "methods", ())}
+               for route in [*playground.router.routes, *editor.router.routes, *app.routes]
+               for method in getattr(route, "methods", ())}
     routes |= {("GET", route.path) for route in comfy.router.routes if type(route).__name__ == "APIWebSocketRoute"}
     mentioned = set()
     for path in DOCS:

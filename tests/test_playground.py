@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this ma
 
 
 def test_page_is_served_with_types_and_a_restrictive_csp(server):
-    page = httpx.get(server.url + "/")
+    page = httpx.get(server.url + "/playground")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     csp = page.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "script-src 'self'" in csp and "http" not in csp
@@ -36,7 +36,7 @@ def browser_page(server):
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         errors = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))  # script errors (CSP, bugs)
-        page.goto(server.url + "/")
+        page.goto(server.url + "/playground")
         yield page, errors
         browser.close()
 

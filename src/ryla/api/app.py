@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from ryla.api import errors, playground
 from ryla.api.metrics import Metrics
 from ryla.api.middleware import GuardMiddleware
-from ryla.api.routes import comfy, generate, jobs, loras, openai, status
+from ryla.api.routes import comfy, editor, generate, jobs, loras, openai, status
 from ryla.api.service import ServerSettings, Service
 from ryla.runtime import Runtime
 from ryla.workflows import FLUX_DEV
@@ -56,10 +56,12 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key,
                        metrics=metrics, upload_paths={"/loras": settings.max_lora_bytes},
                        allowed_hosts=settings.allowed_hosts,
-                       public_paths=("/health", "/", *(f"/static/{name}" for name in playground.STATIC_FILES)))
+                       public_paths=("/health", "/", "/playground", "/login",
+                                     *(f"/static/{name}" for name in playground.STATIC_FILES)))
     for router in (generate.router, jobs.router, loras.router, comfy.router, openai.router, playground.router,
-                   status.router):
+                   status.router, editor.router):
         app.include_router(router)
     # ComfyUI's newer frontend calls every server route under /api as well (server.py add_routes).
     app.include_router(comfy.router, prefix="/api", include_in_schema=False)
+    app.include_router(editor.static_router)  # last: the editor's files under any other path
     return app

@@ -3,14 +3,20 @@
 `Authorization: Bearer <key>` everywhere (the OpenAI client sends its api_key this way);
 HTTP Basic with the key as the password (any user name), which ComfyUI clients built for
 password-protected ComfyUI servers send (comfy-api-simplified's user/password); and, for the
-websocket only, since browsers cannot set headers on one, a `token` query parameter.
+websocket only, since browsers cannot set headers on one, a `token` query parameter. ComfyUI's
+editor, which cannot be taught to send a header, signs in once at /login: the server then sets
+a session cookie (a keyed hash of the key, never the key itself; HttpOnly, SameSite=Strict).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
+from http.cookies import CookieError, SimpleCookie
+
+SESSION_COOKIE = "ryla_session"
 
 
 def check_key(api_key: str | None) -> str | None:
@@ -50,4 +56,20 @@ def websocket_authorized(websocket, api_key: str | None) -> bool:
     token = websocket.query_params.get("token")
     if token is not None and hmac.compare_digest(token.encode(), api_key.encode()):
         return True
+    # the editor's session cookie: browsers send cookies on a same-site websocket
+    if cookie_matches(websocket.headers.get("cookie", ""), api_key):
+        return True
     return key_matches(websocket.headers.get("authorization", ""), api_key)
+
+
+def session_token(api_key: str) -> str:
+    """The editor's session cookie value: changes when the key changes, reveals nothing of it."""
+    return hmac.new(api_key.encode("utf-8"), b"ryla editor session", hashlib.sha256).hexdigest()
+
+
+def cookie_matches(cookie_header: str, api_key: str) -> bool:
+    try:
+        morsel = SimpleCookie(cookie_header).get(SESSION_COOKIE)
+    except CookieError:
+        return False
+    return morsel is not None and hmac.compare_digest(morsel.value.encode(), session_token(api_key).encode())

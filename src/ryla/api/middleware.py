@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 
-from ryla.api.auth import key_matches
+from ryla.api.auth import cookie_matches, key_matches
 from ryla.api.errors import OPENAI_PREFIX, openai_error_body
 from ryla.api.metrics import Metrics
 from ryla.logs import request_id_var
@@ -109,10 +109,15 @@ class GuardMiddleware:
                                                 f"({printable(origin)}) may not change state on a server "
                                                 "without an API key", path=path))
             if self.api_key is not None and path not in self.public_paths:
-                if not key_matches(headers.get("authorization", ""), self.api_key):
+                by_key = key_matches(headers.get("authorization", ""), self.api_key)
+                by_cookie = not by_key and cookie_matches(headers.get("cookie", ""), self.api_key)
+                if by_cookie and method in STATE_CHANGING and origin and _netloc(origin) != headers.get(
+                        "host", "").lower():
+                    by_cookie = False  # the editor's cookie acts only for pages of this origin
+                if not (by_key or by_cookie):
                     return await reply(*_json_error(401, "unauthorized", "missing or wrong API key: send "
-                                                    "'Authorization: Bearer <key>'",
-                                                    [(b"www-authenticate", b"Bearer")], path))
+                                                    "'Authorization: Bearer <key>' (in a browser: sign in at "
+                                                    "/login)", [(b"www-authenticate", b"Bearer")], path))
             limit = self.upload_paths.get(path, self.max_body_bytes) if method == "POST" else self.max_body_bytes
             too_large = _json_error(413, "payload_too_large", f"request body over the limit of {limit} bytes",
                                     path=path)

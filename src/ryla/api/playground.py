@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ryla.api.errors import ApiError
@@ -28,9 +28,17 @@ def read_static(name: str) -> bytes:
 router = APIRouter(include_in_schema=False)
 
 
-@router.get("/")
+@router.get("/playground")
 async def page() -> Response:
     return Response(read_static("index.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+
+@router.get("/")
+async def home(request: Request) -> Response:
+    """ComfyUI's editor when its package is installed (`ryla[ui]`), else the playground."""
+    from ryla.api.routes.editor import editor_page, frontend_root
+
+    return editor_page(request) if frontend_root() is not None else await page()
 
 
 @router.get("/static/{name}")
