@@ -97,6 +97,7 @@ def test_output_sizes_follow_comfyuis_arithmetic(runtime, images):
     # SaveImage's decoded batch of 2 (RepeatLatentBatch), then the preview: the mask resized and
     # padded to 80x48, then scaled to 0.01 MP: sqrt(10485.76 / 3840) * (80, 48) rounds to (132, 79)
     assert sizes["image_and_mask_tools"] == [(64, 64), (64, 64), (132, 79)]
+    assert sizes["area_conditioning_dual_cfg"] == [(128, 64)]
 
 
 def test_denoise_one_img2img_is_text_to_image_with_the_same_seed(runtime, images):
@@ -232,7 +233,8 @@ def test_every_node_in_the_corpus_is_used(runtime):
              "LatentComposite", "RepeatLatentBatch", "ImageBatch", "LatentFromBatch", "CLIPTextEncodeFlux",
              "ConditioningZeroOut", "ConditioningSetTimestepRange", "ConditioningAverage", "ConditioningConcat",
              "CFGGuider", "KSamplerAdvanced", "SamplerCustom", "DisableNoise", "SplitSigmas", "SplitSigmasDenoise",
-             "KarrasScheduler", "BetaSamplingScheduler", "SamplerEulerAncestral", "SamplerDPMPP_2M_SDE"}
+             "KarrasScheduler", "BetaSamplingScheduler", "SamplerEulerAncestral", "SamplerDPMPP_2M_SDE",
+             "ConditioningSetArea", "ConditioningSetAreaPercentage", "ConditioningSetAreaStrength", "DualCFGGuider"}
     assert added - used == set()
     assert added <= set(runtime.registry.classes)
 
@@ -316,3 +318,49 @@ def test_the_docs_node_table_lists_every_node(runtime):
     for name in runtime.registry.classes:
         if not name.startswith(("InstantID", "ApplyInstantID", "ControlNetLoader")):
             assert f"(https://docs.comfy.org/built-in-nodes/{name})" in table, name
+
+
+def test_dual_cfg_guider_reduces_to_comfyuis_simpler_guiders(runtime, images):
+    """With its weights at 1 DualCFGGuider computes only cond1 (BasicGuider's image); with
+    cfg_cond2_negative 1 it is CFG between cond1 and cond2 (CFGGuider's image, same bytes)."""
+    graph = load("area_conditioning_dual_cfg")
+    graph["26"]["inputs"].update(cond1=["6", 0], cfg_conds=1.0, cfg_cond2_negative=1.0)
+    basic = copy.deepcopy(graph)
+    basic["26"] = {"class_type": "BasicGuider", "inputs": {"model": ["10", 0], "conditioning": ["6", 0]}}
+    assert run(runtime, graph, images).images[0].tobytes() == run(runtime, basic, images).images[0].tobytes()
+    graph["26"]["inputs"]["cfg_conds"] = 2.5
+    cfg = copy.deepcopy(graph)
+    cfg["26"] = {"class_type": "CFGGuider", "inputs": {"model": ["10", 0], "positive": ["6", 0],
+                                                        "negative": ["13", 0], "cfg": 2.5}}
+    assert run(runtime, graph, images).images[0].tobytes() == run(runtime, cfg, images).images[0].tobytes()
+    # nested with cfg_conds 1 is CFG between cond1 and the negative (to rounding)
+    graph["26"]["inputs"].update(cfg_conds=1.0, cfg_cond2_negative=2.0, style="nested")
+    cfg["26"]["inputs"].update(negative=["25", 0], cfg=2.0)
+    nested = np.asarray(run(runtime, graph, images).images[0], dtype=np.int16)
+    plain = np.asarray(run(runtime, cfg, images).images[0], dtype=np.int16)
+    assert np.abs(nested - plain).max() <= 1
+
+
+def test_area_conditioning_is_comfyuis(runtime, images):
+    """An area over the whole image at strength 1 is the plain conditioning (same bytes); two
+    half areas give another image; the weights are get_area_and_mult's."""
+    from ryla.flux.engine import _area_box, _area_weights
+
+    graph = load("area_conditioning_dual_cfg")
+    graph["26"] = {"class_type": "BasicGuider", "inputs": {"model": ["10", 0], "conditioning": ["20", 0]}}
+    graph["20"]["inputs"].update(width=128, height=64)
+    whole = run(runtime, graph, images).images[0].tobytes()
+    graph["26"]["inputs"]["conditioning"] = ["6", 0]
+    assert whole == run(runtime, graph, images).images[0].tobytes()
+    graph["20"]["inputs"]["width"] = 64
+    graph["26"]["inputs"]["conditioning"] = ["23", 0]
+    assert run(runtime, graph, images).images[0].tobytes() != whole
+    # regions in latent units, clipped; the percentage form resolved against the latent
+    assert _area_box((8, 6, 0, 0), 8, 12) == (0, 0, 8, 6)
+    assert _area_box(("percentage", 1.0, 0.5, 0.0, 0.5), 8, 12) == (0, 6, 8, 12)
+    assert _area_box((20, 20, 4, 4), 8, 12) == (4, 4, 8, 12)
+    # feathered on inner edges only: a region at the left border fades towards its right side
+    mult = _area_weights((1, 1, 8, 10), (0, 0, 8, 10), 8, 12, 1.5, "cpu")
+    assert mult[0, 0, 0, 0] == 1.5 and mult[0, 0, 0, 9] == 1.5 * (1 / 8)
+    assert torch.allclose(mult[0, 0, 0, :], 1.5 * torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 1, 1]) *
+                          torch.tensor([1, 1, 8 / 8, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8]))

@@ -437,14 +437,18 @@ class FluxEngine:
                callback: ProgressCallback | None = None, cancel: threading.Event | None = None,
                sampler: str = "euler", denoise_mask: torch.Tensor | None = None, seed: int = 0,
                mask_function=None, sampler_options: dict | None = None,
-               denoised_out: list | None = None) -> torch.Tensor:
+               denoised_out: list | None = None, middle: Conditioning | None = None, cfg2: float = 1.0,
+               nested: bool = False) -> torch.Tensor:
         """Run a sampler, as comfy/samplers.py CFGGuider.inner_sample and KSAMPLER.sample do.
         `latent` and the result are in VAE latent space ([B,16,H/8,W/8]), as ComfyUI's LATENT;
         `noise` is ComfyUI's seeded noise (None: DisableNoise's zeros). `denoise_mask` (the
         latent's noise_mask, any size) repaints where it is 1 and keeps the latent where it is 0;
         `seed` seeds the noise that stochastic samplers add on the way; `sampler_options` are a
         sampler node's settings (SamplerEulerAncestral's eta, say). `denoised_out`, a list,
-        receives the last step's denoised prediction (SamplerCustom's denoised_output)."""
+        receives the last step's denoised prediction (SamplerCustom's denoised_output).
+        With `middle`, the guidance is DualCFGGuider's (comfy_extras/nodes_custom_sampler.py
+        Guider_DualCFG): `positive` is its cond1, `middle` its cond2, `cfg` cfg_conds and `cfg2`
+        cfg_cond2_negative, combined "regular"ly or `nested`."""
         if len(sigmas) < 2:
             return latent
         latent = latent.float()
@@ -456,8 +460,14 @@ class FluxEngine:
         noise = torch.zeros_like(x0) if noise is None else noise.float()
         sigma0 = float(sigmas[0])
         x = (sigma0 * noise + (1.0 - sigma0) * x0).to(self.device)  # CONST.noise_scaling
-        use_cfg = negative is not None and not _isclose(cfg, 1.0)
-        streams = [positive, negative] if use_cfg else [positive]
+        if middle is None:
+            use_cfg = negative is not None and not _isclose(cfg, 1.0)
+            streams = [("cond", positive)] + ([("uncond", negative)] if use_cfg else [])
+        else:  # DualCFGGuider: like ComfyUI, a stream whose weight is exactly 1 is not computed
+            use_negative = negative is not None and (nested or not _isclose(cfg2, 1.0))
+            use_middle = use_negative or nested or not _isclose(cfg, 1.0)
+            streams = ([("cond", positive)] + ([("mid", middle)] if use_middle else [])
+                       + ([("uncond", negative)] if use_negative else []))
         mask = None
         if denoise_mask is not None:
             mask = sampling.latent_mask(denoise_mask, x.shape).to(self.device)
@@ -471,7 +481,7 @@ class FluxEngine:
             self._patch(model.transformer, model.loras)
             # after the LoRA patch: the modulation rows come from the patched weights
             plan = self._modulation_plan(model.transformer, x.shape[0], streams, sigmas)
-            predict = self._velocity_fn(model, x.shape, positive, plan)
+            predict = self._velocity_fn(model, x.shape, plan)
             schedule = [float(s) for s in sigmas]
 
             def velocity(x_t: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
@@ -480,11 +490,20 @@ class FluxEngine:
                 # A sampler's intermediate sigma (dpm_2's midpoint) has no planned modulation rows.
                 planned = step < len(schedule) and _isclose(sigma, schedule[step])
                 key = step if planned else None
-                v_cond = predict(x_t, sigma, positive, key, len(schedule) - 1, step)
-                if not use_cfg:
-                    return v_cond
-                v_uncond = predict(x_t, sigma, negative, key, len(schedule) - 1, step)
-                return v_uncond + cfg * (v_cond - v_uncond)
+                v = {name: predict(x_t, sigma, conds, key, len(schedule) - 1, step, name) for name, conds in streams}
+                if middle is None:
+                    if "uncond" not in v:
+                        return v["cond"]
+                    return v["uncond"] + cfg * (v["cond"] - v["uncond"])
+                # The weights of each combination sum to 1, so combining velocities is combining
+                # ComfyUI's denoised predictions (denoised = x - sigma * v).
+                if "mid" not in v:
+                    return v["cond"]
+                if nested:
+                    text = v["mid"] + (v["cond"] - v["mid"]) * cfg
+                    return v["uncond"] + cfg2 * (text - v["uncond"])
+                base = v["mid"] if "uncond" not in v else v["uncond"] + (v["mid"] - v["uncond"]) * cfg2
+                return base + (v["cond"] - v["mid"]) * cfg
 
             flow = samplers.FlowModel(velocity, shift=model.shift if model.shift is not None else sampling.DEFAULT_SHIFT,
                                       denoise_mask=mask, latent=x0.to(self.device) if mask is not None else None,
@@ -514,69 +533,93 @@ class FluxEngine:
                            if transformer.config.guidance_embeds else None)
         return timestep, guidance_tensor, cond.pooled.to(self.device).expand(batch, -1)
 
-    def _modulation_plan(self, transformer, batch: int, streams: list[Conditioning],
+    def _modulation_plan(self, transformer, batch: int, streams: list[tuple[str, Conditioning]],
                          sigmas: torch.Tensor) -> ModulationPlan | None:
         """Every step's block modulations at once, where the speed mode routes them through
         ryla.speed.modulation (exact) and they fit in its MAX_PLAN_BYTES."""
         steps = len(sigmas) - 1
-        calls = steps * sum(len(conds) for conds in streams)
+        calls = steps * sum(len(conds) for _, conds in streams)
         if not ModulationPlan.affordable(transformer, calls, batch, self.dtype):
             return None
-        inputs = {(step, _stream_name(conds, streams[0], index)): self._time_inputs(transformer, cond,
-                                                                                   float(sigmas[step]), batch)
-                  for step in range(steps) for conds in streams for index, cond in enumerate(conds)}
+        inputs = {(step, f"{name}{index}"): self._time_inputs(transformer, cond, float(sigmas[step]), batch)
+                  for step in range(steps) for name, conds in streams for index, cond in enumerate(conds)}
         return ModulationPlan(transformer, inputs, self.dtype)
 
-    def _velocity_fn(self, model: FluxModel, shape: torch.Size, positive_conds: Conditioning,
-                     plan: ModulationPlan | None = None):
+    def _velocity_fn(self, model: FluxModel, shape: torch.Size, plan: ModulationPlan | None = None):
         batch, channels, h, w = shape
-        # A latent of odd height or width (an image size not a multiple of 16) is padded to whole
-        # 2x2 patches and the prediction cropped back, as comfy/ldm/flux/model.py does
-        # (common_dit.pad_to_patch_size, circular padding).
-        padded_h, padded_w = h + h % 2, w + w % 2
         shift = model.shift if model.shift is not None else sampling.DEFAULT_SHIFT
         transformer = model.transformer
-        img_ids = sampling.latent_image_ids(padded_h, padded_w, self.device, self.dtype)
         identity = model.identity
-        control = (self.encode_control_image(identity.vae, identity.control_image, padded_w * 8, padded_h * 8)
-                   if identity is not None else None)
+        ids: dict[tuple[int, int], torch.Tensor] = {}
+        control = None
+        if identity is not None:
+            control = self.encode_control_image(identity.vae, identity.control_image, (w + w % 2) * 8, (h + h % 2) * 8)
+
+        def transformer_velocity(x: torch.Tensor, sigma: float, cond: Cond, key, total: int, step: int,
+                                 stream: str, whole: bool) -> torch.Tensor:
+            """The transformer's velocity for one conditioning entry, on x or a region of it. A
+            latent of odd height or width (an image size not a multiple of 16) is padded to whole
+            2x2 patches and the prediction cropped back, as comfy/ldm/flux/model.py does
+            (common_dit.pad_to_patch_size, circular padding)."""
+            part_h, part_w = x.shape[-2:]
+            padded_h, padded_w = part_h + part_h % 2, part_w + part_w % 2
+            if (padded_h, padded_w) != (part_h, part_w):
+                x = torch.nn.functional.pad(x, (0, padded_w - part_w, 0, padded_h - part_h), mode="circular")
+            if (padded_h, padded_w) not in ids:
+                ids[(padded_h, padded_w)] = sampling.latent_image_ids(padded_h, padded_w, self.device, self.dtype)
+            img_ids = ids[(padded_h, padded_w)]
+            packed = sampling.pack_latents(x).to(self.device, self.dtype)
+            txt_ids = torch.zeros(cond.t5.shape[1], 3, device=self.device, dtype=self.dtype)
+            timestep, guidance_tensor, pooled = self._time_inputs(transformer, cond, sigma, batch)
+            kwargs = dict(
+                hidden_states=packed,
+                encoder_hidden_states=cond.t5.to(self.device).expand(batch, -1, -1),
+                pooled_projections=pooled,
+                timestep=timestep,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=guidance_tensor,
+                return_dict=False,
+            )
+            if whole and identity is not None and identity.active(step, total):
+                kwargs.update(identity.residuals(packed, control, timestep, img_ids, guidance_tensor, pooled, batch))
+            if plan is not None:
+                plan.select((key, stream))
+            # First-block caching (turbo) keeps one cache per conditioning stream.
+            with _cache_context(transformer, stream):
+                out = transformer(**kwargs)[0]
+            return sampling.unpack_latents(out.float(), padded_h, padded_w)[:, :, :part_h, :part_w]
 
         def predict(x: torch.Tensor, sigma: float, conds: Conditioning, key: int | None, total: int,
-                    step: int) -> torch.Tensor:
+                    step: int, name: str) -> torch.Tensor:
             active = [(index, cond) for index, cond in enumerate(conds) if _active_at(cond, sigma, shift)]
             if not active:
                 # comfy/samplers.py calc_cond_batch: no entry in its timestep range leaves the
                 # denoised prediction at zero, whose velocity is x / sigma.
                 return x / sigma
-            if (padded_h, padded_w) != (h, w):
-                x = torch.nn.functional.pad(x, (0, padded_w - w, 0, padded_h - h), mode="circular")
-            packed = sampling.pack_latents(x).to(self.device, self.dtype)
-            outputs = []
+            if all(cond.option("area") is None and cond.option("strength", 1.0) == 1.0 for _, cond in active):
+                outputs = [transformer_velocity(x, sigma, cond, key, total, step, f"{name}{index}", True)
+                           for index, cond in active]
+                return torch.stack(outputs).mean(0) if len(outputs) > 1 else outputs[0]
+            # calc_cond_batch with areas and strengths: each entry predicts its region, weighted
+            # by its strength with feathered inner edges (get_area_and_mult); the weighted mean
+            # of denoised predictions is the same weighted mean of velocities where the weights
+            # cover a pixel, and zero (velocity x / sigma) where none does.
+            total_v = torch.zeros_like(x)
+            weights = torch.zeros_like(x)
             for index, cond in active:
-                txt_ids = torch.zeros(cond.t5.shape[1], 3, device=self.device, dtype=self.dtype)
-                timestep, guidance_tensor, pooled = self._time_inputs(transformer, cond, sigma, batch)
-                kwargs = dict(
-                    hidden_states=packed,
-                    encoder_hidden_states=cond.t5.to(self.device).expand(batch, -1, -1),
-                    pooled_projections=pooled,
-                    timestep=timestep,
-                    img_ids=img_ids,
-                    txt_ids=txt_ids,
-                    guidance=guidance_tensor,
-                    return_dict=False,
-                )
-                if identity is not None and identity.active(step, total):
-                    kwargs.update(identity.residuals(packed, control, timestep, img_ids, guidance_tensor,
-                                                     pooled, batch))
-                stream = _stream_name(conds, positive_conds, index)
-                if plan is not None:
-                    plan.select((key, stream))
-                # First-block caching (turbo) keeps one cache per conditioning stream.
-                with _cache_context(transformer, stream):
-                    out = transformer(**kwargs)[0]
-                outputs.append(out.float())
-            v = torch.stack(outputs).mean(0) if len(outputs) > 1 else outputs[0]
-            return sampling.unpack_latents(v, padded_h, padded_w)[:, :, :h, :w]
+                top, left, bottom, right = _area_box(cond.option("area"), h, w)
+                if bottom <= top or right <= left:
+                    continue
+                region = (slice(None), slice(None), slice(top, bottom), slice(left, right))
+                whole = (top, left, bottom, right) == (0, 0, h, w)
+                v = transformer_velocity(x[region], sigma, cond, key, total, step, f"{name}{index}", whole)
+                mult = _area_weights(v.shape, (top, left, bottom, right), h, w, float(cond.option("strength", 1.0)),
+                                     v.device)
+                total_v[region] += v * mult
+                weights[region] += mult
+            covered = weights > 0
+            return torch.where(covered, total_v / torch.where(covered, weights, torch.ones_like(weights)), x / sigma)
 
         return predict
 
@@ -641,9 +684,36 @@ def release_freed_gpu_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _stream_name(conds: Conditioning, positive: Conditioning, index: int) -> str:
-    """One conditioning stream of a sampling run: 'cond0', 'cond1', ... or 'uncond0', ..."""
-    return f"{'uncond' if conds is not positive else 'cond'}{index}"
+def _area_box(area, h: int, w: int) -> tuple[int, int, int, int]:
+    """A conditioning entry's region of an h x w latent as (top, left, bottom, right), clipped:
+    ConditioningSetArea's (height, width, y, x) in latent units, or its Percentage form,
+    resolved as comfy/samplers.py resolve_areas_and_cond_masks does; the whole latent without."""
+    if area is None:
+        return 0, 0, h, w
+    if area[0] == "percentage":
+        height, width, y, x = area[1:]
+        area = (max(1, round(height * h)), max(1, round(width * w)), round(y * h), round(x * w))
+    height, width, y, x = (int(v) for v in area)
+    return min(y, h), min(x, w), min(y + height, h), min(x + width, w)
+
+
+def _area_weights(shape, box: tuple[int, int, int, int], h: int, w: int, strength: float, device) -> torch.Tensor:
+    """get_area_and_mult's weights: the strength, feathered over 8 latent pixels on each side of
+    the region that is inside the latent (not on its border)."""
+    top, left, bottom, right = box
+    mult = torch.full(shape, strength, device=device)
+    feather = 8
+    for t in range(feather):
+        weight = (1.0 / feather) * (t + 1)
+        if top != 0:
+            mult[:, :, t:1 + t, :] *= weight
+        if bottom < h:
+            mult[:, :, mult.shape[2] - 1 - t:mult.shape[2] - t, :] *= weight
+        if left != 0:
+            mult[:, :, :, t:1 + t] *= weight
+        if right < w:
+            mult[:, :, :, mult.shape[3] - 1 - t:mult.shape[3] - t] *= weight
+    return mult
 
 
 def _cache_context(transformer, name: str):

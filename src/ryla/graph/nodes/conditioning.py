@@ -153,5 +153,55 @@ class InpaintModelConditioning(Node):
                 latent)
 
 
+AREA_STRENGTH = InputSpec("strength", "FLOAT", default=1.0, min=0.0, max=10.0, step=0.01)
+
+
+@node
+class ConditioningSetArea(Node):
+    class_type = "ConditioningSetArea"
+    category = "conditioning"
+    description = ("Apply the conditioning to one region (pixels): combined with others, each region is "
+                   "predicted on its own and blended, feathered at its inner edges.")
+    inputs = (link("conditioning", "CONDITIONING"),
+              InputSpec("width", "INT", default=64, min=64, max=catalogue.MAX_RESOLUTION, step=8),
+              InputSpec("height", "INT", default=64, min=64, max=catalogue.MAX_RESOLUTION, step=8),
+              InputSpec("x", "INT", default=0, min=0, max=catalogue.MAX_RESOLUTION, step=8),
+              InputSpec("y", "INT", default=0, min=0, max=catalogue.MAX_RESOLUTION, step=8),
+              AREA_STRENGTH)
+    outputs = (Output("CONDITIONING", "CONDITIONING"),)
+
+    def run(self, context, conditioning, width, height, x, y, strength):
+        area = (height // 8, width // 8, y // 8, x // 8)  # latent units, as nodes.py stores it
+        return (tuple(c.with_options(area=area, strength=strength) for c in conditioning),)
+
+
+@node
+class ConditioningSetAreaPercentage(Node):
+    class_type = "ConditioningSetAreaPercentage"
+    category = "conditioning"
+    description = "ConditioningSetArea with the region as fractions of the image."
+    inputs = (link("conditioning", "CONDITIONING"),
+              *(InputSpec(name, "FLOAT", default=default, min=0.0, max=1.0, step=0.01)
+                for name, default in (("width", 1.0), ("height", 1.0), ("x", 0.0), ("y", 0.0))),
+              AREA_STRENGTH)
+    outputs = (Output("CONDITIONING", "CONDITIONING"),)
+
+    def run(self, context, conditioning, width, height, x, y, strength):
+        area = ("percentage", height, width, y, x)
+        return (tuple(c.with_options(area=area, strength=strength) for c in conditioning),)
+
+
+@node
+class ConditioningSetAreaStrength(Node):
+    class_type = "ConditioningSetAreaStrength"
+    category = "conditioning"
+    inputs = (link("conditioning", "CONDITIONING"), AREA_STRENGTH)
+    outputs = (Output("CONDITIONING", "CONDITIONING"),)
+
+    def run(self, context, conditioning, strength):
+        return (tuple(c.with_options(strength=strength) for c in conditioning),)
+
+
 NODES = (CLIPTextEncode, FluxGuidance, ConditioningCombine, CLIPTextEncodeFlux, ConditioningZeroOut,
-         ConditioningSetTimestepRange, ConditioningAverage, ConditioningConcat, InpaintModelConditioning)
+         ConditioningSetTimestepRange, ConditioningAverage, ConditioningConcat, InpaintModelConditioning,
+         ConditioningSetArea, ConditioningSetAreaPercentage, ConditioningSetAreaStrength)

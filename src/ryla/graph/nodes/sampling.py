@@ -52,7 +52,7 @@ class Sampler:
 
 def run_sampler(context, model: FluxModel, positive: Conditioning, negative: Conditioning | None, latent: dict,
                 noise: torch.Tensor | None, sigmas: torch.Tensor, cfg: float, sampler: Sampler, seed: int,
-                denoised_out: list | None = None) -> torch.Tensor:
+                denoised_out: list | None = None, dual: dict | None = None) -> torch.Tensor:
     """comfy.sample.sample / sample_custom: the latent's noise_mask inpaints, and a model
     patched by DifferentialDiffusion reads the mask's grey levels."""
     samples = flux_latent(latent)
@@ -65,7 +65,8 @@ def run_sampler(context, model: FluxModel, positive: Conditioning, negative: Con
     return context.engine.sample(model, positive, negative, samples, noise, sigmas, cfg,
                                  callback=context.progress, cancel=context.cancel, sampler=sampler.name,
                                  denoise_mask=mask, seed=seed, mask_function=mask_function,
-                                 sampler_options=dict(sampler.options), denoised_out=denoised_out)
+                                 sampler_options=dict(sampler.options), denoised_out=denoised_out,
+                                 **(dual or {}))
 
 
 def with_samples(latent: dict, samples: torch.Tensor) -> dict:
@@ -206,10 +207,19 @@ class Noise:
 
 @dataclass(frozen=True)
 class Guider:
+    """GUIDER: the model with its conditionings and guidance; `middle` makes it DualCFGGuider's
+    (cond1 = positive, cond2 = middle, cfg = cfg_conds, cfg2 = cfg_cond2_negative)."""
+
     model: FluxModel
     positive: Conditioning
     negative: Conditioning | None = None
     cfg: float = 1.0
+    middle: Conditioning | None = None
+    cfg2: float = 1.0
+    nested: bool = False
+
+    def dual(self) -> dict | None:
+        return None if self.middle is None else {"middle": self.middle, "cfg2": self.cfg2, "nested": self.nested}
 
 
 @node
@@ -387,10 +397,28 @@ class CFGGuider(Node):
         return (Guider(model, positive, negative, cfg),)
 
 
+@node
+class DualCFGGuider(Node):
+    class_type = "DualCFGGuider"
+    category = "sampling/custom_sampling/guiders"
+    description = ("Guidance from two conditionings and a negative: cfg_conds between cond1 and cond2, "
+                   "cfg_cond2_negative between cond2 and the negative ('nested': the first inside the second).")
+    inputs = (link("model", "MODEL"), link("cond1", "CONDITIONING"), link("cond2", "CONDITIONING"),
+              link("negative", "CONDITIONING"), from_param(catalogue.CFG, name="cfg_conds"),
+              from_param(catalogue.CFG, name="cfg_cond2_negative"),
+              InputSpec("style", "COMBO", default="regular", choices=("regular", "nested")))
+    outputs = (Output("GUIDER", "GUIDER"),)
+
+    def run(self, context, model, cond1, cond2, negative, cfg_conds, cfg_cond2_negative, style):
+        return (Guider(model, cond1, negative, cfg_conds, middle=cond2, cfg2=cfg_cond2_negative,
+                       nested=style == "nested"),)
+
+
 def _custom_sample(context, guider: Guider, noise: Noise, sampler: Sampler, sigmas, latent_image):
     denoised: list = []
     out = run_sampler(context, guider.model, guider.positive, guider.negative, latent_image,
-                      noise.generate(latent_image), sigmas, guider.cfg, sampler, noise.seed, denoised_out=denoised)
+                      noise.generate(latent_image), sigmas, guider.cfg, sampler, noise.seed, denoised_out=denoised,
+                      dual=guider.dual())
     result = with_samples(latent_image, out)
     # the last step's denoised prediction (ComfyUI's x0 callback); the output when none ran
     x0 = denoised[0] if denoised and denoised[0] is not None else None
@@ -425,5 +453,5 @@ class SamplerCustom(Node):
 
 NODES = (KSampler, KSamplerAdvanced, ModelSamplingFlux, DifferentialDiffusion, RandomNoise, DisableNoise,
          KSamplerSelect, SamplerEulerAncestral, SamplerDPMPP_2M_SDE, BasicScheduler, KarrasScheduler,
-         BetaSamplingScheduler, SplitSigmas, SplitSigmasDenoise, FlipSigmas, BasicGuider, CFGGuider,
+         BetaSamplingScheduler, SplitSigmas, SplitSigmasDenoise, FlipSigmas, BasicGuider, CFGGuider, DualCFGGuider,
          SamplerCustomAdvanced, SamplerCustom)
