@@ -427,14 +427,74 @@ class ComfyReference:
             old, old_sigma_down = denoised, sigma_down
         return x
 
+    @staticmethod
+    def deis_coefficients(sigmas32, max_order=3, n=10000):
+        """deis.py get_deis_coeff_list ("tab"): edm2t, the integrand by autograd, Lagrange
+        polynomials, a sum over n points, in float32 as there."""
+        eps, smin, smax = 1e-3, torch.tensor(0.002), torch.tensor(80.0)
+        beta_d = 2 * (torch.log(smin ** 2 + 1) / eps - torch.log(smax ** 2 + 1)) / (eps - 1)
+        beta_min = torch.log(smax ** 2 + 1) - 0.5 * beta_d
+        t = ((beta_min ** 2 + 2 * beta_d * (sigmas32 ** 2 + 1).log()).sqrt() - beta_min) / beta_d
+        b0, b1 = beta_min, beta_d + beta_min
+        out = []
+        for i in range(len(t) - 1):
+            order = min(i + 1, max_order)
+            if order == 1:
+                out.append([])
+                continue
+            with torch.inference_mode(False), torch.enable_grad():
+                taus = torch.linspace(float(t[i]), float(t[i + 1]), n).requires_grad_(True)
+                alpha = torch.exp(-0.5 * taus ** 2 * (b1 - b0) - taus * b0)
+                alpha.log().sum().backward()
+                grad = taus.grad
+            taus = taus.detach()
+            alpha = alpha.detach()
+            integrand = -0.5 * grad / torch.sqrt(alpha * (1 - alpha))
+            prev = t[[i - k for k in range(order)]]
+            row = []
+            for j in range(order):
+                poly = 1
+                for k in range(order):
+                    if k != j:
+                        poly = poly * (taus - prev[k]) / (prev[j] - prev[k])
+                row.append(float(torch.sum(integrand * poly) * ((t[i + 1] - t[i]) / n)))
+            out.append(row)
+        return out
+
+    def deis(self, x, sigmas, max_order=3):
+        coeffs = self.deis_coefficients(sigmas.float(), max_order)
+        buffer = []
+        for i in range(len(sigmas) - 1):
+            t_cur, t_next = sigmas[i], sigmas[i + 1]
+            denoised = self.model(x, t_cur)
+            d_cur = (x - denoised) / t_cur
+            order = min(max_order, i + 1)
+            if t_next <= 0:
+                order = 1
+            if order == 1:
+                x = x + (t_next - t_cur) * d_cur
+            elif order == 2:
+                x = x + coeffs[i][0] * d_cur + coeffs[i][1] * buffer[-1]
+            else:
+                x = x + coeffs[i][0] * d_cur + coeffs[i][1] * buffer[-1] + coeffs[i][2] * buffer[-2]
+            if len(buffer) == max_order - 1:
+                for k in range(max_order - 2):
+                    buffer[k] = buffer[k + 1]
+                buffer[-1] = d_cur
+            else:
+                buffer.append(d_cur)
+        return x
+
     def res_multistep_ancestral(self, x, sigmas):
         return self.res_multistep(x, sigmas, eta=1.0)
 
 
 REFERENCE_SAMPLERS = ["heun", "dpmpp_2m", "euler_ancestral", "dpm_2", "dpm_2_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
-                      "dpmpp_3m_sde", "lcm", "ipndm", "res_multistep", "res_multistep_ancestral"]
-# The Brownian-tree samplers draw float32 noise (BatchedBrownianTree casts to the sigmas' dtype).
-LOOSER = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+                      "dpmpp_3m_sde", "lcm", "ipndm", "deis", "res_multistep", "res_multistep_ancestral"]
+# The Brownian-tree samplers draw float32 noise (BatchedBrownianTree casts to the sigmas' dtype);
+# DEIS's coefficients are float32 sums (its integrand's derivative here by autograd, there in
+# closed form).
+LOOSER = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "deis"}
 
 
 def flow_velocity(calls):

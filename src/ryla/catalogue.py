@@ -79,7 +79,7 @@ SAMPLER = Param("sampler_name", str, "euler", "Sampler, as ComfyUI computes it. 
                 "and lcm samplers add seeded noise on the way.",
                 choices=("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_sde",
                          "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun",
-                         "dpmpp_3m_sde", "lcm", "ipndm", "res_multistep", "res_multistep_ancestral", "ddim"))
+                         "dpmpp_3m_sde", "lcm", "ipndm", "deis", "res_multistep", "res_multistep_ancestral", "ddim"))
 SCHEDULER = Param("scheduler", str, "simple", "Noise schedule, as ComfyUI computes it.",
                   choices=("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
                            "linear_quadratic", "kl_optimal"))
