@@ -218,7 +218,9 @@ def test_ryla_client_workflow_and_errors(server, tmp_path):
     (tmp_path / "wf.json").write_text(json.dumps(graph))
     r = client(server, "workflow", str(tmp_path / "wf.json"), "--output-dir", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["workflow_1.png", "workflow_2.png"]
+    # named by the graph's SaveImage prefix, numbered as ComfyUI numbers them
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ryla_flux_dev_00001.png",
+                                                                      "ryla_flux_dev_00002.png"]
     graph["7"]["inputs"]["sampler_name"] = "lms"
     (tmp_path / "bad.json").write_text(json.dumps(graph))
     r = client(server, "workflow", str(tmp_path / "bad.json"))

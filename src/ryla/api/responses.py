@@ -21,7 +21,8 @@ def header_safe(text: str) -> str:
 
 def image_response(request: Request, images, *, seeds: list[int | None], fmt: str, quality: int,
                    timings: Timings, headers: dict[str, str] | None = None, prompt: str | None = None,
-                   identity: dict | None = None, annotations: dict | None = None) -> Response:
+                   identity: dict | None = None, annotations: dict | None = None,
+                   prefixes: list[str] | None = None) -> Response:
     """One image as bytes; several, or `Accept: application/json`, as JSON with base64."""
     headers = dict(headers or {})
     headers["X-Generation-Time"] = f"{timings.generation:.3f}"
@@ -41,8 +42,9 @@ def image_response(request: Request, images, *, seeds: list[int | None], fmt: st
         return Response(encoded[0], media_type=imaging.media_type(fmt), headers=headers)
     body = ImagesResponse(
         images=[{"data": base64.b64encode(data).decode(), "seed": seed, "width": image.width,
-                 "height": image.height, "format": fmt}
-                for data, image, seed in zip(encoded, images, seeds)],
+                 "height": image.height, "format": fmt,
+                 **({"filename_prefix": prefixes[index]} if prefixes else {})}
+                for index, (data, image, seed) in enumerate(zip(encoded, images, seeds))],
         request_id=request.state.request_id,
         timings=timings.as_dict(),
         prompt=prompt,

@@ -115,6 +115,8 @@ class ImageOut(BaseModel):
     width: int
     height: int
     format: str
+    filename_prefix: str | None = Field(None, description="/workflow: the SaveImage (or PreviewImage) prefix "
+                                        "this image was saved under")
 
 
 class ImagesResponse(BaseModel):

@@ -11,13 +11,14 @@ import argparse
 import base64
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ryla import catalogue
-from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, run_cli
+from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, prefixed_paths, run_cli
 from ryla.files import write_atomic
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -91,7 +92,8 @@ def generate(client: Client, args: argparse.Namespace, path: str, body: dict, pa
         if fmt in ("jpeg", "webp"):  # the server keeps PNGs; /view converts (ComfyUI's preview=)
             query["preview"] = f"{fmt};{body.get('quality', 90)}"
         data = client.request("GET", "/view", params=query)
-        images.append({"data": base64.b64encode(data).decode(), "seed": image.get("seed")})
+        images.append({"data": base64.b64encode(data).decode(), "seed": image.get("seed"),
+                       "filename_prefix": re.sub(r"_\d+_?\.\w+$", "", image["filename"])})
     timings = final.get("timings", {})
     timings["total_s"] = timings.get("queue_s", 0) + timings.get("generation_s", 0)
     return {"images": images, "timings": timings, "request_id": final.get("request_id")}
@@ -360,7 +362,13 @@ def cmd_workflow(client: Client, args: argparse.Namespace) -> None:
             graph["images"][name] = _photo_b64(path, "image")
     body = generate(client, args, "/workflow", graph, params=params)
     out = Path(args.output_dir)
-    report(body, save_images(body, str(out / f"workflow.{'jpg' if args.format == 'jpeg' else args.format}")))
+    out.mkdir(parents=True, exist_ok=True)
+    # named by each image's SaveImage prefix, counting on from the files already there
+    paths = prefixed_paths(out, [image.get("filename_prefix") or "workflow" for image in body["images"]],
+                           "jpg" if args.format == "jpeg" else args.format)
+    for image, path in zip(body["images"], paths):
+        write_atomic(path, base64.b64decode(image["data"]))
+    report(body, paths)
 
 
 def cmd_health(client: Client, args: argparse.Namespace) -> None:

@@ -40,6 +40,29 @@ def lora_line(entry: dict) -> str:
             f"{entry['size'] / 1e6:8.1f} MB  trigger: {entry.get('trigger_word') or '-'}")
 
 
+def prefixed_paths(folder: Path, prefixes: list[str], extension: str) -> list[Path]:
+    """Files for images saved under ComfyUI filename prefixes: prefix_00001.png, ... counting on
+    from the highest index already in `folder` for that prefix, as ComfyUI's
+    folder_paths.get_save_image_path does, so a second run never overwrites the first."""
+    import re
+
+    counters: dict[str, int] = {}
+    paths = []
+    for prefix in prefixes:
+        name = Path(prefix).name or "ComfyUI"
+        if name not in counters:
+            pattern = re.compile(rf"^{re.escape(name)}_(\d+)_?\.[A-Za-z0-9]+$")
+            found = [int(m.group(1)) for f in folder.glob(f"{glob_escape(name)}_*") if (m := pattern.match(f.name))]
+            counters[name] = max(found, default=0)
+        counters[name] += 1
+        paths.append(folder / f"{name}_{counters[name]:05d}.{extension}")
+    return paths
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
 def numbered_paths(path: Path, count: int) -> list[Path]:
     if count == 1:
         return [path]

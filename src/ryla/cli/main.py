@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ryla import catalogue
-from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, run_cli
+from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, prefixed_paths, run_cli
 from ryla.files import write_atomic
 
 log = logging.getLogger("ryla")
@@ -192,10 +192,7 @@ def cmd_run_workflow(args: argparse.Namespace) -> None:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    counters: dict[str, int] = {}
-    for image, prefix in zip(result.images, result.prefixes):
-        counters[prefix] = counters.get(prefix, 0) + 1
-        path = out_dir / f"{Path(prefix).name}_{counters[prefix]:05d}.{imaging.extension(args.format)}"
+    for image, path in zip(result.images, prefixed_paths(out_dir, result.prefixes, imaging.extension(args.format))):
         write_atomic(path, imaging.encode(image, args.format, args.quality))
         written.append(str(path))
     print(f"{len(written)} image(s) in {result.seconds:.2f}s -> {', '.join(written)}")

@@ -138,7 +138,8 @@ async def workflow(request: Request,
         if not result.images:
             raise ApiError(422, "no_images", "the workflow ran but its output nodes produced no images")
         return image_response(request, result.images, seeds=[None] * len(result.images), fmt=output_format,
-                              quality=quality, timings=timings, annotations=result.annotations)
+                              quality=quality, timings=timings, annotations=result.annotations,
+                              prefixes=list(result.prefixes))
 
     return await run_or_accept(request, service, graph, "workflow", seeds=[], webhook=webhook, request_images=images,
                                make_response=respond)
