@@ -24,6 +24,7 @@ from PIL import Image
 
 from ryla import catalogue
 from ryla.graph.executor import RunContext
+from conftest import image_difference
 
 WORKFLOWS = Path(__file__).parent / "workflows"
 NAMES = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
@@ -254,7 +255,7 @@ def test_flux_dev_image_to_image_and_inpainting(server, images):
     text = httpx.post(url, json={**TYPED, "width": 64, "height": 64}, timeout=120)
     full = httpx.post(url, json={**TYPED, "image": photo, "strength": 1.0}, timeout=120)
     assert full.status_code == 200, full.text
-    assert full.content == text.content  # strength 1: nothing of the image but its size
+    assert image_difference(full.content, text.content) <= 2  # strength 1: only its size
     partial = httpx.post(url, json={**TYPED, "image": "data:image/png;base64," + photo, "strength": 0.5}, timeout=120)
     assert partial.status_code == 200 and Image.open(io.BytesIO(partial.content)).size == (64, 64)
     assert partial.content != text.content
