@@ -729,8 +729,7 @@ def _active_at(cond: Cond, sigma: float, shift: float) -> bool:
     start, end = cond.option("start_percent", 0.0), cond.option("end_percent", 1.0)
     if start <= 0.0 and end >= 1.0:
         return True
-    percent_to_sigma = samplers.FlowModel(None, shift=shift).percent_to_sigma
-    return not (sigma > percent_to_sigma(start) or sigma < percent_to_sigma(end))
+    return not (sigma > samplers.percent_to_sigma(shift, start) or sigma < samplers.percent_to_sigma(shift, end))
 
 
 def _isclose(a: float, b: float) -> bool:

@@ -95,12 +95,16 @@ class FlowModel:
         return out * mask + self.latent * keep
 
     def percent_to_sigma(self, percent: float) -> float:
-        """ModelSamplingFlux.percent_to_sigma."""
-        if percent <= 0.0:
-            return 1.0
-        if percent >= 1.0:
-            return 0.0
-        return math.exp(self.shift) / (math.exp(self.shift) + (1 / (1.0 - percent) - 1) ** 1.0)
+        return percent_to_sigma(self.shift, percent)
+
+
+def percent_to_sigma(shift: float, percent: float) -> float:
+    """ModelSamplingFlux.percent_to_sigma: the sigma at a fraction of the schedule."""
+    if percent <= 0.0:
+        return 1.0
+    if percent >= 1.0:
+        return 0.0
+    return math.exp(shift) / (math.exp(shift) + (1 / (1.0 - percent) - 1) ** 1.0)
 
 
 def differential_diffusion(sigmas: torch.Tensor, sigma_min: float, strength: float = 1.0):

@@ -53,6 +53,21 @@ def input_file(context, name: str):
     return path if path.is_relative_to(base) and path.is_file() else None
 
 
+def read_input_image(context, name: str):
+    """An image a workflow names (sent with the request, else in the input folder), decoded by
+    the one image decoder: (RGB picture, alpha channel or None). LoadImage and LoadImageMask."""
+    if name in context.request_images:
+        data = context.request_images[name]
+    elif (path := input_file(context, name)) is not None:
+        data = path.read_bytes()
+    else:
+        raise NodeUserError("invalid_image", f"{name}: no such image")
+    try:
+        return decode_image(data, with_alpha=True)
+    except ImageError as exc:
+        raise NodeUserError("invalid_image", f"{name}: {exc}") from exc
+
+
 @node
 class LoadImage(Node):
     class_type = "LoadImage"
@@ -65,16 +80,7 @@ class LoadImage(Node):
     outputs = (Output("IMAGE", "IMAGE"), Output("MASK", "MASK"))
 
     def run(self, context, image):
-        if image in context.request_images:
-            data = context.request_images[image]
-        elif (path := input_file(context, image)) is not None:
-            data = path.read_bytes()
-        else:
-            raise NodeUserError("invalid_image", f"{image}: no such image")
-        try:
-            picture, alpha = decode_image(data, with_alpha=True)
-        except ImageError as exc:
-            raise NodeUserError("invalid_image", f"{image}: {exc}") from exc
+        picture, alpha = read_input_image(context, image)
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]
         if alpha is None:
             return pixels, torch.zeros(1, picture.height, picture.width)

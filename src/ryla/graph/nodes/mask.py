@@ -9,9 +9,8 @@ import torch
 
 from ryla import catalogue
 from ryla.graph.executor import NodeUserError
-from ryla.graph.nodes.identity import InputImages, input_file
+from ryla.graph.nodes.identity import InputImages, read_input_image
 from ryla.graph.registry import InputSpec, Node, Output, link, node
-from ryla.imaging import ImageError, decode_image
 
 MAX = catalogue.MAX_RESOLUTION
 CHANNELS = ("red", "green", "blue", "alpha")
@@ -28,16 +27,7 @@ class LoadImageMask(Node):
     outputs = (Output("MASK", "MASK"),)
 
     def run(self, context, image, channel):
-        if image in context.request_images:
-            data = context.request_images[image]
-        elif (path := input_file(context, image)) is not None:
-            data = path.read_bytes()
-        else:
-            raise NodeUserError("invalid_image", f"{image}: no such image")
-        try:
-            picture, alpha = decode_image(data, with_alpha=True)
-        except ImageError as exc:
-            raise NodeUserError("invalid_image", f"{image}: {exc}") from exc
+        picture, alpha = read_input_image(context, image)
         if channel == "alpha":
             if alpha is None:  # opaque: converted to RGBA, alpha is 255 everywhere
                 return (torch.zeros(1, picture.height, picture.width),)
