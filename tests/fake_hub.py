@@ -1,7 +1,11 @@
 """A local HTTP server speaking the Hugging Face Hub's file protocol (the part
 hf_hub_download uses): HEAD/GET /{repo}/resolve/{revision}/{path}, with the LFS headers
 (X-Repo-Commit, ETag = sha256, X-Linked-Size) and byte ranges for resumed downloads.
-Faults can be injected: cut a response off after N bytes, or serve corrupt bytes once."""
+Faults can be injected: cut a response off after N bytes, or serve corrupt bytes once.
+
+Accounts, as the Hub's API answers them: GET /api/whoami-v2 (401 for an unknown token) and
+GET /api/models/{repo}/auth-check (403 with X-Error-Code GatedRepo for a gated repo whose
+licence the token's account has not accepted)."""
 
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ class FakeHub:
         self.corrupt_once: set[tuple[str, str]] = set()
         self.gets: list[tuple[str, str, str | None]] = []  # (repo, path, Range header)
         self.on_get = lambda: None  # called at every GET (tests look at the disk then)
+        self.tokens: dict[str, str] = {"hf_valid": "anna"}  # token -> account name
+        self.gated: set[str] = set()  # repos whose licence must be accepted
+        self.accepted: set[tuple[str, str]] = set()  # (account, repo)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,7 +60,39 @@ class FakeHub:
                 if key:
                     self._headers(key, hub.files[key])
 
+            def _json(self, status, body, error_code=None):
+                import json
+
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                if error_code:
+                    self.send_header("X-Error-Code", error_code)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _api(self) -> bool:
+                path = self.path.split("?")[0]
+                token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                account = hub.tokens.get(token)
+                if path == "/api/whoami-v2":
+                    if account is None:
+                        self._json(401, {"error": "Invalid credentials in Authorization header"})
+                    else:
+                        self._json(200, {"type": "user", "name": account})
+                    return True
+                if m := re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+)/auth-check$", path):
+                    if m["repo"] in hub.gated and (account, m["repo"]) not in hub.accepted:
+                        self._json(403, {"error": "Access to this gated repo is restricted"}, "GatedRepo")
+                    else:
+                        self._json(200, {})
+                    return True
+                return False
+
             def do_GET(self):
+                if self._api():
+                    return
                 key = self._lookup()
                 if not key:
                     return

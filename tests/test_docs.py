@@ -56,7 +56,7 @@ def test_every_documented_route_exists(runtime):
     from ryla.api.app import ServerSettings, create_app
 
     from ryla.api import playground
-    from ryla.api.routes import comfy, editor
+    from ryla.api.routes import comfy, docs, editor
 
     app = create_app(runtime, ServerSettings(preload=False))
     # Served routes: those in the OpenAPI schema, the playground's and the editor's (left out
@@ -64,7 +64,7 @@ def test_every_documented_route_exists(runtime):
     routes = {(method.upper(), re.sub(r"\{[^}]+\}", "{}", path))
               for path, operations in app.openapi()["paths"].items() for method in operations}
     routes |= {(method, re.sub(r"\{[^}]+\}", "{}", route.path))
-               for route in [*playground.router.routes, *editor.router.routes, *app.routes]
+               for route in [*playground.router.routes, *editor.router.routes, *docs.router.routes, *app.routes]
                for method in getattr(route, "methods", ())}
     routes |= {("GET", route.path) for route in comfy.router.routes if type(route).__name__ == "APIWebSocketRoute"}
     mentioned = set()

@@ -29,14 +29,20 @@ def hub_env(monkeypatch):
 
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
         monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        # whoami and auth_check go through the module's HfApi, made with the endpoint of import time
+        from huggingface_hub import hf_api
+
+        monkeypatch.setattr(hf_api.api, "endpoint", hub.url)
     return use
 
 
 def test_preset_download_fills_a_store_that_generate_loads(tiny_store, cli_env, tmp_path):
     with FakeHub(flux_dev_files(tiny_store)) as hub:
+        hub.gated.add("black-forest-labs/FLUX.1-dev")
+        hub.accepted.add(("anna", "black-forest-labs/FLUX.1-dev"))
         env = {**cli_env, "HF_ENDPOINT": hub.url, "RYLA_MODELS_DIR": str(tmp_path / "store"),
-               "HF_HOME": str(tmp_path / "hf"), "RYLA_TINY_MODELS_DIR": str(tmp_path / "no-tiny")}
-        env.pop("HF_TOKEN", None)
+               "HF_HOME": str(tmp_path / "hf"), "RYLA_TINY_MODELS_DIR": str(tmp_path / "no-tiny"),
+               "HF_TOKEN": "hf_valid"}
 
         def ryla(*args):
             return subprocess.run([sys.executable, "-m", "ryla.cli.main", *args], env=env, cwd=tmp_path,
@@ -45,9 +51,15 @@ def test_preset_download_fills_a_store_that_generate_loads(tiny_store, cli_env, 
         first = ryla("models", "download", "--preset", "flux-dev")
         assert first.returncode == 0, first.stderr
         assert f"{len(FLUX_DEV)} file(s) downloaded" in first.stdout
+        # the plan came first: every file, the total, the free disk, the account
+        total = sum(len(data) for data in flux_dev_files(tiny_store).values())
+        assert f"{len(FLUX_DEV)} of {len(FLUX_DEV)} file(s) to fetch" in first.stdout
+        assert "free; Hub account anna" in first.stdout and "checkpoints/flux1-dev-fp8.safetensors" in first.stdout
+        assert total > 0 and "Traceback" not in first.stderr
         gets = len(hub.gets)
         second = ryla("models", "download", "--preset", "flux-dev")
         assert second.returncode == 0 and "0 file(s) downloaded" in second.stdout
+        assert f"0 of {len(FLUX_DEV)} file(s) to fetch" in second.stdout
         assert len(hub.gets) == gets, "a second run must download nothing"
     store = ModelStore(tmp_path / "store")
     assert store.has_flux_weights() and not (tmp_path / "store" / ".downloads").exists()
@@ -111,3 +123,42 @@ def test_unknown_preset(tmp_path):
 
     with pytest.raises(DownloadError, match="unknown preset"):
         download(ModelStore(tmp_path), "everything")
+
+
+def test_token_and_licence_are_checked_before_anything_is_fetched(tiny_store, cli_env, tmp_path):
+    with FakeHub(flux_dev_files(tiny_store)) as hub:
+        hub.gated.add("black-forest-labs/FLUX.1-dev")
+        env = {**cli_env, "HF_ENDPOINT": hub.url, "RYLA_MODELS_DIR": str(tmp_path / "store"),
+               "HF_HOME": str(tmp_path / "hf")}
+        env.pop("HF_TOKEN", None)
+
+        def download(**extra):
+            return subprocess.run([sys.executable, "-m", "ryla.cli.main", "models", "download", "--preset", "flux-dev"],
+                                  env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+        cases = [({}, "black-forest-labs/FLUX.1-dev is gated"),
+                 ({"HF_TOKEN": "hf_wrong"}, "token (HF_TOKEN or --token) is not valid"),
+                 ({"HF_TOKEN": "hf_valid"}, "the account anna has no access to black-forest-labs/FLUX.1-dev")]
+        for extra, message in cases:
+            result = download(**extra)
+            assert result.returncode == 1 and message in result.stderr, (extra, result.stderr)
+            assert "Traceback" not in result.stderr
+        assert hub.gets == [], "nothing may be fetched before access is checked"
+        assert not (tmp_path / "store" / "checkpoints").exists()
+
+
+def test_a_download_that_does_not_fit_is_refused_with_the_plan(tiny_store, tmp_path, hub_env, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from ryla.models.download import download
+
+    with FakeHub(flux_dev_files(tiny_store)) as hub:
+        hub_env(hub)
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 100 << 20))
+        plans = []
+        with pytest.raises(DownloadError, match="not enough disk space"):
+            download(ModelStore(tmp_path / "store"), "flux-dev", token="hf_valid", on_plan=plans.append)
+        assert hub.gets == [] and plans[0].free_bytes == 100 << 20
+        assert plans[0].fetch_bytes == sum(len(data) for data in flux_dev_files(tiny_store).values())

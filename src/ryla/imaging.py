@@ -97,12 +97,52 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
-def encode(image: Image.Image, fmt: str = "jpeg", quality: int = 90) -> bytes:
+# Where an image's generation parameters travel inside the file: a PNG text chunk, and EXIF's
+# UserComment (tag 0x9286 in the Exif IFD 0x8769; its first 8 bytes name the character code,
+# EXIF 2.32 section 4.6.5) for JPEG and WebP, which Pillow writes through `exif=`.
+PARAMETERS_KEY = "parameters"
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+
+
+def encode(image: Image.Image, fmt: str = "jpeg", quality: int = 90, parameters: dict | None = None) -> bytes:
+    """Encoded bytes; with `parameters` (prompt, seed, size, ...), those as JSON inside the file,
+    so an image on disk says how it was made."""
+    import json
+
     pil_format = FORMATS[fmt][0]
     buffer = io.BytesIO()
-    options = {"quality": quality} if fmt in ("jpeg", "webp") else {"optimize": False}
+    options: dict = {"quality": quality} if fmt in ("jpeg", "webp") else {"optimize": False}
+    if parameters is not None:
+        text = json.dumps(parameters, ensure_ascii=True, sort_keys=True)
+        if fmt == "png":
+            from PIL.PngImagePlugin import PngInfo
+
+            options["pnginfo"] = info = PngInfo()
+            info.add_text(PARAMETERS_KEY, text)
+        else:
+            exif = Image.Exif()
+            exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"ASCII\0\0\0" + text.encode("ascii")
+            options["exif"] = exif.tobytes()
     image.save(buffer, format=pil_format, **options)
     return buffer.getvalue()
+
+
+def read_parameters(data: bytes) -> dict | None:
+    """The parameters `encode` put into an image file, or None when it carries none."""
+    import json
+
+    with Image.open(io.BytesIO(data)) as image:
+        text = image.info.get(PARAMETERS_KEY) if image.format == "PNG" else None
+        if text is None:
+            comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+            if isinstance(comment, bytes) and comment.startswith(b"ASCII\0\0\0"):
+                text = comment[8:].decode("ascii", "replace")
+            elif isinstance(comment, str):
+                text = comment
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
 
 
 def format_for_path(path) -> str:

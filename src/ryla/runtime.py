@@ -47,6 +47,14 @@ def open_store(models_dir: Path | str | None = None) -> ModelStore:
     return tiny
 
 
+def describe_model(store: ModelStore) -> str:
+    """The model a LoRA is checked against, as a refusal names it."""
+    if store.tiny:
+        return (f"the tiny random-weight FLUX.1-dev stand-in ({store.user_root or store.root} has no FLUX weights), "
+                "which LoRAs for the real model do not fit: `ryla loras make-example` writes one that does")
+    return f"the FLUX transformer in {store.root}"
+
+
 def random_seed() -> int:
     # Below 2**53 so the seed survives JSON clients that parse numbers as doubles.
     return secrets.randbelow(2**53)
@@ -68,7 +76,7 @@ class Runtime:
         self.engine = engine or FluxEngine(store)
         self.registry = default_registry()
         self.executor = Executor(self.registry)
-        self.loras = LoraStore(store.folder("loras"), self.engine.lora_target_shapes)
+        self.loras = LoraStore(store.folder("loras"), self.engine.lora_target_shapes, model=describe_model(store))
 
     @classmethod
     def open(cls, models_dir: Path | str | None = None, speed: str = "auto", **engine_options) -> Runtime:

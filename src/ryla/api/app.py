@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from ryla.api import errors, playground
 from ryla.api.metrics import Metrics
 from ryla.api.middleware import GuardMiddleware
-from ryla.api.routes import comfy, editor, generate, jobs, loras, openai, status
+from ryla.api.routes import comfy, docs, editor, generate, jobs, loras, openai, status
 from ryla.api.service import ServerSettings, Service
 from ryla.runtime import Runtime
 from ryla.workflows import FLUX_DEV
@@ -49,17 +49,19 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
         summary="FLUX.1-dev image generation API: text-to-image, identity, LoRAs and ComfyUI workflows.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # ryla.api.routes.docs serves them without a CDN
     )
+    docs.install(app, api_key_required=settings.api_key is not None)
     app.state.service = service
     errors.install(app)
     # The playground page is public (it holds no data; it asks for the key and sends it).
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key,
                        metrics=metrics, upload_paths={"/loras": settings.max_lora_bytes},
                        allowed_hosts=settings.allowed_hosts,
-                       public_paths=("/health", "/", "/playground", "/login",
+                       public_paths=("/health", "/", "/playground", "/login", *docs.PUBLIC_PATHS,
                                      *(f"/static/{name}" for name in playground.STATIC_FILES)))
     for router in (generate.router, jobs.router, loras.router, comfy.router, openai.router, playground.router,
-                   status.router, editor.router):
+                   status.router, docs.router, editor.router):
         app.include_router(router)
     # ComfyUI's newer frontend calls every server route under /api as well (server.py add_routes).
     app.include_router(comfy.router, prefix="/api", include_in_schema=False)

@@ -22,14 +22,15 @@ def header_safe(text: str) -> str:
 def image_response(request: Request, images, *, seeds: list[int | None], fmt: str, quality: int,
                    timings: Timings, headers: dict[str, str] | None = None, prompt: str | None = None,
                    identity: dict | None = None, annotations: dict | None = None,
-                   prefixes: list[str] | None = None) -> Response:
-    """One image as bytes; several, or `Accept: application/json`, as JSON with base64."""
+                   prefixes: list[str] | None = None, parameters: dict | None = None) -> Response:
+    """One image as bytes; several, or `Accept: application/json`, as JSON with base64. With
+    `parameters` (the typed endpoints'), each file carries them: what made it, on disk."""
     headers = dict(headers or {})
     headers["X-Generation-Time"] = f"{timings.generation:.3f}"
     headers["X-Queue-Time"] = f"{timings.queue:.3f}"
     if timings.job_id:
         headers["X-Job-Id"] = timings.job_id
-    encoded = [imaging.encode(image, fmt, quality) for image in images]
+    encoded = [imaging.encode(image, fmt, quality, parameters) for image in images]
     wants_json = "application/json" in request.headers.get("accept", "").lower() or len(encoded) != 1
     if seeds and seeds[0] is not None:
         headers["X-Seed"] = str(seeds[0])

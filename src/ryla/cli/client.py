@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ryla import catalogue
-from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, prefixed_paths, run_cli
+from ryla.cli.common import CliError, accept_anywhere, add_param, lora_line, output_paths, prefixed_paths, run_cli
 from ryla.files import write_atomic
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -92,7 +92,7 @@ def generate(client: Client, args: argparse.Namespace, path: str, body: dict, pa
         if fmt in ("jpeg", "webp"):  # the server keeps PNGs; /view converts (ComfyUI's preview=)
             query["preview"] = f"{fmt};{body.get('quality', 90)}"
         data = client.request("GET", "/view", params=query)
-        images.append({"data": base64.b64encode(data).decode(), "seed": image.get("seed"),
+        images.append({"data": base64.b64encode(data).decode(), "seed": image.get("seed"), "format": fmt,
                        "filename_prefix": re.sub(r"_\d+_?\.\w+$", "", image["filename"])})
     timings = final.get("timings", {})
     timings["total_s"] = timings.get("queue_s", 0) + timings.get("generation_s", 0)
@@ -156,9 +156,11 @@ def with_spinner(text: str, fn: Callable[[], Any]) -> Any:
         return fn()
 
 
-def save_images(body: dict, output: str) -> list[Path]:
+def save_images(body: dict, output: str | None) -> list[Path]:
+    """The response's images as files: --output as given, else ryla_00001.jpg, ... counting on
+    in the current folder. The bytes are the server's, parameters inside (prompt, seed, ...)."""
     images = body.get("images", [])
-    paths = numbered_paths(Path(output), len(images))
+    paths = output_paths(output, images[0].get("format", "jpeg") if images else "jpeg", len(images))
     for image, path in zip(images, paths):
         write_atomic(path, base64.b64decode(image["data"]))
     return paths
@@ -187,7 +189,7 @@ def flux_body(args: argparse.Namespace, fields=FLUX_FIELDS) -> dict:
     if "output_format" not in body:  # the file name decides, so fox.png gets PNG bytes
         from ryla.imaging import format_for_path
 
-        body["output_format"] = format_for_path(args.output)
+        body["output_format"] = format_for_path(args.output or "ryla.jpg")
     for name in ("image", "mask"):  # image-to-image and inpainting: the files, as base64
         if getattr(args, name, None):
             body[name] = _photo_b64(getattr(args, name), name)
@@ -379,8 +381,9 @@ def add_flux_options(parser: argparse.ArgumentParser) -> None:
     add_param(parser, catalogue.PROMPT, required=True)
     for param in FLUX_FIELDS:
         add_param(parser, param, omit_default=True)  # not given: not sent, the server's default applies
-    parser.add_argument("--output", "-o", default="ryla.jpg",
-                        help="image file; several images get _1, _2... [default: ryla.jpg]")
+    parser.add_argument("--output", "-o", default=None,
+                        help="image file; several images get _1, _2... [default: ryla_00001.jpg, ryla_00002.jpg, "
+                             "... in the current folder, never replacing an earlier image]")
     parser.add_argument("--image", metavar="PATH", default=None,
                         help="start from this image (image-to-image); the result has its size")
     parser.add_argument("--mask", metavar="PATH", default=None,
@@ -396,17 +399,8 @@ def add_async_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ryla-client", description="Call a ryla image API server.")
-    parser.add_argument("--url", default=os.environ.get("RYLA_URL", DEFAULT_URL),
-                        help=f"server URL [default: $RYLA_URL or {DEFAULT_URL}]")
-    parser.add_argument("--api-key", default=os.environ.get("RYLA_API_KEY"),
-                        help="API key sent as a Bearer token [default: $RYLA_API_KEY]")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer [default: 600]")
-    parser.add_argument("--modal-key", default=os.environ.get("RYLA_MODAL_KEY"),
-                        help="Modal proxy-auth token id, for a deployment with RYLA_PROXY_AUTH=1 "
-                             "[default: $RYLA_MODAL_KEY]")
-    parser.add_argument("--modal-secret", default=os.environ.get("RYLA_MODAL_SECRET"),
-                        help="Modal proxy-auth token secret [default: $RYLA_MODAL_SECRET]")
+    parser = argparse.ArgumentParser(prog="ryla-client", description="Call a ryla image API server. The "
+                                     "connection options (--url, --api-key, ...) go before or after the command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     flux = sub.add_parser("flux-dev", help="Text-to-image with FLUX.1-dev.", description="Text-to-image with FLUX.1-dev.")
@@ -471,7 +465,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("health", help="Show the server's health: model set, loaded models, queue.")
     health.set_defaults(handler=cmd_health)
+    accept_anywhere(parser, connection_options)
     return parser
+
+
+def connection_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    def default(value):
+        return value if top else argparse.SUPPRESS
+
+    group = parser.add_argument_group("connection")
+    group.add_argument("--url", default=default(os.environ.get("RYLA_URL", DEFAULT_URL)),
+                       help=f"server URL [default: $RYLA_URL or {DEFAULT_URL}]")
+    group.add_argument("--api-key", default=default(os.environ.get("RYLA_API_KEY")),
+                       help="API key sent as a Bearer token [default: $RYLA_API_KEY]")
+    group.add_argument("--timeout", type=float, default=default(600.0),
+                       help="seconds to wait for an answer [default: 600]")
+    group.add_argument("--modal-key", default=default(os.environ.get("RYLA_MODAL_KEY")),
+                       help="Modal proxy-auth token id, for a deployment with RYLA_PROXY_AUTH=1 "
+                            "[default: $RYLA_MODAL_KEY]")
+    group.add_argument("--modal-secret", default=default(os.environ.get("RYLA_MODAL_SECRET")),
+                       help="Modal proxy-auth token secret [default: $RYLA_MODAL_SECRET]")
 
 
 def main(argv: list[str] | None = None) -> int:

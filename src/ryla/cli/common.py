@@ -34,6 +34,42 @@ def add_param(parser: argparse.ArgumentParser, param: catalogue.Param, *, flag: 
                         required=required, help=help_text, metavar=None if param.choices else param.name.upper())
 
 
+def accept_anywhere(parser: argparse.ArgumentParser, add_options: Callable[[argparse.ArgumentParser, bool], None]
+                    ) -> None:
+    """Global options wherever the user types them: before the command (`ryla -v generate`) or
+    after it (`ryla generate ... -v`). `add_options(p, top)` adds them to `p`; below the top
+    they default to "not given" (argparse.SUPPRESS), so a value given before the command is
+    not reset by the subcommand's parser."""
+    add_options(parser, True)
+
+    def walk(node: argparse.ArgumentParser) -> None:
+        for action in node._actions:  # argparse keeps subcommands as a _SubParsersAction's choices
+            if isinstance(action, argparse._SubParsersAction):
+                for child in dict.fromkeys(action.choices.values()):
+                    add_options(child, False)
+                    walk(child)
+
+    walk(parser)
+
+
+def default_output(folder: Path, fmt: str, prefix: str = "ryla") -> Path:
+    """Where an image goes when no --output names it: ryla_00001.jpg, ryla_00002.jpg, ...
+    counting on from the files already there, so a run never replaces an earlier image."""
+    from ryla.imaging import extension
+
+    return prefixed_paths(folder, [prefix], extension(fmt))[0]
+
+
+def output_paths(output: str | None, fmt: str, count: int) -> list[Path]:
+    """The files for `count` images: --output as given (several get _1, _2, ...), else the
+    next free ryla_NNNNN names in the current folder."""
+    from ryla.imaging import extension
+
+    if output is not None:
+        return numbered_paths(Path(output), count)
+    return prefixed_paths(Path.cwd(), ["ryla"] * count, extension(fmt))
+
+
 def lora_line(entry: dict) -> str:
     """One row of a LoRA listing (`ryla loras list`, `ryla-client loras list`)."""
     return (f"{entry['id']:<32} {entry.get('format', '?'):<8} rank {str(entry.get('rank', '?')):<4} "
@@ -80,4 +116,11 @@ def run_cli(action: Callable[[], None]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `ryla loras list --json | head`: the reader left; exit quietly as Unix tools do, with
+        # stdout pointed at /dev/null so Python's own flush at exit does not fail again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     return 0

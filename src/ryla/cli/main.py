@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ryla import catalogue
-from ryla.cli.common import CliError, add_param, lora_line, numbered_paths, prefixed_paths, run_cli
+from ryla.cli.common import CliError, accept_anywhere, add_param, lora_line, prefixed_paths, run_cli
 from ryla.files import write_atomic
 
 log = logging.getLogger("ryla")
@@ -36,97 +36,185 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def progress_reporter():
-    """A rich progress bar driven by the executor's (node, step, total) callbacks."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class GenerationProgress:
+    """A rich progress bar on stderr, driven by the executor's (node, step, total) callbacks:
+    sampling steps with the time left, then "decoding" once the last step is done; with several
+    jobs (a --prompts batch) a second bar counts them. Shown on a terminal only: piped output
+    stays plain lines."""
 
-    progress = Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        transient=True)
-    tasks: dict[str, int] = {}
+    def __init__(self, total_jobs: int = 1):
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
-    def on_progress(node_id: str, value: int, total: int) -> None:
-        if node_id not in tasks:
-            tasks[node_id] = progress.add_task(node_id, total=total)
-        progress.update(tasks[node_id], completed=value, total=total)
+        self.progress = Progress(TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=True)
+        self.batch = self.progress.add_task("images", total=total_jobs) if total_jobs > 1 else None
+        self.steps = self.progress.add_task("loading", total=None)
 
-    return progress, on_progress
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
+
+    def on_progress(self, node_id: str, value: int, total: int) -> None:
+        if value <= 1:  # a sampler starting: its own clock, so the time left is its own
+            self.progress.reset(self.steps, total=total, completed=value, description="sampling")
+        self.progress.update(self.steps, completed=value, total=total,
+                             description="decoding" if value >= total else "sampling")
+
+    def job_done(self) -> None:
+        if self.batch is not None:
+            self.progress.advance(self.batch)
 
 
 # ---------------------------------------------------------------------------------- commands
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    """One prompt, or with --prompts a file of them; through the Python API (ryla.pipeline),
+    which fills the same templates as the typed endpoints."""
     from ryla import imaging
-    from ryla.runtime import check_params, random_seed
-    from ryla.workflows import FLUX_DEV
+    from ryla.pipeline import Ryla, RylaError
 
-    values = {name: getattr(args, name) for name in
-              ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "cfg", "seed", "batch_size",
-               "quality")}
-    if not args.prompt.strip():
-        raise CliError("prompt must not be empty")
-    problems = check_params(values, {p.name: p for p in _GENERATE_PARAMS})
-    if problems:
-        raise CliError("; ".join(problems))
-    seed = args.seed if args.seed is not None else random_seed()
-    fmt = args.format or imaging.format_for_path(args.output)
-    graph = FLUX_DEV.fill(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
-                          height=args.height, steps=args.steps, guidance=args.guidance, cfg=args.cfg, seed=seed,
-                          batch_size=args.batch_size, checkpoint=args.checkpoint)
-    graph, images = _image_input(args, graph)
-    runtime = _open_runtime(args)
-    result = _run_with_progress(runtime, graph, images)
-    images, flags = result.images, None
-    if args.safety != "off":
-        from ryla.safety import Safety, SafetyUnavailable
+    if (args.prompt is None) == (args.prompts is None):
+        raise CliError("give --prompt, or --prompts FILE for a batch (one of them)")
+    jobs = _prompt_jobs(args) if args.prompts else [{"prompt": args.prompt}]
+    base = _generate_options(args)
+    fmt = args.format or imaging.format_for_path(args.output or "ryla.jpg")
+    ryla = Ryla(runtime=_open_runtime(args))
+    if args.prompts is not None:
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, str]] = []
+    with GenerationProgress(total_jobs=len(jobs)) as progress:
+        for index, job in enumerate(jobs):
+            options = {**base, **{k: v for k, v in job.items() if k != "prompt"}}
+            try:
+                result = ryla.generate(job["prompt"], on_progress=progress.on_progress, **options)
+            except RylaError as exc:
+                raise CliError(f"line {job['line']} of {args.prompts}: {exc}" if "line" in job else str(exc))
+            images, flags = _safety(args, result.images)
+            if args.prompts is None:
+                paths = _output_paths(args.output, fmt, len(images))
+            else:
+                paths = prefixed_paths(out_dir, ["ryla"] * len(images), imaging.extension(fmt))
+            for image, path in zip(images, paths):
+                write_atomic(path, imaging.encode(image, fmt, args.quality, result.parameters))
+                written.append((path, job["prompt"]))
+            print(f"seed {result.seed}  {result.seconds:.2f}s  -> {', '.join(str(p) for p in paths)}", flush=True)
+            progress.job_done()
+            if flags is not None:
+                verdicts = ", ".join(f"{path.name}: {'NSFW' if flag else 'safe'}" for path, flag in zip(paths, flags))
+                print(f"safety ({args.safety}): {verdicts}" + ("; flagged images are black" if args.safety == "block"
+                                                               and any(flags) else ""))
+    if args.prompts is not None and written:
+        sheet = prefixed_paths(out_dir, ["contact-sheet"], "jpg")[0]
+        write_atomic(sheet, imaging.encode(contact_sheet(written), "jpeg", 90))
+        print(f"{len(written)} image(s); contact sheet -> {sheet}")
 
-        try:
-            images, flags = Safety(args.safety, os.environ.get("RYLA_SAFETY_CHECKER", "nudenet")).apply(
-                images, args.safety)
-        except SafetyUnavailable as exc:
-            raise CliError(str(exc))
-    paths = numbered_paths(Path(args.output), len(images))
-    for image, path in zip(images, paths):
-        write_atomic(path, imaging.encode(image, fmt, args.quality))
-    print(f"seed {seed}  {result.seconds:.2f}s  -> {', '.join(str(p) for p in paths)}")
-    if flags is not None:
-        verdicts = ", ".join(f"{path.name}: {'NSFW' if flag else 'safe'}" for path, flag in zip(paths, flags))
-        print(f"safety ({args.safety}): {verdicts}" + ("; flagged images are black" if args.safety == "block"
-                                                       and any(flags) else ""))
+
+def _output_paths(output: str | None, fmt: str, count: int) -> list[Path]:
+    from ryla.cli.common import output_paths
+
+    return output_paths(output, fmt, count)
 
 
-def _image_input(args: argparse.Namespace, graph: dict) -> tuple[dict, dict[str, bytes]]:
-    """`--image` (with `--mask`, `--strength`): the same image-to-image and inpainting graphs as
-    the typed endpoints' `image` and `mask` fields, the size the image's."""
-    from ryla import imaging
-    from ryla.workflows import with_image_input
-
-    if args.image is None:
-        for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
-            if value is not None:
-                raise CliError(f"{flag} applies only with --image")
-        return graph, {}
-    images = {}
-    for name, path in (("image", args.image), ("mask", args.mask)):
-        if path is None:
-            continue
-        try:
-            images[name] = Path(path).read_bytes()
-            picture = imaging.decode_image(images[name])
-        except OSError as exc:
-            raise CliError(f"cannot read --{name} {path}: {exc.strerror}")
-        except imaging.ImageError as exc:
-            raise CliError(f"--{name} {path}: {exc}")
-        if name == "image":
-            width, height = (picture.width // 8) * 8, (picture.height // 8) * 8
-            low, high = int(catalogue.WIDTH.min), int(catalogue.WIDTH.max)
-            if not (low <= width <= high and low <= height <= high):
-                raise CliError(f"--image {path} is {picture.width}x{picture.height}; ryla generate takes {low} to "
-                               f"{high} pixels a side (resize it, or run a workflow with `ryla run-workflow`)")
-    strength = catalogue.STRENGTH.default if args.strength is None else args.strength
-    if problem := catalogue.STRENGTH.check(strength):
+def _generate_options(args: argparse.Namespace) -> dict:
+    """`ryla generate`'s options as the Python API's keyword arguments."""
+    options = {name: getattr(args, name) for name in
+               ("negative_prompt", "width", "height", "steps", "guidance", "cfg", "seed", "checkpoint")}
+    options["num_images"] = args.batch_size
+    if problem := catalogue.QUALITY.check(args.quality):
         raise CliError(problem)
-    return with_image_input(graph, strength, width, height, mask="mask" in images, batch_size=args.batch_size), images
+    if args.image is not None:
+        options.update(image=Path(args.image), mask=Path(args.mask) if args.mask else None, strength=args.strength)
+    elif args.mask is not None or args.strength is not None:
+        raise CliError(f"{'--mask' if args.mask is not None else '--strength'} applies only with --image")
+    if args.reference is not None:
+        options.update(reference=Path(args.reference), pose=Path(args.pose) if args.pose else None,
+                       identity_strength=args.instantid_strength, controlnet_strength=args.controlnet_strength)
+    elif args.pose is not None:
+        raise CliError("--pose applies only with --reference")
+    options["loras"] = [_lora_option(text) for text in args.lora or []]
+    return options
+
+
+def _lora_option(text: str) -> tuple[str, float]:
+    lora_id, sep, strength = text.rpartition(":") if ":" in text else (text, "", "")
+    try:
+        return (lora_id, float(strength)) if sep else (text, catalogue.LORA_STRENGTH.default)
+    except ValueError:
+        raise CliError(f"--lora expects ID or ID:STRENGTH, got {text!r}")
+
+
+def _prompt_jobs(args: argparse.Namespace) -> list[dict]:
+    """--prompts FILE: one prompt a line, or JSON Lines whose objects hold "prompt" and any of
+    generate's options ("seed", "width", "loras", ...) for that line. Blank lines and lines
+    starting with # are skipped. Read and checked whole before anything runs."""
+    allowed = {"prompt", "negative_prompt", "width", "height", "steps", "guidance", "cfg", "seed", "num_images",
+               "loras", "strength", "checkpoint"}
+    try:
+        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise CliError(f"cannot read --prompts {args.prompts}: {exc.strerror}")
+    except UnicodeDecodeError:
+        raise CliError(f"--prompts {args.prompts} is not UTF-8 text")
+    jobs = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if text.startswith("{"):
+            try:
+                job = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise CliError(f"line {number} of {args.prompts}: not valid JSON ({exc.msg})")
+            unknown = sorted(set(job) - allowed)
+            if unknown or not isinstance(job.get("prompt"), str):
+                raise CliError(f"line {number} of {args.prompts}: " + (f"unknown field {unknown[0]!r} (allowed: "
+                               f"{', '.join(sorted(allowed))})" if unknown else "needs a \"prompt\" string"))
+            if "loras" in job:
+                job["loras"] = [tuple(item) if isinstance(item, list) else item for item in job["loras"]]
+        else:
+            job = {"prompt": text}
+        job["line"] = number
+        jobs.append(job)
+    if not jobs:
+        raise CliError(f"no prompts in {args.prompts}")
+    return [{k: v for k, v in job.items()} for job in jobs]
+
+
+def contact_sheet(tiles: list[tuple[Path, str]], tile: int = 256, label: int = 24):
+    """The images of a batch on one page, each labelled with its number and prompt."""
+    from PIL import Image, ImageDraw
+
+    columns = min(4, len(tiles))
+    rows = (len(tiles) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (path, prompt) in enumerate(tiles):
+        x, y = (index % columns) * tile, (index // columns) * (tile + label)
+        with Image.open(path) as picture:
+            picture = picture.convert("RGB")
+            picture.thumbnail((tile, tile))
+            sheet.paste(picture, (x + (tile - picture.width) // 2, y + (tile - picture.height) // 2))
+        draw.text((x + 4, y + tile + 6), f"{index + 1}. {prompt}"[: tile // 7], fill="black")
+    return sheet
+
+
+def _safety(args: argparse.Namespace, images: list):
+    if args.safety == "off":
+        return images, None
+    from ryla.safety import Safety, SafetyUnavailable
+
+    try:
+        return Safety(args.safety, os.environ.get("RYLA_SAFETY_CHECKER", "nudenet")).apply(images, args.safety)
+    except SafetyUnavailable as exc:
+        raise CliError(str(exc))
 
 
 def read_workflow(path_text: str) -> dict:
@@ -229,29 +317,45 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not loopback and settings.api_key is None and not args.no_auth:
         raise CliError(f"refusing to serve on {args.host} without an API key: anyone who reaches it could use the "
                        "GPU. Set RYLA_API_KEY, or pass --no-auth if a proxy in front does the checking")
-    _check_port_free(args.host, args.port)
+    listener = _bind(args.host, args.port)  # held while the models load: a second server fails at once
     logging.getLogger("ryla").setLevel(logging.INFO)  # a server logs its requests
     runtime = _open_runtime(args)
-    log.warning("serving %s model set from %s on http://%s:%d (auth %s)", "TINY" if runtime.store.tiny else "real",
-                runtime.store.root, args.host, args.port, "on" if settings.api_key else "off")
+    shown_host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
+    url = f"http://{shown_host}:{args.port}"
+    log.info("loading the %s model set from %s (auth %s)", "TINY" if runtime.store.tiny else "real",
+             runtime.store.root, "on" if settings.api_key else "off")
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)  # the app's start-up (models loaded), then the socket bound
+            if not self.should_exit:
+                log.info("ready on %s  (API docs %s/docs)", url, url)
+
     # Connections beyond limit_concurrency get 503 at once; idle keep-alive connections close
     # after 5 s; a request head larger than 64 KiB is refused by the HTTP parser.
-    uvicorn.run(create_app(runtime, settings), host=args.host, port=args.port, log_config=None,
-                timeout_graceful_shutdown=5, limit_concurrency=args.max_connections, timeout_keep_alive=5,
-                h11_max_incomplete_event_size=64 * 1024)
+    config = uvicorn.Config(create_app(runtime, settings), host=args.host, port=args.port, log_config=None,
+                            timeout_graceful_shutdown=5, limit_concurrency=args.max_connections,
+                            timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
+    AnnouncingServer(config).run(sockets=[listener])
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Before the models load: a taken port fails in a second, not after a minute of loading."""
+def _bind(host: str, port: int):
+    """The server's socket, bound and listening before the models load: a taken port fails in a
+    second, not after a minute of loading (two bound sockets with SO_REUSEADDR clash only once
+    one listens, so it listens now); connections made while loading wait in the backlog and are
+    answered when the server is ready."""
     import socket
 
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host.strip("[]"), port))
-        except OSError as exc:
-            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}")
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host.strip("[]"), port))
+        listener.listen(2048)  # uvicorn's default backlog
+    except OSError as exc:
+        listener.close()
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}")
+    return listener
 
 
 def cmd_models_make_tiny(args: argparse.Namespace) -> None:
@@ -263,14 +367,49 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_models_download(args: argparse.Namespace) -> None:
-    from ryla.models.download import DownloadError, download
+    """The plan first (files, sizes, free disk; token and licence access checked), then the
+    files with one progress bar over the total size."""
+    import threading
+
+    from huggingface_hub.utils import disable_progress_bars
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from ryla.models.download import DownloadError, download, staged_bytes
     from ryla.models.store import ModelStore, default_models_dir
 
     store = ModelStore(args.models_dir or default_models_dir())
+    disable_progress_bars()  # huggingface_hub's bar per file; ours counts the whole preset
+    progress = Progress(TextColumn("[bold]downloading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TextColumn("left"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    state = {"done": 0, "task": None}
+    stop = threading.Event()
+
+    def on_plan(plan) -> None:
+        print(f"preset {plan.preset} into {store.root}:")
+        for line in plan.lines():
+            print(f"  {line}")
+        if plan.to_fetch and plan.fetch_bytes + (1 << 30) <= plan.free_bytes:
+            state["task"] = progress.add_task("files", total=plan.fetch_bytes)
+            progress.start()
+            threading.Thread(target=poll, daemon=True).start()
+
+    def on_file(result) -> None:
+        if result.downloaded:
+            state["done"] += result.size
+
+    def poll() -> None:
+        while not stop.wait(0.5):
+            progress.update(state["task"], completed=state["done"] + staged_bytes(store))
+
     try:
-        results = download(store, args.preset, token=args.token)
+        results = download(store, args.preset, token=args.token, on_plan=on_plan, on_file=on_file)
     except DownloadError as exc:
         raise CliError(str(exc))
+    finally:
+        stop.set()
+        progress.stop()
     fetched = sum(r.downloaded for r in results)
     print(f"{fetched} file(s) downloaded, {len(results) - fetched} already present and verified, in {store.root}")
 
@@ -287,10 +426,11 @@ def cmd_models_list(args: argparse.Namespace) -> None:
 def _lora_store(args):
     from ryla.flux.engine import FluxEngine
     from ryla.models.loras import LoraStore
-    from ryla.runtime import open_store
+    from ryla.runtime import describe_model, open_store
 
     store = open_store(args.models_dir)
-    return LoraStore(store.folder("loras"), FluxEngine(store, device="cpu").lora_target_shapes)
+    return LoraStore(store.folder("loras"), FluxEngine(store, device="cpu").lora_target_shapes,
+                     model=describe_model(store))
 
 
 def cmd_loras(args: argparse.Namespace) -> None:
@@ -305,6 +445,18 @@ def cmd_loras(args: argparse.Namespace) -> None:
             meta = loras.add_file(Path(args.file), args.id, args.trigger_word)
             print(f"added {meta['id']} ({meta['format']}, rank {meta['rank']}, {meta['targets']} layers"
                   f"{', trigger ' + repr(meta['trigger_word']) if meta['trigger_word'] else ''})")
+        elif args.loras_command == "make-example":
+            import tempfile
+
+            from ryla.models.tiny import write_example_lora
+
+            with tempfile.TemporaryDirectory() as scratch:
+                source = write_example_lora(Path(scratch) / f"{args.id}.safetensors", loras.target_shapes()[0],
+                                            rank=args.rank, seed=args.seed)
+                meta = loras.add_file(source, args.id, args.trigger_word)
+            print(f"added {meta['id']} (rank {meta['rank']}, {meta['targets']} layers, trigger "
+                  f"{meta['trigger_word']!r}) to {loras.folder}; try: ryla generate --prompt \"{meta['trigger_word']}, "
+                  f"a portrait\" --lora {meta['id']} --width 256 --height 256 --steps 4")
         elif args.loras_command == "list":
             entries = loras.list()
             if args.json:
@@ -384,8 +536,8 @@ def _open_runtime(args):
 def _run_with_progress(runtime, graph, images: dict[str, bytes] | None = None):
     from ryla.graph.executor import ExecutionError, GraphValidationError
 
-    progress, on_progress = progress_reporter()
-    context = runtime.context(on_progress=on_progress, request_images=images or {})
+    progress = GenerationProgress()
+    context = runtime.context(on_progress=progress.on_progress, request_images=images or {})
     try:
         validated = runtime.validate(graph, context)  # before the progress bar: errors print cleanly
         with progress:
@@ -398,6 +550,34 @@ def _run_with_progress(runtime, graph, images: dict[str, bytes] | None = None):
 
 # ---------------------------------------------------------------------------------- parser
 
+SERVE_ENVIRONMENT = """\
+environment variables (an option given on the command line wins):
+  RYLA_API_KEY                 the key clients must send (Bearer token, or HTTP Basic password);
+                               required to serve on a non-loopback --host, unless --no-auth
+  RYLA_MODELS_DIR              the model store [default: ~/.cache/ryla/models]
+  RYLA_TINY_MODELS_DIR         where the tiny model set is generated [default: ~/.cache/ryla/tiny-models]
+  RYLA_DATA_DIR                input/, output/ and temp/ (--data-dir)
+  RYLA_SPEED                   speed mode (--speed)
+  RYLA_COMPILE_CACHE           compiled kernels [default: .compile-cache in the model store]
+  RYLA_COMPILE_MODE            torch.compile mode for the compiled speed modes [default: Inductor's]
+  RYLA_MAX_QUEUE               requests that may wait for the GPU (--max-queue)
+  RYLA_REQUEST_TIMEOUT         seconds per request (--timeout)
+  RYLA_MAX_BODY_BYTES          largest request body [default: 32 MiB]
+  RYLA_MAX_LORA_BYTES          largest LoRA upload
+  RYLA_MAX_IMAGE_PIXELS        largest decoded input image, in pixels
+  RYLA_MAX_PIXELS              largest image or latent a workflow may make, in pixels
+  RYLA_MAX_STEPS               most sampling steps per sampler node
+  RYLA_MAX_SCHEDULE            most sampling steps in one workflow, all samplers together
+  RYLA_MAX_NODES               most nodes in one workflow
+  RYLA_MAX_OUTPUT_BYTES        output/ is pruned past this size (--max-output-gb)
+  RYLA_MAX_OUTPUT_AGE          output/ files older than this many seconds are pruned
+  RYLA_SAFETY                  NSFW check: off, flag or block (--safety)
+  RYLA_SAFETY_CHECKER          nudenet (default), clip, or module:function
+  RYLA_SAFETY_MODEL            the clip checker's diffusers folder
+  RYLA_ALLOW_PRIVATE_WEBHOOKS  1 to allow webhooks on private addresses (--allow-private-webhooks)
+  HF_TOKEN                     Hugging Face token (only `ryla models download` uses it)
+"""
+
 _GENERATE_PARAMS = (catalogue.NEGATIVE_PROMPT, catalogue.WIDTH, catalogue.HEIGHT, catalogue.STEPS,
                     catalogue.GUIDANCE, catalogue.CFG, catalogue.SEED, catalogue.BATCH_SIZE, catalogue.QUALITY)
 
@@ -405,7 +585,6 @@ _GENERATE_PARAMS = (catalogue.NEGATIVE_PROMPT, catalogue.WIDTH, catalogue.HEIGHT
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ryla", description="FLUX.1-dev image generation: locally, or as an HTTP API (`ryla serve`).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log loading and timing details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str, handler: Callable, models_dir: bool = True):
@@ -416,15 +595,31 @@ def build_parser() -> argparse.ArgumentParser:
                            help="model store folder [default: $RYLA_MODELS_DIR or ~/.cache/ryla/models]")
         return p
 
-    gen = command("generate", "Generate images from a prompt with FLUX.1-dev.", cmd_generate)
-    add_param(gen, catalogue.PROMPT, required=True)
+    gen = command("generate", "Generate images from a prompt with FLUX.1-dev: text-to-image, image-to-image, "
+                  "inpainting, LoRAs and a reference face, as the server's typed endpoints do.", cmd_generate)
+    add_param(gen, catalogue.PROMPT)
+    gen.add_argument("--prompts", metavar="FILE", default=None,
+                     help="a batch: one prompt a line, or JSON Lines with per-line options ({\"prompt\": ..., "
+                          "\"seed\": 3, \"loras\": [[\"anna\", 0.8]]}); images and a contact sheet go to "
+                          "--output-dir")
     for param in _GENERATE_PARAMS:
         add_param(gen, param)
-    gen.add_argument("--output", "-o", default="ryla.jpg", help="image file to write; batches get _1, _2... "
-                     "[default: ryla.jpg]")
+    gen.add_argument("--output", "-o", default=None,
+                     help="image file to write; batches get _1, _2... [default: ryla_00001.jpg, ryla_00002.jpg, "
+                          "... in the current folder, never replacing an earlier image]")
+    gen.add_argument("--output-dir", default="ryla-batch", help="with --prompts: the folder [default: ryla-batch]")
     gen.add_argument("--format", choices=catalogue.OUTPUT_FORMAT.choices, default=None,
                      help="image format [default: from the --output suffix, else jpeg]")
     gen.add_argument("--checkpoint", default=None, help="checkpoint in checkpoints/ [default: flux1-dev-fp8.safetensors]")
+    gen.add_argument("--lora", action="append", metavar="ID[:STRENGTH]", default=None,
+                     help="a LoRA from the store (`ryla loras list`), strength 1 unless given; repeat to stack "
+                          "LoRAs; each trigger word goes into the prompt once")
+    gen.add_argument("--reference", metavar="FACE", default=None,
+                     help="a face photo whose identity the image keeps (as /flux-instantid)")
+    gen.add_argument("--pose", metavar="PATH", default=None,
+                     help="with --reference: a photo whose face position and pose to follow")
+    add_param(gen, catalogue.INSTANTID_STRENGTH)
+    add_param(gen, catalogue.CONTROLNET_STRENGTH)
     gen.add_argument("--image", metavar="PATH", default=None,
                      help="start from this image (image-to-image); the result has its size, cut to whole 8-pixel "
                           "blocks, and --width/--height are not used")
@@ -435,8 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="NSFW check: flag reports each image, block also blacks out flagged ones "
                           "(needs `pip install \"ryla[safety]\"`) [default: off, env RYLA_SAFETY]")
 
-
     serve = command("serve", "Serve the HTTP API (OpenAPI docs at /docs).", cmd_serve)
+    serve.epilog = SERVE_ENVIRONMENT
+    serve.formatter_class = argparse.RawDescriptionHelpFormatter
     serve.add_argument("--host", default="127.0.0.1", help="[default: 127.0.0.1]")
     serve.add_argument("--port", type=int, default=8000, help="[default: 8000]")
     serve.add_argument("--max-queue", type=int, default=None,
@@ -514,7 +710,14 @@ def build_parser() -> argparse.ArgumentParser:
     lst2.add_argument("--json", action="store_true", help="print JSON")
     rm = loras_sub.add_parser("remove", help="Remove a LoRA.")
     rm.add_argument("id")
-    for p in (add, lst2, rm):
+    example = loras_sub.add_parser("make-example", help="Write a small random LoRA that fits the current model "
+                                   "(the tiny one too) into the store: something to try --lora and /flux-lora with.")
+    example.add_argument("--id", default="example", help="[default: example]")
+    example.add_argument("--trigger-word", default="ohwx", help="[default: ohwx]")
+    example.add_argument("--rank", type=int, default=4, choices=range(1, 129), metavar="RANK",
+                         help="1 to 128 [default: 4]")
+    example.add_argument("--seed", type=int, default=0, help="[default: 0]")
+    for p in (add, lst2, rm, example):
         p.add_argument("--models-dir", default=None)
         p.set_defaults(handler=cmd_loras)
 
@@ -530,7 +733,13 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--json", action="store_true", help="print JSON")
     ident.add_argument("--models-dir", default=None)
     ident.set_defaults(handler=cmd_eval_identity)
+    accept_anywhere(parser, _global_options)
     return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="log loading and timing details")
 
 
 def main(argv: list[str] | None = None) -> int:

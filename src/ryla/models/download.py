@@ -175,14 +175,141 @@ def _explain(file: RemoteFile, exc: Exception) -> str:
     return f"{file.repo_id}/{file.filename}: {type(exc).__name__}: {exc}"
 
 
-def download(store: ModelStore, preset: str, token: str | None = None, **options) -> list[Result]:
+@dataclass
+class PlannedFile:
+    file: RemoteFile
+    size: int | None
+    present: bool  # already in the store and verified
+
+
+@dataclass
+class Plan:
+    """What a download will do, known before any byte is fetched."""
+
+    preset: str
+    files: list[PlannedFile]
+    free_bytes: int
+    account: str | None  # the Hub account the token belongs to
+
+    @property
+    def to_fetch(self) -> list[PlannedFile]:
+        return [planned for planned in self.files if not planned.present]
+
+    @property
+    def fetch_bytes(self) -> int:
+        return sum(planned.size or 0 for planned in self.to_fetch)
+
+    def lines(self) -> list[str]:
+        rows = [f"{'present' if p.present else 'fetch':<8} {_size(p.size):>9}  {p.file.kind}/{p.file.target}"
+                f"  ({p.file.repo_id})" for p in self.files]
+        rows.append(f"{len(self.to_fetch)} of {len(self.files)} file(s) to fetch, {_size(self.fetch_bytes)}; "
+                    f"{_size(self.free_bytes)} free" + (f"; Hub account {self.account}" if self.account else ""))
+        return rows
+
+
+def _size(size: int | None) -> str:
+    if size is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return ""
+
+
+def hub_token(token: str | None = None) -> str | None:
+    """The token to use: the one given, else $HF_TOKEN, else the one `hf auth login` stored."""
+    from huggingface_hub import get_token
+
+    return token or os.environ.get("HF_TOKEN") or get_token() or None
+
+
+def check_access(files: tuple[RemoteFile, ...], token: str | None) -> str | None:
+    """Before anything is fetched: a gated repo needs a token, the token must be valid, and its
+    account must have accepted each gated repo's licence. Returns the account's name."""
+    from huggingface_hub import auth_check, whoami
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    gated = list(dict.fromkeys(f.repo_id for f in files if f.gated))
+    if gated and not token:
+        raise DownloadError(f"{', '.join(gated)} {'is' if len(gated) == 1 else 'are'} gated: accept the licence on "
+                            f"{', '.join('https://huggingface.co/' + repo for repo in gated)} with your Hugging Face "
+                            "account, then set HF_TOKEN to one of its tokens (or pass --token)")
+    if not token:
+        return None
+    try:
+        account = whoami(token=token).get("name")
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise DownloadError("the Hugging Face token (HF_TOKEN or --token) is not valid: create one at "
+                                "https://huggingface.co/settings/tokens") from exc
+        raise DownloadError(f"cannot check the Hugging Face token: {exc}") from exc
+    for repo in gated:
+        try:
+            auth_check(repo, token=token)
+        except (GatedRepoError, RepositoryNotFoundError) as exc:
+            raise DownloadError(f"the account {account} has no access to {repo}: accept its licence at "
+                                f"https://huggingface.co/{repo} (the token is valid)") from exc
+    return account
+
+
+def plan_download(store: ModelStore, preset: str, token: str | None = None) -> Plan:
+    """Access checked, each file's size asked of the Hub, what is already here verified, and
+    the free disk: everything a user should see before gigabytes move."""
     if preset not in PRESETS:
         raise DownloadError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    token = token or os.environ.get("HF_TOKEN") or None
+    files = PRESETS[preset]
+    account = check_access(files, token)
+    planned = []
+    for file in files:
+        try:
+            size, sha256, _ = _remote_metadata(file, token)
+        except Exception as exc:
+            if _is_permanent(exc):
+                raise DownloadError(_explain(file, exc)) from exc
+            raise DownloadError(f"{file.repo_id}/{file.filename}: cannot reach the Hub: {exc}") from exc
+        final = store.path_for_new(file.kind, file.target)
+        planned.append(PlannedFile(file, size, _already_verified(final, size, sha256)))
+    store.root.mkdir(parents=True, exist_ok=True)
+    return Plan(preset, planned, shutil.disk_usage(store.root).free, account)
+
+
+def download(store: ModelStore, preset: str, token: str | None = None, *,
+             on_plan: Callable[[Plan], None] | None = None, on_file: Callable[[Result], None] | None = None,
+             **options) -> list[Result]:
+    """A preset into the store: planned and checked first (see plan_download), refused when the
+    files do not fit on the disk, then each file fetched and verified."""
+    token = hub_token(token)
+    plan = plan_download(store, preset, token)
+    if on_plan is not None:
+        on_plan(plan)
+    # The staged copy is renamed, not copied, into place: the files need their own size, plus
+    # a margin so the disk is not left full.
+    margin = 1 << 30
+    if plan.fetch_bytes + margin > plan.free_bytes:
+        raise DownloadError(f"not enough disk space in {store.root}: {_size(plan.fetch_bytes)} to fetch, "
+                            f"{_size(plan.free_bytes)} free (and 1 GB kept free); free some space or point "
+                            "RYLA_MODELS_DIR / --models-dir at a larger disk")
     store.ensure_layout()
-    results = [fetch(store, file, token=token, **options) for file in PRESETS[preset]]
+    results = []
+    for file in PRESETS[preset]:
+        results.append(fetch(store, file, token=token, **options))
+        if on_file is not None:
+            on_file(results[-1])
     shutil.rmtree(store.root / STAGING, ignore_errors=True)
     return results
+
+
+def staged_bytes(store: ModelStore) -> int:
+    """Bytes in the staging folder now: a download's progress, as a progress bar polls it."""
+    total = 0
+    for path in (store.root / STAGING).rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except OSError:  # renamed or removed while walking
+            pass
+    return total
 
 
 # The spec's function names (EP-058 TSK-058-001-001 / TSK-058-002-002).

@@ -135,8 +135,11 @@ def id_from_filename(filename: str) -> str:
 class LoraStore:
     def __init__(self, folder: Path, target_shapes: Callable[[], tuple[dict, dict]],
                  on_change: Callable[[], None] | None = None, on_miss: Callable[[], None] | None = None,
-                 on_list: Callable[[], None] | None = None):
+                 on_list: Callable[[], None] | None = None, model: str = "the base model"):
         self.folder = Path(folder)
+        # What uploads are checked against, named in a refusal ("the tiny random-weight stand-in",
+        # say, so a real FLUX LoRA refused there says why).
+        self.model = model
         self.target_shapes = target_shapes  # () -> (transformer linear shapes, text encoder linear shapes)
         # Hooks for a store shared between processes (ryla.models.loras.VolumeSync): after a
         # change; before answering "not found"; before a listing or a lookup (rate-limited).
@@ -308,7 +311,10 @@ class LoraStore:
         except ModelFormatError as exc:
             raise LoraFormatError(str(exc).replace(path.name, "the upload")) from exc
         transformer_shapes, text_shapes = self.target_shapes()
-        weights = convert(tensors, transformer_shapes, text_shapes)
+        try:
+            weights = convert(tensors, transformer_shapes, text_shapes)
+        except LoraFormatError as exc:
+            raise LoraFormatError(f"{exc}; checked against {self.model}") from exc
         layer_kinds = sorted({re.sub(r"^(single_transformer_blocks|transformer_blocks)\.\d+\.", "", t)
                               for t in weights.transformer})
         return {"format": weights.format, "rank": weights.rank, "targets": len(weights.targets()),

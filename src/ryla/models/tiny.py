@@ -341,3 +341,24 @@ def _write_identity_models(store: ModelStore) -> None:
     config_json = json.loads(config_path.read_text())
     config_json.pop("_diffusers_version", None)
     _write_json(config_path, config_json)
+
+
+def write_example_lora(path: Path | str, transformer_shapes: dict[str, tuple[int, int]], rank: int = 4,
+                       seed: int = 0) -> Path:
+    """A small LoRA that fits the model whose linear shapes are given (diffusers module name ->
+    (out, in)): every attention projection of every block, in the PEFT/diffusers layout
+    (`transformer.<module>.lora_A.weight` [rank, in], `.lora_B.weight` [out, rank]), as
+    diffusers' FluxLoraLoaderMixin and ai-toolkit write them. Deterministic for a seed; its
+    effect is visible but does not swamp the base weights."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (out_features, in_features) in sorted(transformer_shapes.items()):
+        if ".attn." not in module:
+            continue
+        down = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
+        up = torch.randn(out_features, rank, generator=generator) * 0.05
+        tensors[f"transformer.{module}.lora_A.weight"] = down.to(torch.bfloat16)
+        tensors[f"transformer.{module}.lora_B.weight"] = up.to(torch.bfloat16)
+    path = Path(path)
+    _save(path, tensors, {"format": "pt", "ryla_example_lora": "1"})
+    return path

@@ -85,6 +85,27 @@ def flux_lora_graph(loras: list[tuple[str, float]], **params: Any) -> dict:
     return graph
 
 
+def with_loras(graph: dict, loras: list[tuple[str, float]], loader: str = "1") -> dict:
+    """Any template with LoraLoaders chained after its checkpoint loader (node `loader`): every
+    input that took the checkpoint's MODEL or CLIP takes the last LoRA's instead, as a ComfyUI
+    user wires it by hand. `loras` is [(file name, strength), ...]."""
+    graph = copy.deepcopy(graph)
+    model, clip = [loader, 0], [loader, 1]
+    consumers = [(node, name) for node in graph.values() for name, value in node["inputs"].items()
+                 if value in (model, clip)]
+    used = {int(node_id) for node_id in graph if node_id.isdigit()}
+    next_id = max(used, default=0) + 1
+    for index, (name, strength) in enumerate(loras):
+        node_id = str(next_id + index)
+        graph[node_id] = {"class_type": "LoraLoader", "inputs": {
+            "model": model, "clip": clip, "lora_name": name, "strength_model": strength, "strength_clip": strength},
+            "_meta": {"title": f"Load LoRA {index + 1}"}}
+        model, clip = [node_id, 0], [node_id, 1]
+    for node, name in consumers:
+        node["inputs"][name] = model if node["inputs"][name][1] == 0 else clip
+    return graph
+
+
 def with_trigger_words(prompt: str, words: list[str]) -> str:
     """Put each trigger word into the prompt once: prepended unless already there."""
     missing = [w for w in dict.fromkeys(w.strip() for w in words if w and w.strip())

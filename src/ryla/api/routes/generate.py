@@ -63,6 +63,25 @@ def decode_photo(settings: ServerSettings, field_name: str, data: str, sizes: di
     return raw
 
 
+def image_parameters(body: FluxDevRequest, service: Service, seed: int, graph: dict, *, prompt: str | None = None,
+                     loras: list[dict] | None = None) -> dict:
+    """What made a typed endpoint's image, written into the file (PNG text chunk, EXIF comment
+    for JPEG and WebP), as `ryla generate` and the Python API write it."""
+    sampler = graph["6"]["inputs"]  # ModelSamplingFlux: the size actually made (the image's, for img2img)
+    checkpoint = graph["1"]["inputs"].get("ckpt_name")
+    parameters = {"prompt": prompt or body.prompt, "negative_prompt": body.negative_prompt, "seed": seed,
+                  "width": sampler["width"], "height": sampler["height"], "steps": body.steps,
+                  "guidance": body.guidance, "cfg": body.cfg,
+                  "model": f"{checkpoint} (tiny random weights)" if service.runtime.store.tiny else checkpoint}
+    if loras:
+        parameters["loras"] = loras
+    if body.image is not None:
+        parameters.update(strength=body.strength, inpainting=body.mask is not None)
+    if isinstance(body, FluxInstantIdRequest):
+        parameters.update(identity_strength=body.instantid_strength, controlnet_strength=body.controlnet_strength)
+    return parameters
+
+
 def field_error(field_name: str, message: str) -> ApiError:
     return ApiError(422, "invalid_request", f"{field_name}: {message}",
                     {"errors": [{"field": field_name, "message": message}]})
@@ -100,12 +119,13 @@ async def flux_dev(body: FluxDevRequest, request: Request, service: Service = De
     seed = body.seed if body.seed is not None else random_seed()
     images: dict[str, bytes] = {}
     graph = image_input(body, service, FLUX_DEV.fill(**body.template_params(seed)), images)
+    parameters = image_parameters(body, service, seed, graph)
     return await run_or_accept(
         request, service, graph, "flux-dev", seeds=[seed] * body.num_images, webhook=body.webhook,
         safety=body.enable_safety_checker, request_images=images,
         make_response=lambda result, timings: image_response(
             request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
-            quality=body.quality, timings=timings, annotations=result.annotations))
+            quality=body.quality, timings=timings, annotations=result.annotations, parameters=parameters))
 
 
 @router.post("/workflow", responses={**IMAGE_RESPONSES, 400: {"description": "ComfyUI's validation error shape: "
@@ -161,13 +181,15 @@ async def flux_lora(body: FluxLoraRequest, request: Request, service: Service = 
     images: dict[str, bytes] = {}
     graph = image_input(body, service, flux_lora_graph([(e["file"], strength) for e, (_, strength) in
                                                         zip(entries, refs)], **params), images)
+    parameters = image_parameters(body, service, seed, graph, prompt=params["prompt"],
+                                  loras=[{"id": lora_id, "strength": strength} for lora_id, strength in refs])
     return await run_or_accept(
         request, service, graph, "flux-lora", seeds=[seed] * body.num_images, webhook=body.webhook,
         safety=body.enable_safety_checker, request_images=images,
         make_response=lambda result, timings: image_response(
             request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format, quality=body.quality,
             timings=timings, headers={"X-Prompt": header_safe(params["prompt"])}, prompt=params["prompt"],
-            annotations=result.annotations))
+            annotations=result.annotations, parameters=parameters))
 
 
 @router.post("/flux-instantid", responses={**IMAGE_RESPONSES, 413: {"model": ErrorResponse}}, response_class=Response,
@@ -183,6 +205,7 @@ async def flux_instantid(body: FluxInstantIdRequest, request: Request,
         pose="pose" in images, **body.template_params(seed), instantid_strength=body.instantid_strength,
         controlnet_strength=body.controlnet_strength, face_provider="CUDA" if body.face_provider == "gpu" else "CPU"),
         images)
+    parameters = image_parameters(body, service, seed, graph)
 
     def respond(result, timings, scores):
         headers = {"X-Faces-Found": str(result.annotations.get("faces_found", 0))}
@@ -190,7 +213,7 @@ async def flux_instantid(body: FluxInstantIdRequest, request: Request,
             headers["X-Identity-Score"] = f"{scores['scores'][0]:.4f}"
         return image_response(request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
                               quality=body.quality, timings=timings, headers=headers, identity=scores,
-                              annotations=result.annotations)
+                              annotations=result.annotations, parameters=parameters)
 
     async def respond_with_scores(result, timings):
         scores = await asyncio.to_thread(identity_scores, service, result)
