@@ -27,16 +27,21 @@ def test_page_is_served_with_types_and_a_restrictive_csp(server):
     assert "https://" not in page.text and "//cdn" not in page.text
 
 
+def open_page(p, server, width: int, height: int = 900):
+    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+    page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True)
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))  # script errors (CSP, bugs)
+    page.goto(server.url + "/playground")
+    return browser, page, errors
+
+
 @pytest.fixture()
 def browser_page(server):
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        errors = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))  # script errors (CSP, bugs)
-        page.goto(server.url + "/playground")
+        browser, page, errors = open_page(p, server, 1200)
         yield page, errors
         browser.close()
 
@@ -85,3 +90,79 @@ def test_generate_bad_input_and_identity_in_a_browser(browser_page, tmp_path_fac
     assert console_errors == []
     page.click("[data-mode=flux-dev]")
     assert page.locator("#lora-panel").is_hidden() and page.locator("#identity-panel").is_hidden()
+
+
+def assert_fits(page, width: int) -> None:
+    """Nothing wider than the screen: every visible control's right edge within the viewport."""
+    for selector in ("header", "form", ".result figure", "#prompt", "#seed", "#generate", "#api-key", "#size"):
+        box = page.locator(selector).first.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width + 0.5, (selector, box, width)
+
+
+@pytest.mark.parametrize("width", [1280, 390, 360])
+def test_layout_progress_cancel_download_and_copy_at_each_width(server, width, tmp_path_factory):
+    import subprocess
+    import sys
+
+    from conftest import image_difference
+
+    artifacts = tmp_path_factory.mktemp(f"playground-{width}")
+    with playwright.sync_playwright() as p:
+        browser, page, console_errors = open_page(p, server, width, 800)
+        try:
+            # first visit: the hint in the empty result area; on the tiny model, small defaults
+            page.wait_for_selector("#tiny-hint:not([hidden])")
+            assert page.locator("#empty-hint").is_visible() and page.input_value("#width") == "256"
+            assert_fits(page, width)
+            page.screenshot(path=str(artifacts / "first-visit.png"), full_page=True)
+
+            # a long job: step progress shows, Cancel stops it
+            page.fill("#prompt", "a lighthouse at dusk")
+            page.fill("#steps", "100")
+            page.click("#generate")
+            page.locator("#progress-text", has_text="step").wait_for(timeout=60_000)
+            page.screenshot(path=str(artifacts / "progress.png"), full_page=True)
+            page.click("#cancel")
+            page.locator("#error", has_text="cancelled").wait_for(timeout=60_000)
+            assert page.locator("#progress-box").is_hidden() and page.locator("#result").is_hidden()
+
+            # a 19-digit seed (past 2^53) travels exactly
+            seed = "1234567890123456789"
+            fill_small(page, seed=seed)
+            page.click("#generate")
+            page.wait_for_selector("#result-actions:not([hidden])", timeout=60_000)
+            assert f"seed {seed}" in page.inner_text("#result-info")
+            assert_fits(page, width)
+            page.screenshot(path=str(artifacts / "result.png"), full_page=True)
+            with page.expect_download() as download:
+                page.click("#download")
+            shown = artifacts / download.value.suggested_filename
+            download.value.save_as(shown)
+            assert shown.name == f"ryla-flux-dev-{seed}.png"
+
+            # "copy as curl" and "copy as Python" give the same image when run; the ryla-client
+            # line parses with the real CLI and names the seed
+            page.click("#copy-curl")
+            curl = page.input_value("#snippet")
+            assert f'"seed":{seed}' in curl
+            subprocess.run(["bash", "-c", curl], cwd=artifacts, check=True, capture_output=True, timeout=120)
+            assert image_difference(shown.read_bytes(), (artifacts / "ryla.png").read_bytes()) <= 2
+            (artifacts / "ryla.png").unlink()
+            page.click("#copy-python")
+            python = subprocess.run([sys.executable, "-c", page.input_value("#snippet")], cwd=artifacts,
+                                    capture_output=True, text=True, timeout=120)
+            assert python.returncode == 0 and f"seed {seed}" in python.stdout, python.stderr
+            assert image_difference(shown.read_bytes(), (artifacts / "ryla.png").read_bytes()) <= 2
+            page.click("#copy-client")
+            import shlex
+
+            from ryla.cli.client import build_parser
+
+            words = shlex.split(page.input_value("#snippet").replace("\\\n", " "))
+            assert words[0] == "ryla-client"
+            args = build_parser().parse_args(words[1:])
+            assert args.command == "flux-dev" and args.seed == int(seed) and args.url == server.url
+            assert console_errors == []
+            print(f"screenshots: {artifacts}")
+        finally:
+            browser.close()
