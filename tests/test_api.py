@@ -229,3 +229,54 @@ def test_ryla_client_workflow_and_errors(server, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ryla.cli.client", "--url", "http://127.0.0.1:9", "health"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot reach the server" in r.stderr
+
+
+def test_api_docs_pages_work_offline_and_with_a_key(server, strict_server):
+    """/docs and /redoc load their scripts from this server (no CDN), and stay public with an
+    API key set; the OpenAPI document then names the key as a Bearer scheme, so Swagger UI's
+    Authorize button asks for it."""
+    for srv in (server, strict_server):
+        for page, asset in (("/docs", "/docs-assets/swagger-ui-bundle.js"), ("/redoc", "/docs-assets/redoc.standalone.js")):
+            html = httpx.get(srv.url + page)
+            assert html.status_code == 200 and asset in html.text, (page, html.status_code)
+            assert "cdn." not in html.text and "fonts.googleapis" not in html.text
+            script = httpx.get(srv.url + asset)
+            assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+            assert len(script.content) > 500_000
+    assert httpx.get(server.url + "/docs-assets/../app.py").status_code == 404
+    keyed = httpx.get(strict_server.url + "/openapi.json").json()
+    assert keyed["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": keyed["components"]["securitySchemes"]["apiKey"]["description"]}
+    assert keyed["security"] == [{"apiKey": []}]
+    document = httpx.get(server.url + "/openapi.json").json()
+    assert "security" not in document
+    # every reference resolves inside the document (ReDoc refuses "#/$defs/..." ones)
+    import json
+    import re
+
+    for reference in set(re.findall(r'"\$ref": "([^"]+)"', json.dumps(document))):
+        node = document
+        for part in reference.removeprefix("#/").split("/"):
+            node = node[part]
+    assert httpx.post(strict_server.url + "/flux-dev", json={"prompt": "x"}).status_code == 401
+
+
+def test_typed_images_carry_their_parameters_and_the_client_never_overwrites(server, tmp_path):
+    import subprocess
+    import sys
+
+    from ryla import imaging
+
+    body = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 9, "output_format": "webp"}
+    response = httpx.post(server.url + "/flux-dev", json=body, timeout=120)
+    assert response.status_code == 200
+    assert imaging.read_parameters(response.content) == {
+        "prompt": "a red fox", "negative_prompt": "", "seed": 9, "width": 64, "height": 64, "steps": 2,
+        "guidance": 3.5, "cfg": 1.0, "model": "flux1-dev-fp8.safetensors (tiny random weights)"}
+    for seed in ("1", "2"):
+        result = subprocess.run([sys.executable, "-m", "ryla.cli.client", "flux-dev", "--prompt", "a fox", "--width",
+                                 "64", "--height", "64", "--steps", "2", "--seed", seed, "--url", server.url],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ryla_00001.jpg", "ryla_00002.jpg"]
+    assert imaging.read_parameters((tmp_path / "ryla_00002.jpg").read_bytes())["seed"] == 2

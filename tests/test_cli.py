@@ -78,3 +78,130 @@ def test_real_weights_without_tokenizers_are_refused_up_front(cli_env, tiny_stor
     assert result.returncode == 1 and "no tokenizers/clip_l" in result.stderr and "Traceback" not in result.stderr
     result = ryla(["serve", "--port", "1"], env, tmp_path)
     assert result.returncode == 1 and "ryla models download" in result.stderr
+
+
+def test_outputs_never_overwrite_and_carry_their_parameters(cli_env, tmp_path):
+    from ryla import imaging
+
+    small = ["generate", "--prompt", "a red fox", "--width", "64", "--height", "64", "--steps", "2"]
+    for seed in ("1", "2"):
+        result = ryla([*small, "--seed", seed], cli_env, tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.jpg")) == ["ryla_00001.jpg", "ryla_00002.jpg"]
+    parameters = imaging.read_parameters((tmp_path / "ryla_00002.jpg").read_bytes())
+    assert parameters == {"prompt": "a red fox", "negative_prompt": "", "seed": 2, "width": 64, "height": 64,
+                          "steps": 2, "guidance": 3.5, "cfg": 1.0,
+                          "model": "flux1-dev-fp8.safetensors (tiny random weights)"}
+    assert ryla([*small, "--seed", "3", "--output", "x.png"], cli_env, tmp_path).returncode == 0
+    assert imaging.read_parameters((tmp_path / "x.png").read_bytes())["seed"] == 3
+
+
+def test_global_options_anywhere_and_a_clean_exit_into_a_closed_pipe(cli_env, tmp_path):
+    verbose = ryla(["generate", "--prompt", "x", "--width", "64", "--height", "64", "--steps", "1", "-v"], cli_env,
+                   tmp_path)
+    assert verbose.returncode == 0 and "INFO" in verbose.stderr, verbose.stderr
+    client = subprocess.run([sys.executable, "-m", "ryla.cli.client", "health", "--url", "http://127.0.0.1:9"],
+                            capture_output=True, text=True, timeout=60)
+    assert client.returncode == 1 and "http://127.0.0.1:9" in client.stderr, client.stderr
+    # `ryla loras list --json | head -c 1`: the reader leaves at once; no traceback
+    assert ryla(["loras", "make-example"], cli_env, tmp_path).returncode == 0
+    listing = subprocess.Popen([sys.executable, "-m", "ryla.cli.main", "loras", "list", "--json"], env=cli_env,
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    listing.stdout.close()
+    _, stderr = listing.communicate(timeout=120)
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()
+    assert stderr.count(b"TINY random-weight") == 1  # the tiny-model notice: once, on stderr
+
+
+def test_generate_with_loras_a_reference_and_a_prompts_file(cli_env, tmp_path, test_photos):
+    from ryla import imaging
+
+    made = ryla(["loras", "make-example", "--id", "anna", "--trigger-word", "ohwx"], cli_env, tmp_path)
+    assert made.returncode == 0 and "ryla generate" in made.stdout, made.stderr
+    small = ["--width", "64", "--height", "64", "--steps", "2", "--seed", "5"]
+    lora = ryla(["generate", "--prompt", "a portrait", "--lora", "anna:0.7", *small, "-o", "lora.png"], cli_env,
+                tmp_path)
+    assert lora.returncode == 0, lora.stderr
+    assert imaging.read_parameters((tmp_path / "lora.png").read_bytes())["loras"] == [{"id": "anna", "strength": 0.7}]
+    face = ryla(["generate", "--prompt", "a portrait", "--reference", str(test_photos / "obama.jpg"), "--lora",
+                 "anna", *small, "-o", "face.png"], cli_env, tmp_path)
+    assert face.returncode == 0, face.stderr
+    assert imaging.read_parameters((tmp_path / "face.png").read_bytes())["identity_strength"] == 0.8
+    missing = ryla(["generate", "--prompt", "x", "--lora", "nobody", *small], cli_env, tmp_path)
+    assert missing.returncode == 1 and "no LoRA with id 'nobody'" in missing.stderr
+
+    (tmp_path / "prompts.txt").write_text("# a batch\na red fox\n\n"
+                                          '{"prompt": "a blue bird", "seed": 11, "loras": [["anna", 0.5]]}\n'
+                                          "a green frog\n")
+    batch = ryla(["generate", "--prompts", "prompts.txt", *small, "--output-dir", "batch"], cli_env, tmp_path)
+    assert batch.returncode == 0, batch.stderr
+    names = sorted(p.name for p in (tmp_path / "batch").iterdir())
+    assert names == ["contact-sheet_00001.jpg", "ryla_00001.jpg", "ryla_00002.jpg", "ryla_00003.jpg"]
+    bird = imaging.read_parameters((tmp_path / "batch" / "ryla_00002.jpg").read_bytes())
+    assert bird["seed"] == 11 and bird["prompt"] == "ohwx, a blue bird"
+    assert batch.stderr.count("TINY random-weight") == 1
+    (tmp_path / "bad.txt").write_text('a fox\n{"prompt": "x", "setps": 3}\n')
+    bad = ryla(["generate", "--prompts", "bad.txt", *small], cli_env, tmp_path)
+    assert bad.returncode == 1 and "line 2 of bad.txt: unknown field 'setps'" in bad.stderr
+    assert not (tmp_path / "ryla-batch").exists(), "nothing runs before the whole file is checked"
+    both = ryla(["generate", "--prompt", "x", "--prompts", "prompts.txt"], cli_env, tmp_path)
+    assert both.returncode == 1 and "one of them" in both.stderr
+
+
+def test_a_lora_for_the_real_model_is_refused_naming_the_tiny_model(cli_env, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    # rank-4 factors with FLUX.1-dev's real width (3072), for a model that is not there
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)},
+              str(tmp_path / "real.safetensors"))
+    result = ryla(["loras", "add", "real.safetensors"], cli_env, tmp_path)
+    assert result.returncode == 1 and "tiny random-weight FLUX.1-dev stand-in" in result.stderr, result.stderr
+    assert "ryla loras make-example" in result.stderr
+
+
+def test_serve_help_names_every_environment_variable_the_code_reads(cli_env, tmp_path):
+    import re
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1] / "src" / "ryla"
+    names = set()
+    for path in source.rglob("*.py"):
+        names |= set(re.findall(r"environ(?:\.get)?\(\s*\"(RYLA_[A-Z0-9_]+)\"", path.read_text()))
+        names |= set(re.findall(r"\(\"[a-z_]+\", \"(RYLA_[A-Z0-9_]+)\"", path.read_text()))
+    client_only = {"RYLA_URL", "RYLA_MODAL_KEY", "RYLA_MODAL_SECRET"}
+    assert len(names) > 15
+    text = ryla(["serve", "--help"], cli_env, tmp_path).stdout
+    missing = sorted(name for name in names - client_only if name not in text)
+    assert not missing, f"ryla serve --help does not mention {missing}"
+
+
+def test_serve_holds_its_port_while_loading_and_says_when_ready(cli_env, tmp_path):
+    from conftest import free_port
+
+    port = free_port()
+    first = subprocess.Popen([sys.executable, "-m", "ryla.cli.main", "serve", "--port", str(port)], env=cli_env,
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        lines = []
+        while time.monotonic() < deadline:
+            line = first.stderr.readline()
+            lines.append(line)
+            if "loading the TINY model set" in line:  # bound before loading
+                break
+        second = ryla(["serve", "--port", str(port)], cli_env, tmp_path)
+        assert second.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in second.stderr, second.stderr
+        while time.monotonic() < deadline and not any("ready on" in line for line in lines):
+            lines.append(first.stderr.readline())
+        ready = [line for line in lines if "ready on" in line]
+        assert ready and f"http://127.0.0.1:{port}" in ready[0], lines
+        import httpx
+
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    finally:
+        first.terminate()
+        first.wait(timeout=30)

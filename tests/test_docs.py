@@ -78,7 +78,7 @@ def test_every_documented_route_exists(runtime):
 
 
 def test_readme_main_job_runs_as_written(cli_env, tmp_path):
-    (command,) = [line for line in shell_lines(ROOT / "README.md") if line.startswith("ryla generate")]
+    command = [line for line in shell_lines(ROOT / "README.md") if line.startswith("ryla generate")][0]
     words = shlex.split(command)
     result = subprocess.run([sys.executable, "-m", "ryla.cli.main", *words[1:]], env=cli_env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
@@ -114,3 +114,43 @@ def test_api_doc_python_examples_run_against_a_live_server(server, tmp_path):
         assert result.returncode == 0, (code, result.stderr)
     written = sorted(path.name for path in tmp_path.glob("*.png"))
     assert "fox.png" in written and any(name.startswith("ryla_flux_dev_") for name in written)
+
+
+def test_python_api_doc_examples_run(tiny_dir, tmp_path, monkeypatch):
+    """docs/python.md's examples, as doctests, from a copy of the repository's docs (the
+    examples use paths relative to the repository's root) on an empty store: the tiny model."""
+    import doctest
+
+    shutil.copytree(ROOT / "docs" / "examples", tmp_path / "docs" / "examples")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RYLA_MODELS_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("RYLA_TINY_MODELS_DIR", str(tiny_dir))
+    results = doctest.testfile(str(ROOT / "docs" / "python.md"), module_relative=False,
+                               optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert results.attempted >= 20 and results.failed == 0, results
+
+
+def test_readme_first_five_minutes_runs_as_written(cli_env, tmp_path):
+    """The README's "First five minutes" block, run by bash as written, from a copy of the
+    repository's docs/examples on an empty store (the tiny model): every command succeeds and
+    nothing prints a warning or a traceback. Only the port is changed, to a free one."""
+    import os
+
+    from conftest import free_port
+
+    section = (ROOT / "README.md").read_text().split("## First five minutes", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    shutil.copytree(ROOT / "docs" / "examples", tmp_path / "docs" / "examples")
+    port = free_port()
+    # the test's own lines: stop the background server however the block ends
+    script = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + block.replace("8000", str(port))
+    env = {**cli_env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{cli_env['PATH']}",
+           "RYLA_MODELS_DIR": str(tmp_path / "store"), "RYLA_URL": f"http://127.0.0.1:{port}"}
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Traceback" not in output and "Warning:" not in output, output
+    for name in ("ryla_00001.jpg", "ryla_00002.jpg", "portrait.png", "served.jpg", "out/fox_00001.png", "api.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "ready on http://127.0.0.1:" in output

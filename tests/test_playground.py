@@ -166,3 +166,23 @@ def test_layout_progress_cancel_download_and_copy_at_each_width(server, width, t
             print(f"screenshots: {artifacts}")
         finally:
             browser.close()
+
+
+def test_api_docs_render_in_a_browser_without_internet(server, strict_server):
+    """Swagger UI and ReDoc render from the server's own files (the browser has no other
+    network); with an API key set, Swagger UI offers Authorize for it."""
+    with playwright.sync_playwright() as p:
+        browser, page, console_errors = open_page(p, server, 1280)
+        try:
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.url)
+                       or route.request.url.startswith(strict_server.url) else route.abort())
+            page.goto(server.url + "/docs")
+            page.locator(".swagger-ui .info .title", has_text="ryla").wait_for(timeout=30_000)
+            assert page.locator(".opblock-summary-path", has_text="/flux-dev").count() >= 1
+            page.goto(strict_server.url + "/docs")
+            page.locator(".swagger-ui button.authorize").wait_for(timeout=30_000)
+            page.goto(server.url + "/redoc")
+            page.locator("h1", has_text="ryla").wait_for(timeout=30_000)
+            assert console_errors == []
+        finally:
+            browser.close()

@@ -92,6 +92,30 @@ class Ryla:
         """The LoRA store: `list()`, `add_file(path, lora_id, trigger_word)`, `remove(id)`."""
         return self.runtime.loras
 
+    def add_lora(self, path: str | Path, lora_id: str | None = None, trigger_word: str | None = None) -> dict:
+        """Check a .safetensors LoRA against the model and add it to the store; returns its entry
+        (id, format, rank, trigger_word, ...). Refused with the reason when it does not fit."""
+        from ryla.models.lora_format import LoraFormatError
+        from ryla.models.loras import InvalidLoraId, LoraExists
+
+        try:
+            return self.runtime.loras.add_file(Path(path), lora_id, trigger_word)
+        except (LoraFormatError, InvalidLoraId, LoraExists, FileNotFoundError) as exc:
+            raise RylaError(f"LoRA {path}: {exc}") from exc
+
+    def make_example_lora(self, lora_id: str = "example", trigger_word: str = "ohwx", rank: int = 4,
+                          seed: int = 0) -> dict:
+        """A small random LoRA that fits the current model (the tiny one too), added to the
+        store: something to try `generate_lora` with (`ryla loras make-example` on the CLI)."""
+        import tempfile
+
+        from ryla.models.tiny import write_example_lora
+
+        with tempfile.TemporaryDirectory() as scratch:
+            path = write_example_lora(Path(scratch) / f"{lora_id}.safetensors", self.runtime.loras.target_shapes()[0],
+                                      rank=rank, seed=seed)
+            return self.add_lora(path, lora_id, trigger_word)
+
     # ------------------------------------------------------------------------------ calls
 
     def generate(self, prompt: str, *, negative_prompt: str = catalogue.NEGATIVE_PROMPT.default,

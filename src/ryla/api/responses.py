@@ -58,8 +58,10 @@ def image_response(request: Request, images, *, seeds: list[int | None], fmt: st
 
 
 IMAGE_RESPONSES = {
-    200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {},
-                      "application/json": {"schema": ImagesResponse.model_json_schema()}},
+    # "model" makes FastAPI put ImagesResponse (and ImageOut) into components/schemas and refer
+    # to it there; an inline model_json_schema() would carry "#/$defs/..." references that do
+    # not resolve in the OpenAPI document (ReDoc refuses them).
+    200: {"model": ImagesResponse, "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}},
           "description": "The image (default), or JSON with base64 images (Accept: application/json, "
                          "or more than one image)."},
     202: {"description": "With `Prefer: respond-async`: the job was queued; the body has job_id, status_url "

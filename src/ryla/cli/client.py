@@ -374,7 +374,19 @@ def cmd_workflow(client: Client, args: argparse.Namespace) -> None:
 
 
 def cmd_health(client: Client, args: argparse.Namespace) -> None:
-    print(json.dumps(client.request("GET", "/health"), indent=2))
+    """The server's /health; with --wait, retried until it answers (a server still starting)."""
+    import time
+
+    deadline = time.monotonic() + (args.wait or 0)
+    while True:
+        try:
+            health = client.request("GET", "/health")
+            break
+        except CliError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+    print(json.dumps(health, indent=2))
 
 
 def add_flux_options(parser: argparse.ArgumentParser) -> None:
@@ -464,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     wf.set_defaults(handler=cmd_workflow)
 
     health = sub.add_parser("health", help="Show the server's health: model set, loaded models, queue.")
+    health.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="keep trying until the server answers, up to this long (for scripts that start "
+                             "one) [default: 0, ask once]")
     health.set_defaults(handler=cmd_health)
     accept_anywhere(parser, connection_options)
     return parser

@@ -110,6 +110,7 @@ def run_cli(action: Callable[[], None]) -> int:
     for what the user can fix."""
     try:
         action()
+        sys.stdout.flush()  # here, so a reader that left (`| head`) is handled below, not at exit
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

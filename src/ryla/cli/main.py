@@ -54,11 +54,13 @@ class GenerationProgress:
         self.steps = self.progress.add_task("loading", total=None)
 
     def __enter__(self):
-        self.progress.start()
+        if self.progress.console.is_terminal:  # elsewhere rich would leave blank lines in logs
+            self.progress.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.progress.stop()
+        if self.progress.live.is_started:
+            self.progress.stop()
 
     def on_progress(self, node_id: str, value: int, total: int) -> None:
         if value <= 1:  # a sampler starting: its own clock, so the time left is its own
@@ -92,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     written: list[tuple[Path, str]] = []
     with GenerationProgress(total_jobs=len(jobs)) as progress:
         for index, job in enumerate(jobs):
-            options = {**base, **{k: v for k, v in job.items() if k != "prompt"}}
+            options = {**base, **{k: v for k, v in job.items() if k not in ("prompt", "line")}}
             try:
                 result = ryla.generate(job["prompt"], on_progress=progress.on_progress, **options)
             except RylaError as exc:
@@ -178,14 +180,17 @@ def _prompt_jobs(args: argparse.Namespace) -> list[dict]:
                 raise CliError(f"line {number} of {args.prompts}: " + (f"unknown field {unknown[0]!r} (allowed: "
                                f"{', '.join(sorted(allowed))})" if unknown else "needs a \"prompt\" string"))
             if "loras" in job:
-                job["loras"] = [tuple(item) if isinstance(item, list) else item for item in job["loras"]]
+                loras = job["loras"] if isinstance(job["loras"], list) else [job["loras"]]
+                if not all(isinstance(item, str) or (isinstance(item, list) and len(item) == 2) for item in loras):
+                    raise CliError(f"line {number} of {args.prompts}: \"loras\" is a list of ids or [id, strength]")
+                job["loras"] = [tuple(item) if isinstance(item, list) else item for item in loras]
         else:
             job = {"prompt": text}
         job["line"] = number
         jobs.append(job)
     if not jobs:
         raise CliError(f"no prompts in {args.prompts}")
-    return [{k: v for k, v in job.items()} for job in jobs]
+    return jobs
 
 
 def contact_sheet(tiles: list[tuple[Path, str]], tile: int = 256, label: int = 24):
