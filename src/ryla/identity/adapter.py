@@ -11,10 +11,16 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# diffusers' own FluxControlNetModel.__init__ (models/controlnets/controlnet_flux.py) builds the
+# FluxPosEmbed that diffusers itself deprecated (models/embeddings.py): its FutureWarning
+# is about diffusers' code, not ryla's, and would print on every InfuseNet build.
+warnings.filterwarnings("ignore", message=r"`FluxPosEmbed` is deprecated", category=FutureWarning)
 
 # InfiniteYou-FLUX v1.0's Resampler.
 RESAMPLER = dict(embed_dims=512, output_dims=4096, hidden_dims=1280, depth=4, dim_head=64, heads=20,

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +35,11 @@ from safetensors.torch import save_file
 from ryla.models import formats
 from ryla.models.tensor_files import METADATA_KEY
 from ryla.models.store import CLIP_L, FLUX_CHECKPOINT, FLUX_TRANSFORMER, FLUX_VAE, T5XXL, ModelStore
+
+# diffusers' own FluxControlNetModel.__init__ (models/controlnets/controlnet_flux.py) builds the
+# FluxPosEmbed that diffusers itself deprecated (models/embeddings.py): its FutureWarning
+# is about diffusers' code, not ryla's, and would print on every InfuseNet build.
+warnings.filterwarnings("ignore", message=r"`FluxPosEmbed` is deprecated", category=FutureWarning)
 
 log = logging.getLogger(__name__)
 
