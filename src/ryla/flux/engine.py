@@ -101,10 +101,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 class FluxEngine:
     def __init__(self, store: ModelStore, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, prompt_cache_size: int = 64, speed: str = "eager"):
+                 dtype: torch.dtype | None = None, prompt_cache_size: int = 64, speed: str = "eager",
+                 context_parallel=None):
         check_speed_mode(speed)
         self.store = store
         self.speed = speed
+        # ryla.speed.context_parallel.ContextParallel: every rank of a group runs the same
+        # requests, each transformer call computed on this rank's share of the tokens
+        self.context_parallel = context_parallel
+        if context_parallel is not None and speed not in ("exact", "fast"):
+            raise ValueError(f"context parallel runs in the exact and fast speed modes, not {speed!r}: it needs "
+                             "ryla's attention processors (and turbo's first-block cache decides per rank)")
         self.speed_info: dict = {"speed": speed}  # the transformer's speed mode and the VAE's (/health)
         self._vae_speed_info: dict = {}
         self.device = torch.device(device) if device is not None else default_device()
@@ -142,6 +149,11 @@ class FluxEngine:
 
     def _optimized(self, transformer, compile: bool = True):
         self.speed_info = {**optimize_transformer(transformer, self.speed, compile=compile), **self._vae_speed_info}
+        if self.context_parallel is not None:
+            from ryla.speed.context_parallel import enable_context_parallel
+
+            enable_context_parallel(transformer, self.context_parallel)
+            self.speed_info["context_parallel"] = self.context_parallel.world
         return transformer
 
     def _optimized_vae(self, vae):

@@ -235,6 +235,8 @@ class FusedInputsFluxAttnProcessor:
     diffusers' processor."""
 
     _parallel_config = None
+    # ryla.speed.context_parallel: set on every rank of a context-parallel group
+    context_parallel = None
 
     def __init__(self):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
@@ -261,12 +263,18 @@ class FusedInputsFluxAttnProcessor:
             self._diffusers._parallel_config = self._parallel_config
             return self._diffusers(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         flash_attention_3 = self.flash_attention_3 and hidden_states.dtype in (torch.bfloat16, torch.float16)
+        parallel = self.context_parallel
         query, key, value = attention_inputs(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
-                                             self._kernel, value_in_place=flash_attention_3)
+                                             self._kernel, value_in_place=flash_attention_3 and parallel is None)
+        if parallel is not None:  # my tokens, all heads -> all tokens, my heads (and back after)
+            sizes = parallel.sizes_for(query.shape[1])
+            query, key, value = (parallel.to_heads(x, sizes) for x in (query, key, value))
         if flash_attention_3:
             out = torch.ops.ryla.flash_attention_3(query, key, value, attn.head_dim ** -0.5)
         else:
             out = _attend(query, key, value, self._cudnn)
+        if parallel is not None:
+            out = parallel.to_tokens(out, sizes)
         out = out.flatten(2, 3)
         if encoder_hidden_states is None:
             return out

@@ -199,6 +199,8 @@ class Fp8FluxAttnProcessor:
 
     _attention_backend = None
     _parallel_config = None
+    # ryla.speed.context_parallel: set on every rank of a context-parallel group
+    context_parallel = None
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
@@ -235,13 +237,24 @@ class Fp8FluxAttnProcessor:
         if image_rotary_emb is not None:
             query, key = rope_float(query, image_rotary_emb), rope_float(key, image_rotary_emb)
 
+        parallel = self.context_parallel
+        if parallel is not None:  # my tokens, all heads -> all tokens, my heads (and back after)
+            sizes = parallel.sizes_for(query.shape[1])
+            query, key, value = (parallel.to_heads(x, sizes) for x in (query, key, value))
         head_bound = math.sqrt(attn.head_dim) / FP8_MAX
         scale_q = (_norm_weight_bound(*q_norms).to(query.device) * head_bound).reshape(1, 1, 1, 1)
         scale_k = (_norm_weight_bound(*k_norms).to(key.device) * head_bound).reshape(1, 1, 1, 1)
-        scale_v = (value.abs().amax().float().clamp(min=1e-12) / FP8_MAX).reshape(1, 1, 1, 1)
+        amax_v = value.abs().amax().float()
+        if parallel is not None:
+            # one V scale for all heads, as on one GPU: each token's output row holds every
+            # rank's heads, and the output projection reads it with a single scale
+            amax_v = parallel.max(amax_v)
+        scale_v = (amax_v.clamp(min=1e-12) / FP8_MAX).reshape(1, 1, 1, 1)
         out = torch.ops.ryla.attention_fp8(
             to_fp8(query, scale_q), to_fp8(key, scale_k), to_fp8(value, scale_v),
             scale_q, scale_k, scale_v, torch.reciprocal(scale_v), 1.0 / math.sqrt(attn.head_dim))
+        if parallel is not None:
+            out = parallel.to_tokens(out, sizes)
         return out.flatten(2, 3), scale_v
 
 
