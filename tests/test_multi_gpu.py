@@ -108,3 +108,81 @@ def test_context_parallel_on_two_processes_matches_one(tiny_dir, tiny_store, spe
         # (the tiny model's noise images move little even when attention sees half the
         # tokens: rel. L2 0.002-0.004 then; the transformer check above is the sharp one)
         assert error <= (0.001 if speed == "exact" else 0.002), error
+
+
+def _png_array(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image).astype(np.float64)
+
+
+BODY = {"prompt": "a red fox", "width": 112, "height": 80, "steps": 3, "seed": 3, "output_format": "png"}
+
+
+def test_serve_context_parallel_over_http_matches_one_process_and_cancels_on_every_rank(server_env, tmp_path):
+    """`ryla serve --devices cpu,cpu --parallel context`: two gloo ranks behind one HTTP server
+    (35 image tokens: shares of 18 and 17). The image equals one exact-mode process's; a job
+    cancelled halfway stops on both ranks, and the next request still matches."""
+    import httpx
+
+    from conftest import Server
+
+    single = Server(server_env, "--speed", "exact", log_path=tmp_path / "single.log")
+    try:
+        expected = httpx.post(single.url + "/flux-dev", json=BODY, timeout=120).content
+    finally:
+        single.stop()
+    group = Server(server_env, "--devices", "cpu,cpu", "--parallel", "context", log_path=tmp_path / "context.log")
+    try:
+        health = httpx.get(group.url + "/health").json()
+        assert health["parallel"]["mode"] == "context" and health["speed"]["context_parallel"] == 2
+        response = httpx.post(group.url + "/flux-dev", json=BODY, timeout=120)
+        assert response.status_code == 200
+        assert relative_l2(_png_array(response.content), _png_array(expected)) <= 1e-3
+        job = httpx.post(group.url + "/flux-dev", json={**BODY, "width": 256, "height": 256, "steps": 100},
+                         headers={"Prefer": "respond-async"}).json()
+        import time
+
+        deadline = time.time() + 60
+        while httpx.get(group.url + f"/jobs/{job['job_id']}").json()["progress"] is None and time.time() < deadline:
+            time.sleep(0.2)
+        cancelled = httpx.delete(group.url + f"/jobs/{job['job_id']}", timeout=60).json()
+        assert cancelled["status"] == "interrupted" and cancelled["progress"]["value"] < 100
+        again = httpx.post(group.url + "/flux-dev", json=BODY, timeout=120)
+        assert again.status_code == 200 and again.content == response.content
+    finally:
+        group.stop()
+
+
+def test_serve_replicas_runs_requests_side_by_side(server_env, tmp_path):
+    """`--parallel replicas` with two CPU "devices": two engines, two workers; two long jobs
+    run at once, and each image equals the single server's."""
+    import time
+
+    import httpx
+
+    from conftest import Server
+
+    group = Server(server_env, "--devices", "cpu,cpu", "--parallel", "replicas", log_path=tmp_path / "replicas.log")
+    try:
+        health = httpx.get(group.url + "/health").json()
+        assert health["parallel"] == {"mode": "replicas", "devices": ["cpu", "cpu"]}
+        long = {**BODY, "width": 256, "height": 256, "steps": 60}
+        jobs = [httpx.post(group.url + "/flux-dev", json={**long, "seed": seed}, headers={"Prefer": "respond-async"})
+                .json()["job_id"] for seed in (1, 2)]
+        deadline, running = time.time() + 60, 0
+        while time.time() < deadline and running < 2:
+            running = len(httpx.get(group.url + "/queue").json()["queue_running"])
+            time.sleep(0.1)
+        assert running == 2, "both replicas work at once"
+        for job_id in jobs:
+            httpx.delete(group.url + f"/jobs/{job_id}", timeout=60)
+        first = httpx.post(group.url + "/flux-dev", json=BODY, timeout=120)
+        second = httpx.post(group.url + "/flux-dev", json=BODY, timeout=120)
+        assert first.status_code == second.status_code == 200
+        assert relative_l2(_png_array(first.content), _png_array(second.content)) <= 1e-3
+    finally:
+        group.stop()

@@ -71,17 +71,22 @@ class RunResult:
 
 
 class Runtime:
-    def __init__(self, store: ModelStore, engine: FluxEngine | None = None):
+    def __init__(self, store: ModelStore, engine: FluxEngine | None = None, replicas: list[FluxEngine] | None = None):
         self.store = store
-        self.engine = engine or FluxEngine(store)
+        self.engine = engine or (replicas[0] if replicas else FluxEngine(store))
+        # One engine per GPU (`ryla serve --parallel replicas`): each request runs whole on one;
+        # the store, the LoRA store and the compile cache are shared.
+        self.engines = list(replicas) if replicas else [self.engine]
         self.registry = default_registry()
         self.executor = Executor(self.registry)
         self.loras = LoraStore(store.folder("loras"), self.engine.lora_target_shapes, model=describe_model(store))
 
     @classmethod
-    def open(cls, models_dir: Path | str | None = None, speed: str = "auto", **engine_options) -> Runtime:
+    def open(cls, models_dir: Path | str | None = None, speed: str = "auto", devices: list[str] | None = None,
+             **engine_options) -> Runtime:
         """The runtime for a models folder. speed "auto" is "exact" on a GPU, "eager" on a CPU;
-        compiled kernels are cached beside the models (RYLA_COMPILE_CACHE overrides)."""
+        compiled kernels are cached beside the models (RYLA_COMPILE_CACHE overrides). With
+        several `devices`, one engine on each (replicas)."""
         import torch
 
         from ryla.speed.modes import configure_compile_cache
@@ -95,7 +100,17 @@ class Runtime:
             speed = "exact" if torch.cuda.is_available() else "eager"
         if speed != "eager":
             configure_compile_cache(os.environ.get("RYLA_COMPILE_CACHE") or store.root / ".compile-cache")
+        if devices and len(devices) > 1:
+            return cls(store, replicas=[FluxEngine(store, device=device, speed=speed, **engine_options)
+                                        for device in devices])
+        if devices:
+            engine_options["device"] = devices[0]
         return cls(store, FluxEngine(store, speed=speed, **engine_options))
+
+    def describe_parallel(self) -> dict:
+        """How this runtime spreads work over devices (/health)."""
+        devices = [str(engine.device) for engine in self.engines]
+        return {"mode": "replicas" if len(devices) > 1 else "single", "devices": devices}
 
     def context(self, **kwargs) -> RunContext:
         return RunContext(engine=self.engine, **kwargs)

@@ -36,7 +36,8 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
             # Load the default model (and, in a compiled speed mode, compile it for 1024x1024)
             # before serving, so the first request does not pay for it and /health means
             # ready. A broken file stops the server here, not at a request.
-            await asyncio.to_thread(runtime.engine.preload, default_checkpoint)
+            for engine in runtime.engines:  # one after another: compiling is not thread-safe
+                await asyncio.to_thread(engine.preload, default_checkpoint)
         service.folders.prune_outputs()
         if service.safety.mode != "off":
             # The checker the server promised: loaded now, so a missing package stops the start.

@@ -151,5 +151,7 @@ class HealthResponse(BaseModel):
     device: str
     speed: dict[str, Any]
     safety: dict[str, Any] = Field(description="the NSFW check: mode (off, flag, block) and checker")
+    parallel: dict[str, Any] = Field(description="how the server uses its devices: mode (single, replicas, context) "
+                                                 "and devices")
     face_analysis: str = Field(description="antelopev2, or yunet+sface (bundled; no identity conditioning with "
                                            "real FLUX weights)")

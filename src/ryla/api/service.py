@@ -119,7 +119,8 @@ class Service:
 
     def __init__(self, runtime: Runtime, settings: ServerSettings, metrics: Metrics):
         self.runtime, self.settings, self.metrics = runtime, settings, metrics
-        self.queue = WorkQueue(max_waiting=settings.max_queue)
+        # one worker per engine: `--parallel replicas` gives the runtime one engine per GPU
+        self.queue = WorkQueue(max_waiting=settings.max_queue, workers=len(runtime.engines))
         self.jobs = JobStore(settings.max_history)
         self.folders = DataFolders(settings.data_dir or default_data_dir(), settings.max_output_bytes,
                                    settings.max_output_age_s)
@@ -163,8 +164,9 @@ class Service:
             except RuntimeError:  # the loop is closed: the server is stopping
                 pass
 
-        def work(cancel: threading.Event) -> RunResult:
+        def work(cancel: threading.Event, worker: int) -> RunResult:
             context.cancel = cancel
+            context.engine = self.runtime.engines[worker]
             context.on_executing = lambda node_id: report(self._on_executing, node_id)
             context.on_progress = lambda node_id, value, total: report(self._on_progress, node_id, value, total)
             return self.runtime.execute(validated, context)

@@ -1,7 +1,9 @@
-"""The GPU work queue: one generation at a time, a bounded line in priority order, cancellation.
+"""The GPU work queue: one generation at a time per worker, a bounded line in priority order,
+cancellation.
 
-The engine runs on one worker thread, so the event loop keeps answering /health, /metrics
-and queue-full 429s while a generation runs. A job whose client has gone away, or whose
+Each engine runs on its own worker thread (one per GPU with `--parallel replicas`, else one),
+so the event loop keeps answering /health, /metrics and queue-full 429s while generations
+run; a job goes to whichever worker is free first, and its function is told which. A job whose client has gone away, or whose
 time limit passed, is cancelled: skipped if still waiting, stopped at the next sampling step
 if running.
 """
@@ -29,9 +31,9 @@ class QueueFull(Exception):
         super().__init__("the generation queue is full")
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (the running set)
 class Job:
-    fn: Callable[[threading.Event], Any]
+    fn: Callable[[threading.Event, int], Any]  # (cancel, worker index)
     context: contextvars.Context
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
@@ -40,6 +42,7 @@ class Job:
     priority: float = 0.0  # lower runs first (ComfyUI's queue number); ties in arrival order
     state: str = "waiting"  # waiting -> running -> done, or waiting -> removed
     on_start: Callable[[], None] | None = None  # called on the worker thread as the job starts
+    worker: int | None = None  # the worker that runs it
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     finished_at: float | None = None
@@ -56,24 +59,27 @@ class Job:
 
 
 class WorkQueue:
-    def __init__(self, max_waiting: int = 8):
+    def __init__(self, max_waiting: int = 8, workers: int = 1):
         self.max_waiting = max_waiting
         self._queue: queue.PriorityQueue[tuple[float, int, Job | None]] = queue.PriorityQueue()
         self._arrivals = itertools.count()
         self._waiting = 0
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._lock = threading.Lock()
         self._recent_seconds: list[float] = []
-        self._thread = threading.Thread(target=self._work, name="ryla-gpu-worker", daemon=True)
-        self._thread.start()
+        self.workers = workers
+        self._threads = [threading.Thread(target=self._work, args=(index,), name=f"ryla-gpu-worker-{index}",
+                                          daemon=True) for index in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
         """Jobs waiting plus the one running."""
         with self._lock:
-            return self._waiting + (1 if self._running is not None else 0)
+            return self._waiting + len(self._running)
 
-    def submit(self, fn: Callable[[threading.Event], Any], request_id: str = "-", priority: float = 0.0,
+    def submit(self, fn: Callable[[threading.Event, int], Any], request_id: str = "-", priority: float = 0.0,
                on_start: Callable[[], None] | None = None) -> Job:
         loop = asyncio.get_running_loop()
         # The caller's context travels with the job, so logs from the worker keep the request id.
@@ -105,19 +111,23 @@ class WorkQueue:
             return self._retry_after_locked()
 
     def _retry_after_locked(self) -> int:
-        """Seconds a client should wait: the line's length times a typical recent job."""
+        """Seconds a client should wait: the line's length times a typical recent job, shared
+        among the workers."""
         typical = sorted(self._recent_seconds)[len(self._recent_seconds) // 2] if self._recent_seconds else 5.0
-        return max(1, round(typical * (self._waiting + 1)))
+        return max(1, round(typical * (self._waiting + 1) / self.workers))
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop after cancelling the running job; waiting jobs are cancelled unstarted."""
         with self._lock:
-            if self._running is not None:
-                self._running.cancel.set()
-        self._queue.put((math.inf, next(self._arrivals), None))
-        self._thread.join(timeout)
+            for job in self._running:
+                job.cancel.set()
+        for _ in self._threads:
+            self._queue.put((math.inf, next(self._arrivals), None))
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _work(self) -> None:
+    def _work(self, worker: int) -> None:
         while True:
             _, _, job = self._queue.get()
             if job is None:
@@ -133,12 +143,13 @@ class WorkQueue:
                     self._resolve(job, exception=asyncio.CancelledError())
                     continue
                 job.state = "running"
-                self._running = job
+                job.worker = worker
+                self._running.add(job)
             job.started_at = time.perf_counter()
             if job.on_start is not None:
                 job.on_start()
             try:
-                result = job.context.run(job.fn, job.cancel)
+                result = job.context.run(job.fn, job.cancel, worker)
             except BaseException as exc:  # handed to the request's coroutine, which decides
                 job.finished_at = time.perf_counter()
                 self._finish(job, exception=exc)
@@ -158,7 +169,7 @@ class WorkQueue:
 
     def _finish(self, job: Job, result: Any = None, exception: BaseException | None = None) -> None:
         with self._lock:
-            self._running = None
+            self._running.discard(job)
             job.state = "done"
             if exception is None:
                 self._recent_seconds = (self._recent_seconds + [job.run_seconds])[-20:]

@@ -324,7 +324,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                        "GPU. Set RYLA_API_KEY, or pass --no-auth if a proxy in front does the checking")
     listener = _bind(args.host, args.port)  # held while the models load: a second server fails at once
     logging.getLogger("ryla").setLevel(logging.INFO)  # a server logs its requests
-    runtime = _open_runtime(args)
+    runtime, group = _serving_runtime(args, settings)
     shown_host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     url = f"http://{shown_host}:{args.port}"
     log.info("loading the %s model set from %s (auth %s)", "TINY" if runtime.store.tiny else "real",
@@ -341,7 +341,47 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(create_app(runtime, settings), host=args.host, port=args.port, log_config=None,
                             timeout_graceful_shutdown=5, limit_concurrency=args.max_connections,
                             timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
-    AnnouncingServer(config).run(sockets=[listener])
+    try:
+        AnnouncingServer(config).run(sockets=[listener])
+    finally:
+        if group is not None:  # context parallel: the other ranks stop with rank 0
+            runtime.stop_followers()
+            group.join(timeout=30)
+
+
+def _serving_runtime(args: argparse.Namespace, settings):
+    """The runtime `ryla serve` runs: one engine; one per device (--parallel replicas); or rank
+    0 of a context-parallel group, whose other ranks this starts (--parallel context)."""
+    from ryla import multi_gpu
+
+    try:
+        devices = (args.devices.split(",") if args.devices else multi_gpu.gpu_devices(args.gpus) if args.gpus
+                   else None)
+    except ValueError as exc:
+        raise CliError(str(exc))
+    if devices is None or len(devices) == 1:
+        if args.parallel is not None and devices is None:
+            raise CliError("--parallel needs --gpus N (or --devices)")
+        return _open_runtime(args, devices=devices), None
+    if args.parallel == "replicas":
+        log.info("replicas: one engine on each of %s", ", ".join(devices))
+        return _open_runtime(args, devices=devices), None
+    if args.parallel != "context":
+        raise CliError("several devices need --parallel context (each image on all of them) or replicas "
+                       "(one image per device)")
+    backend = "gloo" if all(device.startswith("cpu") for device in devices) else "nccl"
+    import socket
+
+    with socket.socket() as probe:  # the group's rendezvous port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    speed = "exact" if args.speed == "auto" else args.speed  # context parallel needs ryla's processors
+    log.info("context parallel over %d %s processes (%s)", len(devices), backend, speed)
+    try:
+        return multi_gpu.start_context_group(len(devices), args.models_dir, speed, port=port, backend=backend,
+                                             preload=settings.preload, verbose=args.verbose)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CliError(str(exc))
 
 
 def _bind(host: str, port: int):
@@ -529,11 +569,11 @@ def cmd_eval_identity(args: argparse.Namespace) -> None:
           f"(mean score {summary['mean_score']}; {analyzer.recognizer} cosine, {analyzer.name})")
 
 
-def _open_runtime(args):
+def _open_runtime(args, devices: list[str] | None = None):
     from ryla.runtime import Runtime
 
     try:
-        return Runtime.open(args.models_dir, speed=args.speed)
+        return Runtime.open(args.models_dir, speed=args.speed, devices=devices)
     except FileNotFoundError as exc:
         raise CliError(str(exc))
 
@@ -650,6 +690,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "for Hopper GPUs), turbo (+first-block cache); auto = exact on a GPU, eager on a CPU. "
                             "Compiled modes compile for 1024x1024 before the server answers /health (kernels "
                             "cached on disk: seconds after the first start) [default: auto, env RYLA_SPEED]")
+    serve.add_argument("--gpus", type=int, default=None, metavar="N",
+                       help="use the first N GPUs, with --parallel [default: one GPU]")
+    serve.add_argument("--devices", default=None, metavar="LIST",
+                       help="the devices by name instead of --gpus, e.g. cuda:2,cuda:3 (cpu,cpu runs two "
+                            "CPU ranks: for trying it out)")
+    serve.add_argument("--parallel", choices=("context", "replicas"), default=None,
+                       help="with several GPUs: context computes each image on all of them (lower latency; "
+                            "exact and fast modes), replicas runs one image per GPU (more images per second)")
     serve.add_argument("--max-body-mb", type=float, default=None, help="largest request body [default: 32]")
     serve.add_argument("--data-dir", default=None,
                        help="folder for input/ (uploads), output/ (saved images) and temp/ "

@@ -30,7 +30,7 @@ async def health(request: Request, service: Service = Depends(get_service)) -> d
             "models_dir": str(runtime.store.root) if trusted else None, "loaded_models": loaded,
             "queue_depth": service.queue.depth, "device": str(runtime.engine.device),
             "speed": runtime.engine.speed_info, "face_analysis": backend_name(runtime.store),
-            "safety": service.safety.describe()}
+            "safety": service.safety.describe(), "parallel": runtime.describe_parallel()}
 
 
 def _without_path(name: str) -> str:
