@@ -9,7 +9,10 @@ ComfyUI API-format workflows.
     modal deploy comfyui_ryla.py                       # the API, at the URL Modal prints
 
 Settings, read when you deploy and carried into the containers (see docs/deploy-modal.md):
-    RYLA_GPU             GPU type, or a list to fall back along: "H100,A100-80GB" (default H100)
+    RYLA_GPU             GPU type, or a list to fall back along: "H100,A100-80GB" (default H100);
+                         several GPUs per container as Modal writes it: "H100:2"
+    RYLA_PARALLEL        with several GPUs: context (each image on all of them) or replicas (one
+                         image per GPU; default)
     RYLA_SPEED           exact | fast | turbo | eager (default exact; fast and turbo need Hopper GPUs)
     RYLA_MAX_CONTAINERS  most containers at once (default 4)
     RYLA_SCALEDOWN       seconds an idle container stays (default 300)
@@ -48,9 +51,28 @@ def check_speed_for_gpus(speed: str, gpus: str | list[str]) -> None:
         raise ValueError(f"RYLA_SPEED={speed} needs Hopper GPUs (H100, H200); RYLA_GPU lists {', '.join(listed)}")
 
 
+def gpu_count(gpus: str | list[str]) -> int:
+    """GPUs per container: "H100:2" -> 2 (every fallback in a list must ask for the same count)."""
+    listed = [gpus] if isinstance(gpus, str) else gpus
+    counts = {int(gpu.split(":")[1]) if ":" in gpu else 1 for gpu in listed}
+    if len(counts) != 1:
+        raise ValueError(f"RYLA_GPU lists different GPU counts: {', '.join(listed)}")
+    return counts.pop()
+
+
+def check_parallel(parallel: str, speed: str) -> str:
+    if parallel not in ("context", "replicas"):
+        raise ValueError(f"RYLA_PARALLEL={parallel}: choose context or replicas")
+    if parallel == "context" and speed not in ("exact", "fast"):
+        raise ValueError(f"RYLA_PARALLEL=context runs in the exact and fast speed modes, not RYLA_SPEED={speed}")
+    return parallel
+
+
 GPU = parse_gpus(os.environ.get("RYLA_GPU", "H100"))
 SPEED = os.environ.get("RYLA_SPEED", "exact")
 check_speed_for_gpus(SPEED, GPU)
+GPUS_PER_CONTAINER = gpu_count(GPU)
+PARALLEL = check_parallel(os.environ.get("RYLA_PARALLEL", "replicas"), SPEED)
 MAX_INPUTS = 5  # concurrent requests per container; they queue for the GPU inside it
 SCALEDOWN_WINDOW = int(os.environ.get("RYLA_SCALEDOWN", 5 * MINUTES))  # idle seconds before a container stops
 MAX_CONTAINERS = int(os.environ.get("RYLA_MAX_CONTAINERS", 4))
@@ -62,7 +84,7 @@ SERVER_SETTINGS = ("RYLA_MAX_QUEUE", "RYLA_REQUEST_TIMEOUT", "RYLA_MAX_BODY_BYTE
                    "RYLA_MAX_IMAGE_PIXELS", "RYLA_MAX_PIXELS", "RYLA_MAX_STEPS", "RYLA_MAX_SCHEDULE",
                    "RYLA_MAX_NODES", "RYLA_MAX_OUTPUT_BYTES", "RYLA_MAX_OUTPUT_AGE", "RYLA_ALLOW_PRIVATE_WEBHOOKS",
                    "RYLA_COMPILE_MODE", "RYLA_GPU", "RYLA_PROXY_AUTH", "RYLA_MAX_CONTAINERS", "RYLA_SCALEDOWN",
-                   "RYLA_API_KEY_SECRET", "RYLA_SAFETY", "RYLA_SAFETY_CHECKER", "RYLA_SAFETY_MODEL")
+                   "RYLA_API_KEY_SECRET", "RYLA_SAFETY", "RYLA_SAFETY_CHECKER", "RYLA_SAFETY_MODEL", "RYLA_PARALLEL")
 CONTAINER_ENV = {"RYLA_SPEED": SPEED, "RYLA_ALLOW_TINY": os.environ.get("RYLA_ALLOW_TINY", "0"),
                  **{name: os.environ[name] for name in SERVER_SETTINGS if os.environ.get(name)}}
 
@@ -148,7 +170,19 @@ class Ryla:
         from ryla.models.loras import VolumeSync
 
         models_volume.reload()  # see files added since this container's snapshot
-        self.runtime = Runtime.open(MODELS_DIR, speed=SPEED)
+        if GPUS_PER_CONTAINER > 1 and PARALLEL == "context":
+            # a process per GPU (ryla.multi_gpu); this one is rank 0 and serves the API
+            import socket
+
+            from ryla.multi_gpu import start_context_group
+
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            self.runtime, self.group = start_context_group(GPUS_PER_CONTAINER, MODELS_DIR, SPEED, port=port)
+        else:
+            devices = [f"cuda:{index}" for index in range(GPUS_PER_CONTAINER)] if GPUS_PER_CONTAINER > 1 else None
+            self.runtime = Runtime.open(MODELS_DIR, speed=SPEED, devices=devices)
         if self.runtime.store.tiny and os.environ.get("RYLA_ALLOW_TINY") != "1":
             raise RuntimeError(
                 "the ryla-models Volume has no FLUX weights: run `modal run comfyui_ryla.py::download --preset "

@@ -92,6 +92,15 @@ def test_settings_reach_the_container_and_safe_defaults_hold(monkeypatch):
     assert module.parse_gpus("A100-80GB") == "A100-80GB"
     with pytest.raises(ValueError, match="Hopper"):
         declare(monkeypatch, RYLA_SPEED="turbo", RYLA_GPU="H100,A100-80GB")
+    # several GPUs per container: Modal's "H100:2", replicas unless RYLA_PARALLEL says context
+    module, declared = declare(monkeypatch, RYLA_GPU="H100:2", RYLA_PARALLEL="context")
+    assert declared["cls"]["gpu"] == "H100:2" and module.GPUS_PER_CONTAINER == 2 and module.PARALLEL == "context"
+    assert declared["cls"]["env"]["RYLA_PARALLEL"] == "context"
+    for settings, message in (({"RYLA_GPU": "H100:2,H200:4"}, "different GPU counts"),
+                              ({"RYLA_PARALLEL": "pipeline"}, "choose context or replicas"),
+                              ({"RYLA_PARALLEL": "context", "RYLA_SPEED": "turbo"}, "exact and fast")):
+        with pytest.raises(ValueError, match=message):
+            declare(monkeypatch, **settings)
     sys.modules.pop("comfyui_ryla", None)
 
 
