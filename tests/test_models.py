@@ -273,3 +273,71 @@ def test_preload_warms_the_text_encoders_and_the_vae_in_compiled_modes(tiny_stor
     _, text_encoder, _ = compiled.load_checkpoint("flux1-dev-fp8.safetensors")
     compiled.encode(text_encoder, "")
     assert compiled.stats.prompt_cache_hits == 1
+
+
+def test_comfyuis_scaled_fp8_files_load_and_match_their_bf16_weights(runtime, tiny_store):
+    """Comfy-Org's scaled fp8 layout (the `scaled_fp8` marker, float8 weights with float32
+    `scale_weight`), for the transformer (UNETLoader) and T5 (DualCLIPLoader): the same image
+    as the bf16/fp16 files of the same weights, within fp8's rounding, and not identical (the
+    scaled files were the ones used)."""
+    import copy
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from ryla.models import formats
+    from ryla.models.tensor_files import read_tensors
+    from ryla.models.tiny import SCALED_T5XXL, SCALED_TRANSFORMER
+
+    tensors, _ = read_tensors(tiny_store.resolve("diffusion_models", SCALED_TRANSFORMER))
+    assert formats.SCALED_FP8_MARKER in tensors and tensors["img_in.weight"].dtype == torch.float8_e4m3fn
+    assert tensors["img_in.scale_weight"].dtype == torch.float32
+    graph = json.loads((Path(__file__).parent / "workflows" / "clip_text_encode_flux.json").read_text())
+    scaled = copy.deepcopy(graph)
+    scaled["10"]["inputs"]["unet_name"] = SCALED_TRANSFORMER
+    scaled["11"]["inputs"]["clip_name1"] = SCALED_T5XXL
+    reference = np.concatenate([np.asarray(i, dtype=np.float64) for i in runtime.run(graph).images])
+    result = np.concatenate([np.asarray(i, dtype=np.float64) for i in runtime.run(scaled).images])
+    error = np.linalg.norm(result - reference) / np.linalg.norm(reference)
+    assert 0 < error <= 0.05, error
+
+
+@pytest.mark.parametrize("keys,named", [
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+      "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (10, 768)},
+     "Stable Diffusion 1.x checkpoint"),
+    ({"conditioner.embedders.1.model.ln_final.weight": (1280,), "model.diffusion_model.input_blocks.0.0.weight":
+      (320, 4, 3, 3)}, "Stable Diffusion XL checkpoint"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4)}, "Stable Diffusion 3 checkpoint"),
+])
+def test_a_checkpoint_of_another_family_is_named_on_the_cli_and_over_http(keys, named, cli_env, server, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    import httpx
+    from safetensors.torch import save_file
+
+    from ryla.workflows import FLUX_DEV
+
+    tensors = {key: torch.zeros(shape) for key, shape in keys.items()}
+    # the CLI, on a copy of the tiny store holding the file
+    store = tmp_path / "store"
+    shutil.copytree(cli_env["RYLA_TINY_MODELS_DIR"], store)
+    save_file(tensors, str(store / "checkpoints" / "other.safetensors"))
+    result = subprocess.run([sys.executable, "-m", "ryla.cli.main", "generate", "--prompt", "x", "--width", "64",
+                             "--height", "64", "--steps", "1", "--checkpoint", "other.safetensors"],
+                            env={**cli_env, "RYLA_MODELS_DIR": str(store)}, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
+    # over HTTP: the server's store is the session's tiny set; the file goes in for this test
+    health = httpx.get(server.url + "/health").json()
+    target = Path(health["models_dir"]) / "checkpoints" / f"other-{abs(hash(named))}.safetensors"
+    save_file(tensors, str(target))
+    try:
+        graph = FLUX_DEV.fill(prompt="x", width=64, height=64, steps=1, seed=1, checkpoint=target.name)
+        response = httpx.post(server.url + "/workflow", json=graph, timeout=120)
+        assert 400 <= response.status_code < 500 and named in response.text, response.text
+    finally:
+        target.unlink()

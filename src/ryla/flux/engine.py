@@ -169,6 +169,15 @@ class FluxEngine:
         path = self.store.resolve("checkpoints", name)
         with self._checkpoint_lock:
             missing = [part for part in CHECKPOINT_PARTS if _part_key(part, path) not in self._models]
+            if missing and path.suffix in (".safetensors", ".sft"):
+                # Another family's checkpoint (SD 1.x, SDXL, SD3) is named from its header
+                # before anything is read
+                names = tensor_files.tensor_names(path)
+                prefix = formats.CHECKPOINT_PREFIXES["transformer"]
+                if not any(key.startswith(prefix + "img_in.") for key in names):
+                    other = formats.describe_other_model(names)
+                    if other is not None:
+                        raise tensor_files.ModelFormatError(f"{name} is not a FLUX checkpoint: it looks like {other}")
             with self._prefetched_parts(path, missing) as prefetched:
                 transformer, clip, t5, vae = (self._checkpoint_part(name, path, part, prefetched)
                                               for part in CHECKPOINT_PARTS)

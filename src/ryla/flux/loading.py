@@ -81,8 +81,11 @@ def build_transformer(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: 
     imported = time.perf_counter()
     config = component_config("transformer", ryla_meta)
     try:
-        converted = formats.flux_transformer_from_bfl(tensors)
+        converted = formats.flux_transformer_from_bfl(formats.dequantize_scaled_fp8(tensors, dtype))
     except KeyError as exc:
+        other = formats.describe_other_model(tensors)
+        if other is not None:
+            raise ModelFormatError(f"{what} is not a FLUX transformer: it looks like {other}") from exc
         raise ModelFormatError(f"{what} is not a FLUX transformer: {exc}") from exc
     model = _assign(_empty(lambda: FluxTransformer2DModel.from_config(_public(config))), converted, what, dtype, device)
     log.info("built %s in %.2fs (of which importing diffusers' model %.2fs)", what, time.perf_counter() - start,
@@ -106,7 +109,7 @@ def build_clip(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.d
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(**_public(component_config("clip_l", ryla_meta)))
-    tensors = {k: v for k, v in tensors.items() if k not in _IGNORED_TEXT_KEYS}
+    tensors = {k: v for k, v in formats.dequantize_scaled_fp8(tensors, dtype).items() if k not in _IGNORED_TEXT_KEYS}
     model = _empty(lambda: CLIPTextModel(config))
     if not any(k.startswith("text_model.") for k in model.state_dict()):
         # Published files say `text_model.encoder...`; transformers 5 names it `encoder...`.
@@ -120,7 +123,7 @@ def build_t5(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dty
 
     config = T5Config(**_public(component_config("t5xxl", ryla_meta)))
     model = _empty(lambda: T5EncoderModel(config))
-    tensors = dict(tensors)
+    tensors = dict(formats.dequantize_scaled_fp8(tensors, dtype))
     expected = model.state_dict()
     # The encoder's token embedding is tied to `shared`; files store only one of the two.
     if "encoder.embed_tokens.weight" in expected and "encoder.embed_tokens.weight" not in tensors:

@@ -26,6 +26,7 @@ from typing import Any
 
 from ryla.flux.engine import Cancelled
 from ryla.graph.registry import InputSpec, Node, NodeRegistry
+from ryla.models.tensor_files import ModelFormatError
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,12 @@ class Executor:
                         f"{str(exc).splitlines()[0]}", details={"node_id": node_id,
                                                                  "inputs": context.input_sources})) from exc
                 raise ExecutionError(node_id, cls.class_type, exc) from exc
+            except ModelFormatError as exc:
+                # A file in the store that is not what the loader loads (another model family,
+                # truncated, not safetensors): the client chose it, so a 422 naming it.
+                raise ExecutionError(node_id, cls.class_type, NodeUserError(
+                    "invalid_model_file", f"node {node_id} ({cls.class_type}): {exc}",
+                    details={"node_id": node_id})) from exc
             except Exception as exc:
                 raise ExecutionError(node_id, cls.class_type, exc) from exc
             context.node_seconds[node_id] = time.perf_counter() - start

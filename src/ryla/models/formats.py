@@ -216,3 +216,65 @@ def vae_to_ldm(state_dict: dict[str, torch.Tensor], num_blocks: int) -> dict[str
                 tensor = tensor[:, :, None, None]
         out[new] = tensor
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# ComfyUI's scaled fp8 files, and what a file that is not FLUX is
+# --------------------------------------------------------------------------------------------
+
+# ComfyUI's "scaled fp8" layout (Comfy-Org's t5xxl_fp8_e4m3fn_scaled.safetensors, scaled
+# diffusion models): a `scaled_fp8` marker tensor, each quantised Linear's weight in float8
+# beside a float32 `<layer>.scale_weight` (and, for fp8 matmuls, `<layer>.scale_input`). The
+# weight is the stored value times its scale, as comfy/quant_ops.py dequantises it
+# (weight.to(dtype) * scale_weight); scale_input only matters to fp8 matmul kernels.
+SCALED_FP8_MARKER = "scaled_fp8"
+
+
+def is_scaled_fp8(state_dict: dict[str, torch.Tensor]) -> bool:
+    return any(k == SCALED_FP8_MARKER or k.endswith("." + SCALED_FP8_MARKER) or k.endswith(".scale_weight")
+               for k in state_dict)
+
+
+def dequantize_scaled_fp8(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A scaled-fp8 state dict as plain weights in `dtype` (tensor by tensor, so the peak is
+    one layer in float32); other state dicts unchanged."""
+    if not is_scaled_fp8(state_dict):
+        return state_dict
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key == SCALED_FP8_MARKER or key.endswith(("." + SCALED_FP8_MARKER, ".scale_weight", ".scale_input")):
+            continue
+        scale = state_dict.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
+        if scale is not None:
+            if scale.numel() != 1 and scale.shape[0] != tensor.shape[0]:
+                raise KeyError(f"{key}: scale_weight of shape {tuple(scale.shape)} fits no per-tensor or per-row "
+                               "scaling")
+            scale = scale.float().reshape(-1, *([1] * (tensor.ndim - 1))) if scale.numel() != 1 else scale.float()
+            tensor = (tensor.float() * scale).to(dtype)
+        out[key] = tensor
+    return out
+
+
+# Key patterns of other model families' checkpoints, to name what a refused file is.
+_OTHER_FAMILIES = (
+    ("conditioner.embedders.1", "a Stable Diffusion XL checkpoint"),
+    ("joint_blocks.0.", "a Stable Diffusion 3 checkpoint"),
+    ("cond_stage_model.transformer.text_model", "a Stable Diffusion 1.x checkpoint"),
+    ("cond_stage_model.model.transformer", "a Stable Diffusion 2.x checkpoint"),
+    ("input_blocks.0.0.weight", "a Stable Diffusion (UNet) model"),
+    ("transformer_blocks.0.attn.to_q.weight", "a diffusers-format transformer (use the BFL/ComfyUI single file)"),
+    ("lora_A", "a LoRA (it goes in loras/ and is applied with LoraLoader)"),
+    ("lora_down", "a LoRA (it goes in loras/ and is applied with LoraLoader)"),
+    ("encoder.block.0.layer.0.SelfAttention", "a T5 text encoder (it goes in text_encoders/)"),
+    ("text_model.encoder.layers.0", "a CLIP text encoder (it goes in text_encoders/)"),
+    ("encoder.down.0.block.0", "a VAE (it goes in vae/)"),
+)
+
+
+def describe_other_model(keys) -> str | None:
+    """What a state dict that is not a FLUX transformer looks like, or None when unknown."""
+    keys = list(keys)
+    for pattern, description in _OTHER_FAMILIES:
+        if any(pattern in key for key in keys):
+            return description
+    return None

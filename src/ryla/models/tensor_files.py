@@ -36,6 +36,17 @@ CHUNK_BYTES = 128 << 20
 READ_AHEAD = 4
 
 
+def tensor_names(path: Path) -> list[str]:
+    """The names of a safetensors file's tensors, from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ModelFormatError(f"{Path(path).name} is not a readable safetensors file: {exc}") from exc
+
+
 def read_tensors(path: Path, prefix: str = "", device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors whose key starts with `prefix` (prefix removed), and the parsed ryla metadata.
     On a CPU the file is memory-mapped (safetensors, no copy); on a GPU it is streamed."""

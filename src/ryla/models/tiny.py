@@ -43,7 +43,7 @@ warnings.filterwarnings("ignore", message=r"`FluxPosEmbed` is deprecated", categ
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "2"  # bump when the tiny architecture changes, so stale sets are rewritten
+TINY_VERSION = "3"  # bump when the tiny architecture changes, so stale sets are rewritten
 
 TINY_TRANSFORMER = {
     "_class_name": "FluxTransformer2DModel",
@@ -143,6 +143,10 @@ def make_tiny_models(root: Path | str) -> ModelStore:
     _save(store.folder("text_encoders") / CLIP_L, _half(clip), meta("clip_l"))
     _save(store.folder("text_encoders") / T5XXL, _half(t5), meta("t5xxl"))
     _save(store.folder("vae") / FLUX_VAE, {k: v.to(torch.bfloat16) for k, v in vae.items()}, meta("vae"))
+    # ComfyUI's scaled fp8 layout (what Comfy-Org's current templates download): the same
+    # weights, each weight matrix in float8 with a float32 scale_weight, and the marker
+    _save(store.folder("diffusion_models") / SCALED_TRANSFORMER, scaled_fp8(bf16), meta("transformer"))
+    _save(store.folder("text_encoders") / SCALED_T5XXL, scaled_fp8(_half(t5)), meta("t5xxl"))
 
     # All-in-one, as ComfyUI's flux1-dev-fp8: the transformer's weight matrices in fp8,
     # its norms and biases (which real fp8 exports also keep wider) in bf16.
@@ -159,6 +163,27 @@ def make_tiny_models(root: Path | str) -> ModelStore:
     (store.root / "TINY_MODELS").write_text(TINY_VERSION + "\n")
     log.info("wrote the tiny FLUX.1-dev model set to %s", store.root)
     return store
+
+
+# Comfy-Org's file names for these layouts
+SCALED_TRANSFORMER = "flux1-dev-fp8-e4m3fn-scaled.safetensors"
+SCALED_T5XXL = "t5xxl_fp8_e4m3fn_scaled.safetensors"
+
+
+def scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict in ComfyUI's scaled fp8 layout: every 2-D `.weight` as float8_e4m3fn
+    divided by a per-tensor scale (absolute maximum / 448, e4m3's largest value) stored beside
+    it as `.scale_weight` in float32; other tensors as they are; the `scaled_fp8` marker (an
+    empty float8 tensor, as ComfyUI's exports carry it)."""
+    out: dict[str, torch.Tensor] = {formats.SCALED_FP8_MARKER: torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, value in sd.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            scale = value.float().abs().amax().clamp(min=1e-12) / 448.0
+            out[key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            out[key] = value
+    return out
 
 
 def _half(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
