@@ -28,8 +28,10 @@ def test_make_tiny_is_deterministic(tiny_dir, tmp_path):
 def test_tiny_files_use_the_real_names_layouts_and_dtypes(tiny_store):
     inventory = tiny_store.inventory()
     assert inventory["checkpoints"] == ["flux1-dev-fp8.safetensors"]
-    assert inventory["diffusion_models"] == ["flux1-dev.safetensors"]
-    assert inventory["text_encoders"] == ["clip_l.safetensors", "t5xxl_fp16.safetensors"]
+    assert inventory["diffusion_models"] == ["flux1-dev-fp8-e4m3fn-scaled.safetensors", "flux1-dev.safetensors",
+                                             "flux1-schnell.safetensors"]
+    assert inventory["text_encoders"] == ["clip_l.safetensors", "t5xxl_fp16.safetensors",
+                                          "t5xxl_fp8_e4m3fn_scaled.safetensors"]
     assert inventory["vae"] == ["ae.safetensors"]
     with safe_open(str(tiny_store.resolve("checkpoints", "flux1-dev-fp8.safetensors")), "pt") as f:
         keys = set(f.keys())
@@ -341,3 +343,33 @@ def test_a_checkpoint_of_another_family_is_named_on_the_cli_and_over_http(keys, 
         assert 400 <= response.status_code < 500 and named in response.text, response.text
     finally:
         target.unlink()
+
+
+def test_flux_schnell_loads_from_its_weights_and_samples_with_its_own_shift(runtime):
+    """FLUX.1-schnell (no guidance embedding) through UNETLoader, in the shape of ComfyUI's
+    schnell example (no FluxGuidance, no ModelSamplingFlux, 4 steps): the config comes from
+    the weights, and the schedule uses schnell's shift of 1.0 (comfy/supported_models.py
+    FluxSchnell), not dev's 1.15."""
+    from ryla.flux import sampling
+    from ryla.models.tiny import SCHNELL_TRANSFORMER
+
+    graph = {
+        "10": {"class_type": "UNETLoader", "inputs": {"unet_name": SCHNELL_TRANSFORMER, "weight_dtype": "default"}},
+        "11": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "t5xxl_fp16.safetensors",
+                                                         "clip_name2": "clip_l.safetensors", "type": "flux"}},
+        "12": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["11", 0]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["11", 0]}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {"model": ["10", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                                  "latent_image": ["5", 0], "seed": 1, "steps": 4, "cfg": 1.0,
+                                                  "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["12", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "schnell"}},
+    }
+    result = runtime.run(graph)
+    assert len(result.images) == 1 and result.images[0].size == (64, 64)
+    model = runtime.engine.load_diffusion_model(SCHNELL_TRANSFORMER)
+    assert model.transformer.config.guidance_embeds is False and model.sampling_shift == 1.0
+    dev = runtime.engine.load_diffusion_model("flux1-dev.safetensors")
+    assert dev.sampling_shift == sampling.DEFAULT_SHIFT == 1.15

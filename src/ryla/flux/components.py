@@ -26,6 +26,10 @@ class LoraPatch:
     weights: Any = field(default=None, compare=False, hash=False, repr=False)
 
 
+DEV_SHIFT = 1.15
+SCHNELL_SHIFT = 1.0
+
+
 @dataclass(frozen=True)
 class FluxModel:
     """MODEL: the FLUX transformer plus per-run patches."""
@@ -37,6 +41,15 @@ class FluxModel:
     identity: Any = None  # set by ApplyInstantID (ryla.identity)
     # DifferentialDiffusion's strength: masks repaint by their grey levels over the steps
     differential_diffusion: float | None = None
+
+    @property
+    def sampling_shift(self) -> float:
+        """ModelSamplingFlux's shift, else the model's own default, as comfy/supported_models.py
+        sets it: 1.15 for FLUX.1-dev (Flux), 1.0 for FLUX.1-schnell (FluxSchnell: the model
+        without a guidance embedding)."""
+        if self.shift is not None:
+            return self.shift
+        return SCHNELL_SHIFT if not getattr(self.transformer.config, "guidance_embeds", True) else DEV_SHIFT
 
 
 @dataclass(frozen=True)

@@ -526,7 +526,7 @@ class FluxEngine:
                 base = v["mid"] if "uncond" not in v else v["uncond"] + (v["mid"] - v["uncond"]) * cfg2
                 return base + (v["cond"] - v["mid"]) * cfg
 
-            flow = samplers.FlowModel(velocity, shift=model.shift if model.shift is not None else sampling.DEFAULT_SHIFT,
+            flow = samplers.FlowModel(velocity, shift=model.sampling_shift,
                                       denoise_mask=mask, latent=x0.to(self.device) if mask is not None else None,
                                       noise=noise.to(self.device) if mask is not None else None,
                                       mask_function=mask_function, seed=seed)
@@ -568,7 +568,7 @@ class FluxEngine:
 
     def _velocity_fn(self, model: FluxModel, shape: torch.Size, plan: ModulationPlan | None = None):
         batch, channels, h, w = shape
-        shift = model.shift if model.shift is not None else sampling.DEFAULT_SHIFT
+        shift = model.sampling_shift
         transformer = model.transformer
         identity = model.identity
         ids: dict[tuple[int, int], torch.Tensor] = {}

@@ -81,7 +81,9 @@ def build_transformer(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: 
     imported = time.perf_counter()
     config = component_config("transformer", ryla_meta)
     try:
-        converted = formats.flux_transformer_from_bfl(formats.dequantize_scaled_fp8(tensors, dtype))
+        tensors = formats.dequantize_scaled_fp8(tensors, dtype)
+        config = formats.transformer_config_from_weights(config, tensors)
+        converted = formats.flux_transformer_from_bfl(tensors)
     except KeyError as exc:
         other = formats.describe_other_model(tensors)
         if other is not None:

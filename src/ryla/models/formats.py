@@ -128,6 +128,31 @@ def _block_counts(keys, double: str, single: str) -> tuple[int, int]:
 _PARAM_NAMES = {"weight": "weight", "bias": "bias", "scale": "weight"}
 
 
+def transformer_config_from_weights(config: dict, state_dict: dict[str, torch.Tensor]) -> dict:
+    """FluxTransformer2DModel's config with what the BFL weights say about themselves: blocks,
+    widths, input channels (64; FLUX.1 Fill's 384, Canny/Depth's 128) and whether there is a
+    guidance embedding (FLUX.1-schnell has none), as comfy/model_detection.py reads them from a
+    state dict. The rest (head width, rope axes) stays the given config's."""
+    sd = strip_known_prefix(state_dict)
+    if "img_in.weight" not in sd:
+        return config
+    out = dict(config)
+    num_double, num_single = _block_counts(sd, "double_blocks", "single_blocks")
+    hidden, in_channels = sd["img_in.weight"].shape
+    out.update(in_channels=int(in_channels), num_layers=num_double, num_single_layers=num_single,
+               guidance_embeds=any(k.startswith("guidance_in.") for k in sd))
+    if "final_layer.linear.weight" in sd:
+        out["out_channels"] = int(sd["final_layer.linear.weight"].shape[0])
+    if "txt_in.weight" in sd:
+        out["joint_attention_dim"] = int(sd["txt_in.weight"].shape[1])
+    if "vector_in.in_layer.weight" in sd:
+        out["pooled_projection_dim"] = int(sd["vector_in.in_layer.weight"].shape[1])
+    head_dim = int(out.get("attention_head_dim", 128))
+    if hidden % head_dim == 0:
+        out["num_attention_heads"] = int(hidden // head_dim)
+    return out
+
+
 def flux_transformer_from_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """BFL/ComfyUI transformer keys -> diffusers FluxTransformer2DModel keys (any width).
 

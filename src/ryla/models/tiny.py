@@ -147,6 +147,10 @@ def make_tiny_models(root: Path | str) -> ModelStore:
     # weights, each weight matrix in float8 with a float32 scale_weight, and the marker
     _save(store.folder("diffusion_models") / SCALED_TRANSFORMER, scaled_fp8(bf16), meta("transformer"))
     _save(store.folder("text_encoders") / SCALED_T5XXL, scaled_fp8(_half(t5)), meta("t5xxl"))
+    # FLUX.1-schnell's layout: no guidance embedding (guidance_in.*), its config read from the
+    # weights as for the published file (no ryla metadata: the bundled config plus the weights)
+    schnell = {k: v.to(torch.bfloat16) for k, v in _transformer_state_dict(guidance=False).items()}
+    _save(store.folder("diffusion_models") / SCHNELL_TRANSFORMER, schnell, meta("transformer"))
 
     # All-in-one, as ComfyUI's flux1-dev-fp8: the transformer's weight matrices in fp8,
     # its norms and biases (which real fp8 exports also keep wider) in bf16.
@@ -168,6 +172,7 @@ def make_tiny_models(root: Path | str) -> ModelStore:
 # Comfy-Org's file names for these layouts
 SCALED_TRANSFORMER = "flux1-dev-fp8-e4m3fn-scaled.safetensors"
 SCALED_T5XXL = "t5xxl_fp8_e4m3fn_scaled.safetensors"
+SCHNELL_TRANSFORMER = "flux1-schnell.safetensors"
 
 
 def scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -225,10 +230,11 @@ def _fill_deterministically(module: torch.nn.Module, seed: int) -> dict[str, tor
     return out
 
 
-def _transformer_state_dict() -> dict[str, torch.Tensor]:
+def _transformer_state_dict(guidance: bool = True) -> dict[str, torch.Tensor]:
     from diffusers import FluxTransformer2DModel
 
     config = {k: v for k, v in TINY_TRANSFORMER.items() if not k.startswith("_")}
+    config["guidance_embeds"] = guidance
     model = FluxTransformer2DModel(**config)
     return formats.flux_transformer_to_bfl(_fill_deterministically(model, seed=1))
 

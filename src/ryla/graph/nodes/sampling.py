@@ -28,7 +28,7 @@ def sampling_cost(steps=0, denoise=1.0, **_) -> dict[str, float]:
 
 
 def model_sampling(model: FluxModel) -> sampling.FluxModelSampling:
-    return sampling.FluxModelSampling(model.shift if model.shift is not None else sampling.DEFAULT_SHIFT)
+    return sampling.FluxModelSampling(model.sampling_shift)
 
 
 def flux_latent(latent: dict) -> torch.Tensor:
