@@ -105,6 +105,8 @@ def test_global_options_anywhere_and_a_clean_exit_into_a_closed_pipe(cli_env, tm
     assert client.returncode == 1 and "http://127.0.0.1:9" in client.stderr, client.stderr
     # `ryla loras list --json | head -c 1`: the reader leaves at once; no traceback
     assert ryla(["loras", "make-example"], cli_env, tmp_path).returncode == 0
+    again = ryla(["loras", "make-example"], cli_env, tmp_path)  # a second run is not an error
+    assert again.returncode == 0 and "already in" in again.stdout
     listing = subprocess.Popen([sys.executable, "-m", "ryla.cli.main", "loras", "list", "--json"], env=cli_env,
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     listing.stdout.close()

@@ -111,6 +111,9 @@ class Ryla:
 
         from ryla.models.tiny import write_example_lora
 
+        for entry in self.runtime.loras.list():
+            if entry["id"] == lora_id:  # made before (the store keeps it): nothing to do
+                return entry
         with tempfile.TemporaryDirectory() as scratch:
             path = write_example_lora(Path(scratch) / f"{lora_id}.safetensors", self.runtime.loras.target_shapes()[0],
                                       rank=rank, seed=seed)

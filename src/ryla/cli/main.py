@@ -495,6 +495,9 @@ def cmd_loras(args: argparse.Namespace) -> None:
 
             from ryla.models.tiny import write_example_lora
 
+            if any(entry["id"] == args.id for entry in loras.list()):  # run twice: nothing to do
+                print(f"{args.id} is already in {loras.folder}; `ryla loras remove {args.id}` to make it again")
+                return
             with tempfile.TemporaryDirectory() as scratch:
                 source = write_example_lora(Path(scratch) / f"{args.id}.safetensors", loras.target_shapes()[0],
                                             rank=args.rank, seed=args.seed)
