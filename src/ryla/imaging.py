@@ -123,7 +123,10 @@ def encode(image: Image.Image, fmt: str = "jpeg", quality: int = 90, parameters:
             exif = Image.Exif()
             exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"ASCII\0\0\0" + text.encode("ascii")
             options["exif"] = exif.tobytes()
-    image.save(buffer, format=pil_format, **options)
+    # A copy: Image.save keeps its options on the image object (encoderinfo), so two threads
+    # saving one image at once (a response encoded while the job's PNG is stored) could each
+    # write with the other's options: seen as a WebP with no EXIF and quality 80, not 90.
+    image.copy().save(buffer, format=pil_format, **options)
     return buffer.getvalue()
 
 

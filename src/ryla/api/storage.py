@@ -141,7 +141,9 @@ class DataFolders:
             (folder / filename).touch()
         tmp = folder / f".{filename}.tmp"
         try:
-            image.save(tmp, format="PNG", pnginfo=metadata, compress_level=PNG_COMPRESS_LEVEL)
+            # a copy: Image.save keeps its options on the image object, and the response may be
+            # encoding this image in another thread right now (ryla.imaging.encode)
+            image.copy().save(tmp, format="PNG", pnginfo=metadata, compress_level=PNG_COMPRESS_LEVEL)
             os.replace(tmp, folder / filename)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -30,12 +30,15 @@ PREFER_ASYNC = "Send `Prefer: respond-async` to get 202 with the job's links at 
 
 async def run_or_accept(request: Request, service: Service, graph: dict, endpoint: str, *,
                         seeds: list, webhook: str | None = None, request_images: dict | None = None,
-                        safety: bool | None = None, make_response):
+                        safety: bool | None = None, parameters: dict | None = None, make_response):
     """The one place a typed or workflow request becomes a job: 202 with its links when the
-    client prefers async, else the image once made (`make_response(result, timings)`)."""
+    client prefers async, else the image once made (`make_response(result, timings)`). A typed
+    request's `parameters` also go into the PNGs the job stores (a "parameters" chunk beside
+    ComfyUI's "prompt"), so an image fetched later from /view says how it was made too."""
     webhook = await validate_webhook(webhook, service.settings.allow_private_webhooks)
+    extra_data = {"extra_pnginfo": {"parameters": parameters}} if parameters is not None else None
     job = await service.submit(request, graph, endpoint, request_images=request_images, seeds=seeds, webhook=webhook,
-                               safety=safety)
+                               safety=safety, extra_data=extra_data)
     if wants_async(request):
         return accepted(job)
     result = await service.wait_for_images(request, job)
@@ -122,7 +125,7 @@ async def flux_dev(body: FluxDevRequest, request: Request, service: Service = De
     parameters = image_parameters(body, service, seed, graph)
     return await run_or_accept(
         request, service, graph, "flux-dev", seeds=[seed] * body.num_images, webhook=body.webhook,
-        safety=body.enable_safety_checker, request_images=images,
+        safety=body.enable_safety_checker, request_images=images, parameters=parameters,
         make_response=lambda result, timings: image_response(
             request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format,
             quality=body.quality, timings=timings, annotations=result.annotations, parameters=parameters))
@@ -185,7 +188,7 @@ async def flux_lora(body: FluxLoraRequest, request: Request, service: Service = 
                                   loras=[{"id": lora_id, "strength": strength} for lora_id, strength in refs])
     return await run_or_accept(
         request, service, graph, "flux-lora", seeds=[seed] * body.num_images, webhook=body.webhook,
-        safety=body.enable_safety_checker, request_images=images,
+        safety=body.enable_safety_checker, request_images=images, parameters=parameters,
         make_response=lambda result, timings: image_response(
             request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format, quality=body.quality,
             timings=timings, headers={"X-Prompt": header_safe(params["prompt"])}, prompt=params["prompt"],
@@ -221,7 +224,7 @@ async def flux_instantid(body: FluxInstantIdRequest, request: Request,
 
     return await run_or_accept(request, service, graph, "flux-instantid", seeds=[seed] * body.num_images,
                                webhook=body.webhook, request_images=images, safety=body.enable_safety_checker,
-                               make_response=respond_with_scores)
+                               parameters=parameters, make_response=respond_with_scores)
 
 
 def identity_scores(service: Service, result) -> dict | None:
