@@ -172,14 +172,9 @@ class Ryla:
         models_volume.reload()  # see files added since this container's snapshot
         if GPUS_PER_CONTAINER > 1 and PARALLEL == "context":
             # a process per GPU (ryla.multi_gpu); this one is rank 0 and serves the API
-            import socket
-
             from ryla.multi_gpu import start_context_group
 
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            self.runtime, self.group = start_context_group(GPUS_PER_CONTAINER, MODELS_DIR, SPEED, port=port)
+            self.runtime, self.group = start_context_group(GPUS_PER_CONTAINER, MODELS_DIR, SPEED)
         else:
             devices = [f"cuda:{index}" for index in range(GPUS_PER_CONTAINER)] if GPUS_PER_CONTAINER > 1 else None
             self.runtime = Runtime.open(MODELS_DIR, speed=SPEED, devices=devices)

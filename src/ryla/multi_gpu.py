@@ -90,8 +90,8 @@ class ContextParallelRuntime(Runtime):
 
 
 def _init_group(rank: int, world: int, port: int, backend: str):
-    for name, value in MULTICAST_OFF.items():
-        os.environ.setdefault(name, value)
+    # MULTICAST_OFF is in the environment already: start_context_group sets it before the
+    # children start, and they inherit it
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     # Python objects (jobs) and the per-check cancel flag travel over gloo, on the CPU.
     control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
@@ -143,12 +143,20 @@ def _follower(index: int, world: int, port: int, backend: str, models_dir: str |
     dist.destroy_process_group()
 
 
-def start_context_group(world: int, models_dir: str | Path | None, speed: str, *, port: int,
+def start_context_group(world: int, models_dir: str | Path | None, speed: str, *, port: int | None = None,
                         backend: str | None = None, preload: bool = True,
                         verbose: bool = False) -> tuple[ContextParallelRuntime, Any]:
     """Start ranks 1..world-1 as processes and join them as rank 0. Returns rank 0's runtime
-    and the processes' context (join it after stop_followers)."""
+    and the processes' context (join it after stop_followers). `port`: the group's rendezvous
+    on 127.0.0.1 [default: a free one]."""
+    import socket
+
     import torch.multiprocessing as mp
+
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     for name, value in MULTICAST_OFF.items():

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ryla import catalogue, imaging
 from ryla.files import write_atomic
-from ryla.runtime import RunResult, Runtime, random_seed
+from ryla.runtime import RunResult, Runtime, model_label, random_seed
 from ryla.workflows import FLUX_DEV, flux_instantid_graph, flux_lora_graph, with_image_input, with_loras, \
     with_trigger_words
 
@@ -231,8 +231,7 @@ class Ryla:
         return stack
 
     def _model_name(self, checkpoint: str | None) -> str:
-        name = checkpoint or FLUX_DEV.graph["1"]["inputs"]["ckpt_name"]
-        return f"{name} (tiny random weights)" if self.tiny else name
+        return model_label(self.runtime.store, checkpoint or FLUX_DEV.graph["1"]["inputs"]["ckpt_name"])
 
     def _run(self, graph: dict, request_images: dict[str, bytes], on_progress: ProgressCallback | None) -> RunResult:
         from ryla.graph.executor import ExecutionError, GraphValidationError

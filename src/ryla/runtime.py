@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from ryla import catalogue, imaging
+from ryla import imaging
 from ryla.flux.engine import FluxEngine
 from ryla.graph.executor import Executor, RunContext, ValidatedGraph
 from ryla.graph.nodes import default_registry
@@ -53,6 +53,11 @@ def describe_model(store: ModelStore) -> str:
         return (f"the tiny random-weight FLUX.1-dev stand-in ({store.user_root or store.root} has no FLUX weights), "
                 "which LoRAs for the real model do not fit: `ryla loras make-example` writes one that does")
     return f"the FLUX transformer in {store.root}"
+
+
+def model_label(store: ModelStore, name: str) -> str:
+    """The model named in an image's parameters: the file, marked when it is the tiny stand-in."""
+    return f"{name} (tiny random weights)" if store.tiny else name
 
 
 def random_seed() -> int:
@@ -140,12 +145,3 @@ class Runtime:
                            for node_id, spent in slowest if spent >= 0.005))
         return RunResult(images, seconds, dict(context.node_seconds), dict(context.annotations), prefixes, node_ids)
 
-
-def check_params(values: dict[str, Any], params: dict[str, catalogue.Param]) -> list[str]:
-    """Catalogue bound checks for values given on a command line."""
-    problems = []
-    for name, value in values.items():
-        param = params.get(name)
-        if param is not None and value is not None and (msg := param.check(value)):
-            problems.append(msg)
-    return problems

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ryla import catalogue
-from ryla.cli.common import CliError, accept_anywhere, add_param, lora_line, prefixed_paths, run_cli
+from ryla.cli.common import CliError, accept_anywhere, add_param, lora_line, output_paths, prefixed_paths, run_cli
 from ryla.files import write_atomic
 
 log = logging.getLogger("ryla")
@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 raise CliError(f"line {job['line']} of {args.prompts}: {exc}" if "line" in job else str(exc))
             images, flags = _safety(args, result.images)
             if args.prompts is None:
-                paths = _output_paths(args.output, fmt, len(images))
+                paths = output_paths(args.output, fmt, len(images))
             else:
                 paths = prefixed_paths(out_dir, ["ryla"] * len(images), imaging.extension(fmt))
             for image, path in zip(images, paths):
@@ -117,12 +117,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sheet = prefixed_paths(out_dir, ["contact-sheet"], "jpg")[0]
         write_atomic(sheet, imaging.encode(contact_sheet(written), "jpeg", 90))
         print(f"{len(written)} image(s); contact sheet -> {sheet}")
-
-
-def _output_paths(output: str | None, fmt: str, count: int) -> list[Path]:
-    from ryla.cli.common import output_paths
-
-    return output_paths(output, fmt, count)
 
 
 def _generate_options(args: argparse.Namespace) -> dict:
@@ -370,15 +364,10 @@ def _serving_runtime(args: argparse.Namespace, settings):
         raise CliError("several devices need --parallel context (each image on all of them) or replicas "
                        "(one image per device)")
     backend = "gloo" if all(device.startswith("cpu") for device in devices) else "nccl"
-    import socket
-
-    with socket.socket() as probe:  # the group's rendezvous port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     speed = "exact" if args.speed == "auto" else args.speed  # context parallel needs ryla's processors
     log.info("context parallel over %d %s processes (%s)", len(devices), backend, speed)
     try:
-        return multi_gpu.start_context_group(len(devices), args.models_dir, speed, port=port, backend=backend,
+        return multi_gpu.start_context_group(len(devices), args.models_dir, speed, backend=backend,
                                              preload=settings.preload, verbose=args.verbose)
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc))

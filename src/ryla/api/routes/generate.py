@@ -19,7 +19,7 @@ from ryla.api.schemas import ErrorResponse, FluxDevRequest, FluxInstantIdRequest
 from ryla.api.service import ServerSettings, Service, Timings, get_service
 from ryla.api.webhooks import validate_webhook
 from ryla.graph.executor import unwrap_workflow
-from ryla.runtime import random_seed
+from ryla.runtime import model_label, random_seed
 from ryla.workflows import FLUX_DEV, flux_instantid_graph, flux_lora_graph, with_image_input, with_trigger_words
 
 router = APIRouter(tags=["generate"])
@@ -75,7 +75,7 @@ def image_parameters(body: FluxDevRequest, service: Service, seed: int, graph: d
     parameters = {"prompt": prompt or body.prompt, "negative_prompt": body.negative_prompt, "seed": seed,
                   "width": sampler["width"], "height": sampler["height"], "steps": body.steps,
                   "guidance": body.guidance, "cfg": body.cfg,
-                  "model": f"{checkpoint} (tiny random weights)" if service.runtime.store.tiny else checkpoint}
+                  "model": model_label(service.runtime.store, checkpoint)}
     if loras:
         parameters["loras"] = loras
     if body.image is not None:
