@@ -199,15 +199,14 @@ FLUX1_TEMPLATES = {
     "flux1_krea_dev": "runs",
     "flux_schnell": "runs",
     "flux_schnell_full_text_to_image": "runs",
-    "flux_fill_inpaint_example": "runs",  # the Fill model's masked-image input waits for FLUX Fill support
+    "flux_fill_inpaint_example": "runs",
     "flux_fill_outpaint_example": "runs",
     "image_flux.1_fill_dev_OneReward": "runs",
-    "flux_canny_model_example": ["Canny", "InstructPixToPixConditioning"],
-    "flux_depth_lora_example": ["InstructPixToPixConditioning", "LotusConditioning", "SetFirstSigma"],
-    "flux_kontext_dev_basic": ["FluxKontextImageScale", "ImageStitch", "ReferenceLatent"],
+    "flux_canny_model_example": ["Canny"],
+    "flux_depth_lora_example": ["LotusConditioning", "SetFirstSigma"],
+    "flux_kontext_dev_basic": "runs",
     "flux_redux_model_example": ["CLIPVisionEncode", "CLIPVisionLoader", "StyleModelApply", "StyleModelLoader"],
-    "flux1_dev_uso_reference_image_gen": ["CLIPVisionLoader", "FluxKontextMultiReferenceLatentMethod",
-                                          "ImageScaleToMaxDimension", "ModelPatchLoader", "ReferenceLatent"],
+    "flux1_dev_uso_reference_image_gen": ["CLIPVisionLoader", "ImageScaleToMaxDimension", "ModelPatchLoader"],
 }
 
 
@@ -251,7 +250,8 @@ def shrink(workflow: dict) -> dict:
 @pytest.fixture(scope="module")
 def template_models(tiny_dir, tmp_path_factory) -> Path:
     """The tiny model set under the file names the templates load (a copy of links): the
-    tiny set's own schnell and scaled-fp8 files where it has them, links to dev's otherwise."""
+    tiny set's own schnell, Kontext, Fill and scaled-fp8 files where it has them (OneReward's
+    Fill transformer is a Fill), links to dev's otherwise."""
     root = tmp_path_factory.mktemp("template-models")
     shutil.copytree(tiny_dir, root, symlinks=False, dirs_exist_ok=True, copy_function=os.link)
     names = {"diffusion_models": ["flux1-krea-dev_fp8_scaled.safetensors", "flux1-schnell.safetensors",
@@ -265,7 +265,8 @@ def template_models(tiny_dir, tmp_path_factory) -> Path:
     for folder, files in names.items():
         for file in files:
             if not (root / folder / file).exists():
-                os.link(root / folder / sources[folder], root / folder / file)
+                source = "flux1-fill-dev.safetensors" if "fill" in file else sources[folder]
+                os.link(root / folder / source, root / folder / file)
     return root
 
 

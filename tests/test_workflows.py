@@ -1,7 +1,10 @@
 """Workflows shaped as ComfyUI's example pages build them (tests/workflows/*.json, API format as
 ComfyUI exports it, on FLUX's split loaders): image-to-image, both inpainting graphs,
 outpainting, the two-pass "hires fix", SamplerCustomAdvanced, KSamplerAdvanced in two passes,
-CLIPTextEncodeFlux, and the image, mask, latent, conditioning and sigma tools. Each runs on the
+CLIPTextEncodeFlux, and the image, mask, latent, conditioning and sigma tools; and the FLUX.1
+family's: Kontext (a published RunningHub export of ComfyUI's Kontext dev graph: ReferenceLatent
+on the encoded image, which is also the sampled latent), Fill (InpaintModelConditioning with
+DifferentialDiffusion, guidance 30) and Depth (InstructPixToPixConditioning, guidance 10). Each runs on the
 tiny model in-process, through POST /workflow and through `ryla run-workflow`; then the
 properties ComfyUI's own arithmetic gives (denoise 1 img2img is text-to-image, denoise 0 is
 the VAE round trip, a zero mask keeps the latent, two KSamplerAdvanced passes are one run)."""

@@ -38,6 +38,11 @@ class Cancelled(Exception):
     """The caller gave up (client disconnected, time limit): stop sampling at the next step."""
 
 
+class IncompatibleInputs(ValueError):
+    """A request combines inputs the loaded model cannot take together (reference latents on a
+    model with concatenated input channels, say): the client's choice, not a server fault."""
+
+
 @dataclass
 class EngineStats:
     loads: int = 0
@@ -256,7 +261,7 @@ class FluxEngine:
         config = model.transformer.config
         cond = Cond(t5=torch.zeros(1, T5_MAX_LENGTH, config.joint_attention_dim, dtype=self.dtype),
                     pooled=torch.zeros(1, config.pooled_projection_dim, dtype=self.dtype))
-        latent = torch.zeros(1, config.in_channels // 4, height // 8, width // 8)
+        latent = torch.zeros(1, latent_channels(model.transformer), height // 8, width // 8)
         self.sample(model, (cond,), None, latent, latent, torch.tensor([1.0, 0.0]), 1.0)
         elapsed = time.perf_counter() - start
         log.info("compiled the transformer for %dx%d in %.2fs", width, height, elapsed)
@@ -502,7 +507,7 @@ class FluxEngine:
             self._patch(model.transformer, model.loras)
             # after the LoRA patch: the modulation rows come from the patched weights
             plan = self._modulation_plan(model.transformer, x.shape[0], streams, sigmas)
-            predict = self._velocity_fn(model, x.shape, plan)
+            predict = self._velocity_fn(model, x.shape, plan, mask)
             schedule = [float(s) for s in sigmas]
 
             def velocity(x_t: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
@@ -566,7 +571,8 @@ class FluxEngine:
                   for step in range(steps) for name, conds in streams for index, cond in enumerate(conds)}
         return ModulationPlan(transformer, inputs, self.dtype)
 
-    def _velocity_fn(self, model: FluxModel, shape: torch.Size, plan: ModulationPlan | None = None):
+    def _velocity_fn(self, model: FluxModel, shape: torch.Size, plan: ModulationPlan | None = None,
+                     denoise_mask: torch.Tensor | None = None):
         batch, channels, h, w = shape
         shift = model.sampling_shift
         transformer = model.transformer
@@ -575,25 +581,70 @@ class FluxEngine:
         control = None
         if identity is not None:
             control = self.encode_control_image(identity.vae, identity.control_image, (w + w % 2) * 8, (h + h % 2) * 8)
+        concats: dict[int, torch.Tensor | None] = {}
+        references: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def concat_channels(cond: Cond) -> torch.Tensor | None:
+            """The channels FLUX.1 Fill, Canny and Depth take beside the latent, whole-latent
+            sized, in model space; None for a model that takes the latent alone."""
+            if id(cond) not in concats:
+                concats[id(cond)] = model_concat(transformer, cond, (batch, channels, h, w), denoise_mask,
+                                                 self.device, self.dtype)
+            return concats[id(cond)]
+
+        def reference_tokens(cond: Cond, padded_h: int, padded_w: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+            """ReferenceLatent's images as extra tokens and their rope positions (Kontext)."""
+            latents = cond.option("reference_latents")
+            if not latents:
+                return None
+            key = (id(cond), padded_h, padded_w)
+            if key not in references:
+                if input_channels(transformer) != latent_channels(transformer):
+                    raise IncompatibleInputs(
+                        f"reference latents (ReferenceLatent) need a model that takes the latent alone, such as "
+                        f"FLUX.1 Kontext; this one ({model.name}) takes {input_channels(transformer)} input channels")
+                references[key] = sampling.reference_tokens(
+                    [(latent.float() - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE for latent in latents],
+                    cond.option("reference_latents_method", "offset"), padded_h, padded_w, self.device, self.dtype)
+            return references[key]
 
         def transformer_velocity(x: torch.Tensor, sigma: float, cond: Cond, key, total: int, step: int,
-                                 stream: str, whole: bool) -> torch.Tensor:
-            """The transformer's velocity for one conditioning entry, on x or a region of it. A
-            latent of odd height or width (an image size not a multiple of 16) is padded to whole
-            2x2 patches and the prediction cropped back, as comfy/ldm/flux/model.py does
-            (common_dit.pad_to_patch_size, circular padding)."""
+                                 stream: str, box: tuple[int, int, int, int]) -> torch.Tensor:
+            """The transformer's velocity for one conditioning entry, on x or a region of it
+            (box: top, left, bottom, right). A model with concatenated input channels (Fill,
+            Canny, Depth) gets them beside x, as comfy/model_base.py BaseModel._apply_model joins
+            c_concat; a latent of odd height or width (an image size not a multiple of 16) is
+            padded to whole 2x2 patches and the prediction cropped back, as
+            comfy/ldm/flux/model.py does (common_dit.pad_to_patch_size, circular padding).
+            Reference latents join the image tokens and are cut from the output, as that
+            file's Flux._forward does with ref_latents."""
             part_h, part_w = x.shape[-2:]
+            top, left, bottom, right = box
+            whole = box == (0, 0, h, w)
             padded_h, padded_w = part_h + part_h % 2, part_w + part_w % 2
-            if (padded_h, padded_w) != (part_h, part_w):
-                x = torch.nn.functional.pad(x, (0, padded_w - part_w, 0, padded_h - part_h), mode="circular")
+
+            def padded(t: torch.Tensor) -> torch.Tensor:
+                if (padded_h, padded_w) == (part_h, part_w):
+                    return t
+                return torch.nn.functional.pad(t, (0, padded_w - part_w, 0, padded_h - part_h), mode="circular")
+
+            extra = concat_channels(cond)
+            model_input = x if extra is None else torch.cat(
+                [x.to(self.device), extra[:, :, top:bottom, left:right].to(self.device, x.dtype)], dim=1)
             if (padded_h, padded_w) not in ids:
                 ids[(padded_h, padded_w)] = sampling.latent_image_ids(padded_h, padded_w, self.device, self.dtype)
             img_ids = ids[(padded_h, padded_w)]
-            packed = sampling.pack_latents(x).to(self.device, self.dtype)
+            packed = sampling.pack_latents(padded(model_input)).to(self.device, self.dtype)
+            image_tokens = packed.shape[1]
+            hidden_states = packed
+            refs = reference_tokens(cond, padded_h, padded_w)
+            if refs is not None:
+                hidden_states = torch.cat([packed, refs[0].expand(batch, -1, -1)], dim=1)
+                img_ids = torch.cat([img_ids, refs[1]], dim=0)
             txt_ids = torch.zeros(cond.t5.shape[1], 3, device=self.device, dtype=self.dtype)
             timestep, guidance_tensor, pooled = self._time_inputs(transformer, cond, sigma, batch)
             kwargs = dict(
-                hidden_states=packed,
+                hidden_states=hidden_states,
                 encoder_hidden_states=cond.t5.to(self.device).expand(batch, -1, -1),
                 pooled_projections=pooled,
                 timestep=timestep,
@@ -603,12 +654,16 @@ class FluxEngine:
                 return_dict=False,
             )
             if whole and identity is not None and identity.active(step, total):
-                kwargs.update(identity.residuals(packed, control, timestep, img_ids, guidance_tensor, pooled, batch))
+                # InfuseNet sees the latent alone, and its residuals land on the image tokens
+                latent_tokens = packed if extra is None else sampling.pack_latents(padded(x)).to(self.device, self.dtype)
+                residuals = identity.residuals(latent_tokens, control, timestep, ids[(padded_h, padded_w)],
+                                               guidance_tensor, pooled, batch)
+                kwargs.update(_pad_residuals(residuals, hidden_states.shape[1]))
             if plan is not None:
                 plan.select((key, stream))
             # First-block caching (turbo) keeps one cache per conditioning stream.
             with _cache_context(transformer, stream):
-                out = transformer(**kwargs)[0]
+                out = transformer(**kwargs)[0][:, :image_tokens]
             return sampling.unpack_latents(out.float(), padded_h, padded_w)[:, :, :part_h, :part_w]
 
         def predict(x: torch.Tensor, sigma: float, conds: Conditioning, key: int | None, total: int,
@@ -619,7 +674,7 @@ class FluxEngine:
                 # denoised prediction at zero, whose velocity is x / sigma.
                 return x / sigma
             if all(cond.option("area") is None and cond.option("strength", 1.0) == 1.0 for _, cond in active):
-                outputs = [transformer_velocity(x, sigma, cond, key, total, step, f"{name}{index}", True)
+                outputs = [transformer_velocity(x, sigma, cond, key, total, step, f"{name}{index}", (0, 0, h, w))
                            for index, cond in active]
                 return torch.stack(outputs).mean(0) if len(outputs) > 1 else outputs[0]
             # calc_cond_batch with areas and strengths: each entry predicts its region, weighted
@@ -633,8 +688,8 @@ class FluxEngine:
                 if bottom <= top or right <= left:
                     continue
                 region = (slice(None), slice(None), slice(top, bottom), slice(left, right))
-                whole = (top, left, bottom, right) == (0, 0, h, w)
-                v = transformer_velocity(x[region], sigma, cond, key, total, step, f"{name}{index}", whole)
+                v = transformer_velocity(x[region], sigma, cond, key, total, step, f"{name}{index}",
+                                         (top, left, bottom, right))
                 mult = _area_weights(v.shape, (top, left, bottom, right), h, w, float(cond.option("strength", 1.0)),
                                      v.device)
                 total_v[region] += v * mult
@@ -687,6 +742,67 @@ class FluxEngine:
     @staticmethod
     def vae_latent_channels(vae: Vae) -> int:
         return int(vae.vae.config.latent_channels)
+
+
+def latent_channels(transformer) -> int:
+    """The latent's channels (16 for every FLUX.1): the transformer's output, unpatched."""
+    config = transformer.config
+    return int(config.out_channels or config.in_channels) // 4
+
+
+def input_channels(transformer) -> int:
+    """The transformer's input channels, unpatched: the latent's 16, plus 16 for FLUX.1 Canny and
+    Depth (the control image's latent), plus 16 + 64 for FLUX.1 Fill (the masked image's latent
+    and the mask, 8x8 pixels per latent pixel)."""
+    return int(transformer.config.in_channels) // 4
+
+
+def model_concat(transformer, cond: Cond, shape, denoise_mask: torch.Tensor | None, device,
+                 dtype) -> torch.Tensor | None:
+    """comfy/model_base.py Flux.concat_cond: for a model with more input channels than the
+    latent has, InpaintModelConditioning's or InstructPixToPixConditioning's image latent
+    (zeros without one), scaled to the latent's size, in model space; for Fill's 384-wide
+    input also the mask (concat_mask, else the latent's noise mask, else all ones), averaged over
+    channels, scaled to the image's pixels and folded 8x8 into 64 channels."""
+    from ryla import imaging
+
+    batch, _, h, w = shape
+    wanted, latent = input_channels(transformer), latent_channels(transformer)
+    if wanted <= latent:
+        return None
+    image = cond.option("concat_latent_image")
+    image = torch.zeros(batch, latent, h, w) if image is None else image.float()
+    if tuple(image.shape[-2:]) != (h, w):
+        image = imaging.upscale(image, w, h, "bilinear", "center")
+    image = (sampling.repeat_to_batch(image, batch) - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE
+    if image.shape[1] != latent:
+        raise IncompatibleInputs(f"the conditioning image latent has {image.shape[1]} channels; this model's latent "
+                                 f"has {latent}")
+    parts = [image]
+    if wanted > 2 * latent:  # the inpainting model
+        mask = cond.option("concat_mask", denoise_mask)
+        mask = torch.ones(batch, 1, h, w) if mask is None else mask.float().cpu()
+        if mask.ndim < 4:  # a MASK [B, H, W] or [H, W]
+            mask = mask.reshape(-1, 1, *mask.shape[-2:])
+        mask = mask.mean(dim=1, keepdim=True)
+        mask = imaging.upscale(mask, w * 8, h * 8, "bilinear", "center")
+        mask = mask.view(mask.shape[0], h, 8, w, 8).permute(0, 2, 4, 1, 3).reshape(mask.shape[0], 64, h, w)
+        parts.append(sampling.repeat_to_batch(mask, batch))
+    out = torch.cat(parts, dim=1)
+    if out.shape[1] != wanted - latent:
+        raise IncompatibleInputs(f"this model takes {wanted} input channels; the conditioning gives "
+                                 f"{latent + out.shape[1]}")
+    return out.to(device, dtype)
+
+
+def _pad_residuals(residuals: dict, tokens: int) -> dict:
+    """InfuseNet's per-block residuals, extended with zeros over tokens beyond the image's
+    (reference latents), so they add to the image tokens only."""
+    def pad(t):
+        if t is None or t.shape[1] >= tokens:
+            return t
+        return torch.nn.functional.pad(t, (0, 0, 0, tokens - t.shape[1]))
+    return {name: None if samples is None else [pad(t) for t in samples] for name, samples in residuals.items()}
 
 
 def _part_key(component: str, path) -> tuple[str, str]:

@@ -251,3 +251,50 @@ def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     ids[..., 1] = ids[..., 1] + torch.arange(h // 2)[:, None]
     ids[..., 2] = ids[..., 2] + torch.arange(w // 2)[None, :]
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+REFERENCE_METHODS = ("offset", "index", "uxo")
+
+
+def reference_tokens(latents: list[torch.Tensor], method: str, h: int, w: int, device,
+                     dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference latents (model space, [1, C, H, W] each) as tokens to append to an h x w
+    latent's, and their rope positions, as comfy/ldm/flux/model.py Flux._forward places
+    ref_latents: "offset" (FLUX.1 Kontext's default) puts each reference at index 1 of the first
+    rope axis, the second and later ones beside the earlier ones along their shorter side;
+    "index" gives each its own index (1, 2, ...) at the origin; "uxo" (UNO/USO) keeps index
+    0 and moves each diagonally past the image and the references before it. Offsets are in
+    latent pixels and become patch positions rounded as process_img rounds them."""
+    if method not in REFERENCE_METHODS:
+        raise ValueError(f"unknown reference latents method {method!r}; one of {', '.join(REFERENCE_METHODS)}")
+    tokens, positions = [], []
+    used_h = used_w = 0
+    index = 0
+    for latent in latents:
+        ref_h, ref_w = latent.shape[-2:]
+        h_offset = w_offset = 0
+        if method == "index":
+            index += 1
+        elif method == "uxo":
+            index = 0
+            h_offset, w_offset = h + used_h, w + used_w  # h_len * patch_size: the padded latent's size
+            used_h, used_w = used_h + ref_h, used_w + ref_w
+        else:
+            index = 1
+            if ref_h + used_h > ref_w + used_w:
+                w_offset = used_w
+            else:
+                h_offset = used_h
+            used_h, used_w = max(used_h, ref_h + h_offset), max(used_w, ref_w + w_offset)
+        padded = latent
+        if ref_h % 2 or ref_w % 2:
+            padded = torch.nn.functional.pad(latent, (0, ref_w % 2, 0, ref_h % 2), mode="circular")
+        rows, cols = padded.shape[-2] // 2, padded.shape[-1] // 2
+        ids = torch.zeros(rows, cols, 3)
+        ids[..., 0] = index
+        ids[..., 1] = ids[..., 1] + torch.arange(rows)[:, None] + (h_offset + 1) // 2
+        ids[..., 2] = ids[..., 2] + torch.arange(cols)[None, :] + (w_offset + 1) // 2
+        tokens.append(pack_latents(padded[:1].float()))
+        positions.append(ids.reshape(-1, 3))
+    return (torch.cat(tokens, dim=1).to(device=device, dtype=dtype),
+            torch.cat(positions, dim=0).to(device=device, dtype=dtype))

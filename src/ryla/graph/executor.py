@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ryla.flux.engine import Cancelled
+from ryla.flux.engine import Cancelled, IncompatibleInputs
 from ryla.graph.registry import InputSpec, Node, NodeRegistry
 from ryla.models.tensor_files import ModelFormatError
 
@@ -282,6 +282,10 @@ class Executor:
                         f"{str(exc).splitlines()[0]}", details={"node_id": node_id,
                                                                  "inputs": context.input_sources})) from exc
                 raise ExecutionError(node_id, cls.class_type, exc) from exc
+            except IncompatibleInputs as exc:
+                raise ExecutionError(node_id, cls.class_type, NodeUserError(
+                    "incompatible_inputs", f"node {node_id} ({cls.class_type}): {exc}",
+                    details={"node_id": node_id})) from exc
             except ModelFormatError as exc:
                 # A file in the store that is not what the loader loads (another model family,
                 # truncated, not safetensors): the client chose it, so a 422 naming it.

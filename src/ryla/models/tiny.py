@@ -7,6 +7,8 @@ tokenizers, under the real file names and key layouts:
 
     checkpoints/flux1-dev-fp8.safetensors   all-in-one, transformer in float8_e4m3fn
     diffusion_models/flux1-dev.safetensors  BFL keys, bf16
+    diffusion_models/...                    scaled fp8, schnell (no guidance), Kontext (scaled
+                                            fp8), Fill (384 input channels), Canny and Depth (128)
     text_encoders/clip_l.safetensors        transformers keys, fp16
     text_encoders/t5xxl_fp16.safetensors    transformers keys, fp16
     vae/ae.safetensors                      LDM keys, bf16
@@ -43,7 +45,7 @@ warnings.filterwarnings("ignore", message=r"`FluxPosEmbed` is deprecated", categ
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "3"  # bump when the tiny architecture changes, so stale sets are rewritten
+TINY_VERSION = "4"  # bump when the tiny architecture changes, so stale sets are rewritten
 
 TINY_TRANSFORMER = {
     "_class_name": "FluxTransformer2DModel",
@@ -151,6 +153,20 @@ def make_tiny_models(root: Path | str) -> ModelStore:
     # weights as for the published file (no ryla metadata: the bundled config plus the weights)
     schnell = {k: v.to(torch.bfloat16) for k, v in _transformer_state_dict(guidance=False).items()}
     _save(store.folder("diffusion_models") / SCHNELL_TRANSFORMER, schnell, meta("transformer"))
+    # FLUX.1 Kontext dev: FLUX.1-dev's layout and shapes (its reference images join the token
+    # sequence; nothing in the weights says so), other weights; in the scaled fp8 layout of
+    # Comfy-Org's flux1-dev-kontext_fp8_scaled.safetensors.
+    kontext = {k: v.to(torch.bfloat16) for k, v in _transformer_state_dict(seed=2).items()}
+    _save(store.folder("diffusion_models") / KONTEXT_TRANSFORMER, scaled_fp8(kontext), meta("transformer"))
+    # FLUX.1 Fill dev and Canny/Depth dev: img_in takes the latent's 64 packed channels plus the
+    # concatenated ones (Fill: masked image 64 + mask 256 = 384; Canny/Depth: control image 64
+    # = 128), proj_out still gives 64, as in the published flux1-fill-dev.safetensors
+    # (diffusers' FluxFillPipeline: in_channels 384, out_channels 64) and flux1-canny-dev.
+    for name, in_channels, seed in ((FILL_TRANSFORMER, 384, 3), (CANNY_TRANSFORMER, 128, 4),
+                                    (DEPTH_TRANSFORMER, 128, 5)):
+        variant = _transformer_state_dict(seed=seed, in_channels=in_channels)
+        _save(store.folder("diffusion_models") / name, {k: v.to(torch.bfloat16) for k, v in variant.items()},
+              meta("transformer"))
 
     # All-in-one, as ComfyUI's flux1-dev-fp8: the transformer's weight matrices in fp8,
     # its norms and biases (which real fp8 exports also keep wider) in bf16.
@@ -173,6 +189,10 @@ def make_tiny_models(root: Path | str) -> ModelStore:
 SCALED_TRANSFORMER = "flux1-dev-fp8-e4m3fn-scaled.safetensors"
 SCALED_T5XXL = "t5xxl_fp8_e4m3fn_scaled.safetensors"
 SCHNELL_TRANSFORMER = "flux1-schnell.safetensors"
+KONTEXT_TRANSFORMER = "flux1-dev-kontext_fp8_scaled.safetensors"
+FILL_TRANSFORMER = "flux1-fill-dev.safetensors"
+CANNY_TRANSFORMER = "flux1-canny-dev.safetensors"
+DEPTH_TRANSFORMER = "flux1-depth-dev.safetensors"
 
 
 def scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -230,13 +250,13 @@ def _fill_deterministically(module: torch.nn.Module, seed: int) -> dict[str, tor
     return out
 
 
-def _transformer_state_dict(guidance: bool = True) -> dict[str, torch.Tensor]:
+def _transformer_state_dict(guidance: bool = True, seed: int = 1, in_channels: int = 64) -> dict[str, torch.Tensor]:
     from diffusers import FluxTransformer2DModel
 
     config = {k: v for k, v in TINY_TRANSFORMER.items() if not k.startswith("_")}
-    config["guidance_embeds"] = guidance
+    config.update(guidance_embeds=guidance, in_channels=in_channels, out_channels=64)
     model = FluxTransformer2DModel(**config)
-    return formats.flux_transformer_to_bfl(_fill_deterministically(model, seed=1))
+    return formats.flux_transformer_to_bfl(_fill_deterministically(model, seed=seed))
 
 
 def _vae_state_dict() -> dict[str, torch.Tensor]:

@@ -242,5 +242,75 @@ class ImageBatch(Node):
         return (torch.cat((image1, image2), dim=0),)
 
 
+STITCH_COLORS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "red": (1.0, 0.0, 0.0),
+                 "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
+
+
+def _repeat_last(image: torch.Tensor, batch: int) -> torch.Tensor:
+    return image if image.shape[0] >= batch else torch.cat([image, image[-1:].repeat(batch - image.shape[0], 1, 1, 1)])
+
+
+def _pad_centred(image: torch.Tensor, dim: int, size: int, value: float) -> torch.Tensor:
+    missing = size - image.shape[dim]
+    if missing <= 0:
+        return image
+    pad = [0, 0, 0, 0, 0, 0]  # channels, width, height (torch.nn.functional.pad's order from the last dim)
+    index = 2 if dim == 2 else 4
+    pad[index], pad[index + 1] = missing // 2, missing - missing // 2
+    return torch.nn.functional.pad(image, pad, mode="constant", value=value)
+
+
+@node
+class ImageStitch(Node):
+    class_type = "ImageStitch"
+    category = "image/transform"
+    description = ("image2 joined to image1 on one side (FLUX.1 Kontext's several references in one image); "
+                   "without image2, image1 unchanged.")
+    inputs = (link("image1", "IMAGE"),
+              InputSpec("direction", "COMBO", default="right", choices=("right", "down", "left", "up")),
+              InputSpec("match_image_size", "BOOLEAN", default=True),
+              InputSpec("spacing_width", "INT", default=0, min=0, max=1024, step=2),
+              InputSpec("spacing_color", "COMBO", default="white", choices=tuple(STITCH_COLORS)),
+              link("image2", "IMAGE", optional=True))
+    outputs = (Output("IMAGE", "IMAGE"),)
+
+    def run(self, context, image1, direction, match_image_size, spacing_width, spacing_color, image2=None):
+        """comfy_extras/nodes_images.py ImageStitch: batches evened by repeating the last image;
+        image2 scaled (Lanczos) to image1's height (left, right) or width (up, down), keeping
+        its aspect ratio, or else the smaller one padded centred; an even spacer between."""
+        if image2 is None:
+            return (image1,)
+        batch = max(image1.shape[0], image2.shape[0])
+        image1, image2 = _repeat_last(image1, batch), _repeat_last(image2, batch)
+        sideways = direction in ("left", "right")
+        color = STITCH_COLORS[spacing_color]
+        if match_image_size:
+            (h1, w1), (h2, w2) = image1.shape[1:3], image2.shape[1:3]
+            width, height = (int(h1 * w2 / h2), h1) if sideways else (w1, int(w1 / (w2 / h2)))
+            image2 = imaging.upscale(image2.movedim(-1, 1), width, height, "lanczos").movedim(1, -1)
+        else:
+            # ComfyUI pads with the spacer's grey level, or black for the coloured spacers
+            value = color[0] if spacing_color in ("white", "black") else 0.0
+            dim = 1 if sideways else 2
+            size = max(image1.shape[dim], image2.shape[dim])
+            image1, image2 = _pad_centred(image1, dim, size, value), _pad_centred(image2, dim, size, value)
+        channels = max(image1.shape[-1], image2.shape[-1])
+        image1, image2 = (torch.cat([im, torch.ones(*im.shape[:-1], channels - im.shape[-1])], dim=-1)
+                          if im.shape[-1] < channels else im for im in (image1, image2))
+        parts = [image2, image1] if direction in ("left", "up") else [image1, image2]
+        if spacing_width > 0:
+            spacing_width += spacing_width % 2
+            shape = ((batch, max(image1.shape[1], image2.shape[1]), spacing_width, channels) if sideways
+                     else (batch, spacing_width, max(image1.shape[2], image2.shape[2]), channels))
+            spacer = torch.zeros(shape)
+            spacer[..., :min(3, channels)] = torch.tensor(color[:min(3, channels)])
+            if channels == 4:
+                spacer[..., 3] = 1.0
+            parts.insert(1, spacer)
+        out = torch.cat(parts, dim=2 if sideways else 1)
+        context.check_pixels(out.shape[0] * out.shape[1] * out.shape[2])
+        return (out,)
+
+
 NODES = (VAEDecode, SaveImage, PreviewImage, ImageScale, ImageScaleBy, ImageScaleToTotalPixels, ImageCrop, ImageInvert,
-         ImagePadForOutpaint, ResizeAndPadImage, ImageBatch)
+         ImagePadForOutpaint, ResizeAndPadImage, ImageBatch, ImageStitch)
