@@ -180,3 +180,47 @@ def test_image_stitch_joins_as_comfyui_does():
     assert up.shape == (2, 32 + 4 + 64, 64, 3)
     assert up[0, 33, 10].tolist() == [0.0, 1.0, 0.0] and up[0, 0, 0, 2] == 1.0
     assert ImageStitch().run(context, red, "right", True, 0, "white")[0] is red
+
+
+def test_kontext_images_equal_diffusers_kontext_pipeline_end_to_end(tmp_path):
+    """bench/family_speed.py's CPU dry run: the whole Kontext image (reference encoded, 3 steps,
+    decoded) from the engine and from diffusers' FluxKontextPipeline, same embeddings, sigmas
+    and noise, in float32 on the tiny architecture."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    result = subprocess.run([sys.executable, str(root / "bench" / "family_speed.py"), "--tiny", "--kinds", "kontext",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    kontext = json.loads((tmp_path / "family_speed_tiny.json").read_text())["kinds"]["kontext"]
+    assert kontext["ryla_eager"]["rel_l2_vs_stock"] < 1e-4
+
+
+def test_flux_kontext_endpoint_edits_an_image_over_http(server):
+    """POST /flux-kontext: the image is scaled to a Kontext size (a square: 1024x1024), used as
+    the reference and the starting latent's size; the same seed gives the same image; an
+    unknown LoRA is a 404 naming it; the image is required."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from conftest import image_difference
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 40, 40)).save(buffer, format="PNG")
+    body = {"prompt": "make it blue", "image": base64.b64encode(buffer.getvalue()).decode(), "steps": 1, "seed": 5,
+            "output_format": "png"}
+    first = httpx.post(server.url + "/flux-kontext", json=body, timeout=300)
+    assert first.status_code == 200, first.text[:500]
+    assert Image.open(io.BytesIO(first.content)).size == (1024, 1024)
+    again = httpx.post(server.url + "/flux-kontext", json=body, timeout=300)
+    assert image_difference(first.content, again.content) <= 2
+    missing = httpx.post(server.url + "/flux-kontext", json={**body, "lora_id": "no-such-lora"}, timeout=60)
+    assert missing.status_code == 404 and "no-such-lora" in missing.text
+    no_image = httpx.post(server.url + "/flux-kontext", json={"prompt": "x"}, timeout=60)
+    assert no_image.status_code == 422 and "image" in no_image.text

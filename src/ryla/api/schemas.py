@@ -97,6 +97,24 @@ class FluxInstantIdRequest(FluxDevRequest):
                                    "(base64 or data: URL).")
 
 
+class FluxKontextRequest(StrictModel):
+    prompt: Prompt = field(catalogue.PROMPT, default=..., examples=["make her jacket red, keep her face and pose"])
+    image: str = Field(..., min_length=1, description="The image to edit: base64 or a data: URL of a JPEG, PNG or "
+                       "WebP. It is scaled to the FLUX.1 Kontext training size nearest its aspect ratio, which is "
+                       "also the output's size.")
+    steps: int = field(catalogue.STEPS)
+    guidance: float = field(catalogue.GUIDANCE, default=2.5)
+    seed: int | None = field(catalogue.SEED)
+    num_images: int = field(catalogue.NUM_IMAGES)
+    lora_id: LoraId | None = Field(None, description="A LoRA from the store applied to Kontext (a character or "
+                                   "style LoRA trained on FLUX.1-dev).")
+    lora_strength: float = field(catalogue.LORA_STRENGTH)
+    output_format: Literal["jpeg", "png", "webp"] = field(catalogue.OUTPUT_FORMAT)
+    quality: int = field(catalogue.QUALITY)
+    enable_safety_checker: bool | None = Field(None, description="as for /flux-dev")
+    webhook: str | None = Field(None, max_length=2048, description="as for /flux-dev")
+
+
 class LoraInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str

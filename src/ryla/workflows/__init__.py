@@ -113,6 +113,21 @@ def with_trigger_words(prompt: str, words: list[str]) -> str:
     return ", ".join(missing + [prompt]) if missing else prompt
 
 
+# FLUX.1 Kontext dev, as ComfyUI's flux_kontext_dev_basic template builds it (the image scaled to
+# a Kontext training size, encoded, given as ReferenceLatent and sampled from at denoise 1, an
+# empty negative), with the text encoders and VAE of the store's checkpoint.
+FLUX_KONTEXT = Template("flux_kontext", {
+    "checkpoint": (("1", "ckpt_name"),),
+    "kontext_model": (("10", "unet_name"),),
+    "prompt": (("2", "text"),),
+    "guidance": (("3", "guidance"),),
+    "batch_size": (("5", "amount"),),
+    "seed": (("7", "seed"),),
+    "steps": (("7", "steps"),),
+    "filename_prefix": (("9", "filename_prefix"),),
+})
+
+
 FLUX_INSTANTID = Template("flux_instantid", {
     **FLUX_DEV.bindings,
     "instantid_strength": (("14", "ip_weight"),),

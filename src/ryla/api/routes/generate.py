@@ -15,12 +15,13 @@ from ryla.api.errors import ApiError
 from ryla.api.responses import IMAGE_RESPONSES, header_safe, image_response
 from ryla.api.routes.jobs import accepted, wants_async
 from ryla.api.routes.loras import lora_entry
-from ryla.api.schemas import ErrorResponse, FluxDevRequest, FluxInstantIdRequest, FluxLoraRequest
+from ryla.api.schemas import ErrorResponse, FluxDevRequest, FluxInstantIdRequest, FluxKontextRequest, FluxLoraRequest
 from ryla.api.service import ServerSettings, Service, Timings, get_service
 from ryla.api.webhooks import validate_webhook
 from ryla.graph.executor import unwrap_workflow
 from ryla.runtime import model_label, random_seed
-from ryla.workflows import FLUX_DEV, flux_instantid_graph, flux_lora_graph, with_image_input, with_trigger_words
+from ryla.workflows import (FLUX_DEV, FLUX_KONTEXT, flux_instantid_graph, flux_lora_graph, with_image_input,
+                            with_trigger_words)
 
 router = APIRouter(tags=["generate"])
 MAX_WORKFLOW_IMAGES = 8
@@ -225,6 +226,44 @@ async def flux_instantid(body: FluxInstantIdRequest, request: Request,
     return await run_or_accept(request, service, graph, "flux-instantid", seeds=[seed] * body.num_images,
                                webhook=body.webhook, request_images=images, safety=body.enable_safety_checker,
                                parameters=parameters, make_response=respond_with_scores)
+
+
+# FLUX.1 Kontext dev under the names it is published as: Comfy-Org's repackaged file (what
+# ComfyUI's template loads), then Black Forest Labs' own.
+KONTEXT_FILES = ("flux1-dev-kontext_fp8_scaled.safetensors", "flux1-kontext-dev.safetensors")
+
+
+@router.post("/flux-kontext", responses={**IMAGE_RESPONSES, 404: {"model": ErrorResponse,
+                                                                   "description": "model_not_found, lora_not_found"}},
+             response_class=Response, summary="Edit an image with FLUX.1 Kontext dev (outfit, pose, background, "
+             "style) keeping the person", description=PREFER_ASYNC)
+async def flux_kontext(body: FluxKontextRequest, request: Request, service: Service = Depends(get_service)) -> Response:
+    installed = set(service.runtime.store.list("diffusion_models"))
+    model = next((name for name in KONTEXT_FILES if name in installed), None)
+    if model is None:
+        raise ApiError(404, "model_not_found", "FLUX.1 Kontext dev is not in this server's model store: put "
+                       f"{KONTEXT_FILES[0]} (or {KONTEXT_FILES[1]}) in its diffusion_models folder")
+    images = {"image": decode_photo(service.settings, "image", body.image)}
+    seed = body.seed if body.seed is not None else random_seed()
+    graph = FLUX_KONTEXT.fill(kontext_model=model, prompt=body.prompt, guidance=body.guidance, seed=seed,
+                              steps=body.steps, batch_size=body.num_images)
+    loras = None
+    if body.lora_id is not None:
+        entry = await lora_entry(service.runtime, body.lora_id)
+        # on the transformer only (LoraLoaderModelOnly), as ComfyUI's Kontext LoRA graphs apply it
+        graph["11"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["10", 0], "lora_name": entry["file"], "strength_model": body.lora_strength},
+            "_meta": {"title": "LoraLoaderModelOnly"}}
+        graph["7"]["inputs"]["model"] = ["11", 0]
+        loras = [{"id": body.lora_id, "strength": body.lora_strength}]
+    parameters = {"prompt": body.prompt, "seed": seed, "steps": body.steps, "guidance": body.guidance,
+                  "model": model, "edit": True, **({"loras": loras} if loras else {})}
+    return await run_or_accept(
+        request, service, graph, "flux-kontext", seeds=[seed] * body.num_images, webhook=body.webhook,
+        safety=body.enable_safety_checker, request_images=images, parameters=parameters,
+        make_response=lambda result, timings: image_response(
+            request, result.images, seeds=[seed] * len(result.images), fmt=body.output_format, quality=body.quality,
+            timings=timings, annotations=result.annotations, parameters=parameters))
 
 
 def identity_scores(service: Service, result) -> dict | None:
