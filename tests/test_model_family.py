@@ -224,3 +224,25 @@ def test_flux_kontext_endpoint_edits_an_image_over_http(server):
     assert missing.status_code == 404 and "no-such-lora" in missing.text
     no_image = httpx.post(server.url + "/flux-kontext", json={"prompt": "x"}, timeout=60)
     assert no_image.status_code == 422 and "image" in no_image.text
+
+
+def test_a_reference_latent_on_a_fill_model_is_a_422_naming_the_node(runtime):
+    """Through the executor, as /workflow runs it: the engine's refusal becomes a client error
+    (incompatible_inputs) on the sampler node, not a server fault."""
+    import io
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ryla.graph.executor import ExecutionError
+
+    graph = json.loads((Path(__file__).parent / "workflows" / "flux_kontext_dev.json").read_text())
+    graph["8"]["inputs"]["unet_name"] = FILL_TRANSFORMER
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="PNG")
+    with pytest.raises(ExecutionError) as info:
+        runtime.run(graph, runtime.context(request_images={"input.png": buffer.getvalue()}))
+    error = info.value.user_error
+    assert error is not None and error.type == "incompatible_inputs" and error.status == 422
+    assert "node 17 (KSampler)" in error.message and "reference latents" in error.message

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ryla import imaging
 from ryla.flux import loading, samplers, sampling
 from ryla.flux.components import Cond, Conditioning, FluxModel, LoraPatch, TextEncoder, Vae
 from ryla.flux.lora import WeightPatcher, linear_shapes
@@ -622,19 +623,13 @@ class FluxEngine:
             top, left, bottom, right = box
             whole = box == (0, 0, h, w)
             padded_h, padded_w = part_h + part_h % 2, part_w + part_w % 2
-
-            def padded(t: torch.Tensor) -> torch.Tensor:
-                if (padded_h, padded_w) == (part_h, part_w):
-                    return t
-                return torch.nn.functional.pad(t, (0, padded_w - part_w, 0, padded_h - part_h), mode="circular")
-
             extra = concat_channels(cond)
             model_input = x if extra is None else torch.cat(
                 [x.to(self.device), extra[:, :, top:bottom, left:right].to(self.device, x.dtype)], dim=1)
             if (padded_h, padded_w) not in ids:
                 ids[(padded_h, padded_w)] = sampling.latent_image_ids(padded_h, padded_w, self.device, self.dtype)
             img_ids = ids[(padded_h, padded_w)]
-            packed = sampling.pack_latents(padded(model_input)).to(self.device, self.dtype)
+            packed = sampling.pack_latents(sampling.pad_to_patches(model_input)).to(self.device, self.dtype)
             image_tokens = packed.shape[1]
             hidden_states = packed
             refs = reference_tokens(cond, padded_h, padded_w)
@@ -655,7 +650,8 @@ class FluxEngine:
             )
             if whole and identity is not None and identity.active(step, total):
                 # InfuseNet sees the latent alone, and its residuals land on the image tokens
-                latent_tokens = packed if extra is None else sampling.pack_latents(padded(x)).to(self.device, self.dtype)
+                latent_tokens = (packed if extra is None else
+                                 sampling.pack_latents(sampling.pad_to_patches(x)).to(self.device, self.dtype))
                 residuals = identity.residuals(latent_tokens, control, timestep, ids[(padded_h, padded_w)],
                                                guidance_tensor, pooled, batch)
                 kwargs.update(_pad_residuals(residuals, hidden_states.shape[1]))
@@ -764,8 +760,6 @@ def model_concat(transformer, cond: Cond, shape, denoise_mask: torch.Tensor | No
     (zeros without one), scaled to the latent's size, in model space; for Fill's 384-wide
     input also the mask (concat_mask, else the latent's noise mask, else all ones), averaged over
     channels, scaled to the image's pixels and folded 8x8 into 64 channels."""
-    from ryla import imaging
-
     batch, _, h, w = shape
     wanted, latent = input_channels(transformer), latent_channels(transformer)
     if wanted <= latent:

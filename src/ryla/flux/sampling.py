@@ -245,6 +245,15 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, c, h, w)
 
 
+def pad_to_patches(x: torch.Tensor) -> torch.Tensor:
+    """A latent of odd height or width padded to whole 2x2 patches, circularly, as
+    comfy/ldm/common_dit.py pad_to_patch_size does before FLUX patches it."""
+    h, w = x.shape[-2:]
+    if h % 2 == 0 and w % 2 == 0:
+        return x
+    return torch.nn.functional.pad(x, (0, w % 2, 0, h % 2), mode="circular")
+
+
 def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     """Rope positions of the image tokens: (0, row, column) per 2x2 patch."""
     ids = torch.zeros(h // 2, w // 2, 3)
@@ -286,15 +295,12 @@ def reference_tokens(latents: list[torch.Tensor], method: str, h: int, w: int, d
             else:
                 h_offset = used_h
             used_h, used_w = max(used_h, ref_h + h_offset), max(used_w, ref_w + w_offset)
-        padded = latent
-        if ref_h % 2 or ref_w % 2:
-            padded = torch.nn.functional.pad(latent, (0, ref_w % 2, 0, ref_h % 2), mode="circular")
-        rows, cols = padded.shape[-2] // 2, padded.shape[-1] // 2
-        ids = torch.zeros(rows, cols, 3)
-        ids[..., 0] = index
-        ids[..., 1] = ids[..., 1] + torch.arange(rows)[:, None] + (h_offset + 1) // 2
-        ids[..., 2] = ids[..., 2] + torch.arange(cols)[None, :] + (w_offset + 1) // 2
-        tokens.append(pack_latents(padded[:1].float()))
-        positions.append(ids.reshape(-1, 3))
+        padded = pad_to_patches(latent[:1].float())
+        ids = latent_image_ids(padded.shape[-2], padded.shape[-1], "cpu", torch.float32)
+        ids[:, 0] = index
+        ids[:, 1] += (h_offset + 1) // 2
+        ids[:, 2] += (w_offset + 1) // 2
+        tokens.append(pack_latents(padded))
+        positions.append(ids)
     return (torch.cat(tokens, dim=1).to(device=device, dtype=dtype),
             torch.cat(positions, dim=0).to(device=device, dtype=dtype))
