@@ -246,3 +246,64 @@ def test_a_reference_latent_on_a_fill_model_is_a_422_naming_the_node(runtime):
     error = info.value.user_error
     assert error is not None and error.type == "incompatible_inputs" and error.status == 422
     assert "node 17 (KSampler)" in error.message and "reference latents" in error.message
+
+
+def test_canny_finds_the_edges_comfyui_finds(runtime):
+    """ComfyUI's Canny node (comfy_extras/nodes_canny.py): kornia's detector on the image, the
+    edge map repeated into three channels. A bright square on black has its outline as edges
+    and nothing inside or outside; higher thresholds find no more than lower ones; a low
+    threshold above the high one is the client's error."""
+    from ryla.graph.executor import NodeUserError
+    from ryla.graph.nodes.image import Canny
+
+    image = torch.zeros(1, 48, 48, 3)
+    image[:, 12:36, 12:36] = 0.9
+    context = types.SimpleNamespace(engine=runtime.engine, current_node="18")
+    (edges,) = Canny().run(context, image, 0.15, 0.3)
+    assert edges.shape == (1, 48, 48, 3) and torch.equal(edges[..., 0], edges[..., 2])
+    assert set(edges.unique().tolist()) == {0.0, 1.0}
+    edge = edges[0, ..., 0]
+    assert edge[11:13, 14:34].any(dim=0).all() and edge[14:34, 11:13].any(dim=1).all()  # the outline
+    assert not edge[16:32, 16:32].any() and not edge[:8].any() and not edge[40:].any()
+    (strict,) = Canny().run(context, image * 0.3, 0.4, 0.8)
+    assert strict.sum() <= edges.sum()
+    with pytest.raises(NodeUserError, match="low_threshold"):
+        Canny().run(context, image, 0.8, 0.4)
+
+
+def test_kontext_edits_from_the_cli_and_the_client_match_the_endpoint(server, cli_env, tmp_path):
+    """`ryla generate --edit` (the Python API's Ryla.edit, in-process) and `ryla-client
+    flux-kontext` (over HTTP) give /flux-kontext's image for the same seed; --edit refuses the
+    options it cannot use together."""
+    import base64
+    import io
+    import subprocess
+    import sys
+
+    import httpx
+    from PIL import Image
+
+    from conftest import image_difference
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (48, 40), (200, 40, 40)).save(photo)
+    body = {"prompt": "make it blue", "image": base64.b64encode(photo.read_bytes()).decode(), "steps": 1, "seed": 5,
+            "output_format": "png"}
+    endpoint = httpx.post(server.url + "/flux-kontext", json=body, timeout=300)
+    assert endpoint.status_code == 200, endpoint.text[:500]
+    assert Image.open(io.BytesIO(endpoint.content)).size == (1104, 944)  # the Kontext size nearest 48:40
+
+    def ryla(*args, module="ryla.cli.main"):
+        return subprocess.run([sys.executable, "-m", module, *args], env=cli_env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)
+
+    local = ryla("generate", "--edit", str(photo), "--prompt", "make it blue", "--steps", "1", "--seed", "5",
+                 "-o", "local.png")
+    assert local.returncode == 0, local.stderr[-2000:]
+    client = ryla("--url", server.url, "flux-kontext", "--image", str(photo), "--prompt", "make it blue", "--steps",
+                  "1", "--seed", "5", "-o", "client.png", module="ryla.cli.client")
+    assert client.returncode == 0, client.stderr[-2000:]
+    for name in ("local.png", "client.png"):
+        assert image_difference((tmp_path / name).read_bytes(), endpoint.content) <= 2, name
+    clash = ryla("generate", "--edit", str(photo), "--image", str(photo), "--prompt", "x")
+    assert clash.returncode != 0 and "--edit cannot be combined with --image" in clash.stderr

@@ -29,6 +29,7 @@ def test_tiny_files_use_the_real_names_layouts_and_dtypes(tiny_store):
     inventory = tiny_store.inventory()
     assert inventory["checkpoints"] == ["flux1-dev-fp8.safetensors"]
     assert inventory["diffusion_models"] == ["flux1-canny-dev.safetensors", "flux1-depth-dev.safetensors",
+                                             "flux1-dev-Q4_K_S.gguf", "flux1-dev-Q8_0.gguf",
                                              "flux1-dev-fp8-e4m3fn-scaled.safetensors",
                                              "flux1-dev-kontext_fp8_scaled.safetensors", "flux1-dev.safetensors",
                                              "flux1-fill-dev.safetensors", "flux1-schnell.safetensors"]
@@ -36,7 +37,7 @@ def test_tiny_files_use_the_real_names_layouts_and_dtypes(tiny_store):
         assert tuple(f.get_slice("img_in.weight").get_shape())[1] == 384  # as the published Fill file
     with safe_open(str(tiny_store.resolve("diffusion_models", "flux1-dev-kontext_fp8_scaled.safetensors")), "pt") as f:
         assert "scaled_fp8" in f.keys() and f.get_tensor("img_in.weight").dtype == torch.float8_e4m3fn
-    assert inventory["text_encoders"] == ["clip_l.safetensors", "t5xxl_fp16.safetensors",
+    assert inventory["text_encoders"] == ["clip_l.safetensors", "t5-v1_1-xxl-encoder-Q8_0.gguf", "t5xxl_fp16.safetensors",
                                           "t5xxl_fp8_e4m3fn_scaled.safetensors"]
     assert inventory["vae"] == ["ae.safetensors"]
     with safe_open(str(tiny_store.resolve("checkpoints", "flux1-dev-fp8.safetensors")), "pt") as f:

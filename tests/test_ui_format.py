@@ -125,12 +125,12 @@ def test_files_saved_before_control_after_generate_existed():
 
 def test_unknown_node_types_are_listed_at_once(runtime):
     workflow = ui_workflow()
-    workflow["nodes"].append(node(90, "Canny", [0.4, 0.8]))
-    workflow["definitions"]["subgraphs"][0]["nodes"].append(node(9, "StyleModelApply", []))
+    workflow["nodes"].append(node(90, "DownloadAndLoadFlorence2Model", ["base"]))  # custom node packs' nodes
+    workflow["definitions"]["subgraphs"][0]["nodes"].append(node(9, "SUPIR_Upscale", []))
     with pytest.raises(GraphValidationError) as info:
         runtime.executor.validate(workflow, runtime.context())
     error = info.value.body["error"]
-    assert error["extra_info"]["unknown_node_types"] == ["Canny", "StyleModelApply"]
+    assert error["extra_info"]["unknown_node_types"] == ["DownloadAndLoadFlorence2Model", "SUPIR_Upscale"]
     assert "#50:9" in error["details"] and "#90" in error["details"]
 
 
@@ -202,11 +202,11 @@ FLUX1_TEMPLATES = {
     "flux_fill_inpaint_example": "runs",
     "flux_fill_outpaint_example": "runs",
     "image_flux.1_fill_dev_OneReward": "runs",
-    "flux_canny_model_example": ["Canny"],
+    "flux_canny_model_example": "runs",
     "flux_depth_lora_example": ["LotusConditioning", "SetFirstSigma"],
     "flux_kontext_dev_basic": "runs",
-    "flux_redux_model_example": ["CLIPVisionEncode", "CLIPVisionLoader", "StyleModelApply", "StyleModelLoader"],
-    "flux1_dev_uso_reference_image_gen": ["CLIPVisionLoader", "ImageScaleToMaxDimension", "ModelPatchLoader"],
+    "flux_redux_model_example": "runs",
+    "flux1_dev_uso_reference_image_gen": ["ImageScaleToMaxDimension", "ModelPatchLoader"],
 }
 
 

@@ -15,6 +15,7 @@ import base64
 import copy
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -318,9 +319,12 @@ def test_the_docs_node_table_lists_every_node(runtime):
     table = text[text.index("## Supported nodes"):text.index("## Workflows as ComfyUI")]
     missing = [name for name in runtime.registry.classes if name not in table]
     assert missing == []
-    # ComfyUI's documentation for each of its own nodes (the identity nodes are ryla's)
+    # ComfyUI's documentation for each of its own nodes (the identity nodes are ryla's; the GGUF
+    # loaders link to city96's node pack)
     for name in runtime.registry.classes:
-        if not name.startswith(("InstantID", "ApplyInstantID", "ControlNetLoader")):
+        if "GGUF" in name:
+            assert "(https://github.com/city96/ComfyUI-GGUF)" in table
+        elif not name.startswith(("InstantID", "ApplyInstantID")):
             assert f"(https://docs.comfy.org/built-in-nodes/{name})" in table, name
 
 
@@ -368,3 +372,41 @@ def test_area_conditioning_is_comfyuis(runtime, images):
     assert mult[0, 0, 0, 0] == 1.5 and mult[0, 0, 0, 9] == 1.5 * (1 / 8)
     assert torch.allclose(mult[0, 0, 0, :], 1.5 * torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 1, 1]) *
                           torch.tensor([1, 1, 8 / 8, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8]))
+
+
+def test_flux_dev_inpainting_moves_to_flux_fill_when_it_is_installed(server, images, runtime, tiny_dir, tmp_path):
+    """With flux1-fill-dev.safetensors in the store (the tiny set has it) /flux-dev's mask runs
+    ComfyUI's Fill example graph: Fill's transformer through DifferentialDiffusion,
+    InpaintModelConditioning, guidance 30 unless the request gives one. The image says so in
+    its parameters and is the one that graph gives run directly; image-to-image without a mask,
+    and a store without Fill, stay on FLUX.1-dev."""
+    from ryla import imaging
+    from ryla.pipeline import Ryla
+    from ryla.workflows import FILL_GUIDANCE, FLUX_DEV, with_fill_inpainting, with_image_input
+
+    url = server.url + "/flux-dev"
+    body = {**TYPED, "image": b64(images["input.png"]), "mask": b64(images["mask.png"]), "strength": 1.0}
+    fill = httpx.post(url, json=body, timeout=120)
+    assert fill.status_code == 200, fill.text
+    parameters = imaging.read_parameters(fill.content)
+    assert parameters["model"].startswith("flux1-fill-dev.safetensors") and parameters["guidance"] == FILL_GUIDANCE
+    graph = with_fill_inpainting(with_image_input(FLUX_DEV.fill(prompt="a lighthouse", steps=3, seed=11, width=64,
+                                                                height=64), 1.0, 64, 64, mask=True), "flux1-fill-dev.safetensors")
+    assert {node["class_type"] for node in graph.values()} >= {"UNETLoader", "DifferentialDiffusion",
+                                                               "InpaintModelConditioning"}
+    assert "SetLatentNoiseMask" not in {node["class_type"] for node in graph.values()}
+    direct = run(runtime, graph, {"image": images["input.png"], "mask": images["mask.png"]}).images[0]
+    assert image_difference(fill.content, png(direct)) <= 2
+    guided = httpx.post(url, json={**body, "guidance": 5.0}, timeout=120)
+    assert imaging.read_parameters(guided.content)["guidance"] == 5.0 and guided.content != fill.content
+    plain = httpx.post(url, json={**TYPED, "image": b64(images["input.png"]), "strength": 0.5}, timeout=120)
+    assert imaging.read_parameters(plain.content)["model"].startswith("flux1-dev-fp8.safetensors")
+    # a store without Fill: the mask stays on FLUX.1-dev (SetLatentNoiseMask), guidance 3.5
+    store = tmp_path / "no-fill"
+    shutil.copytree(tiny_dir, store)
+    (store / "diffusion_models" / "flux1-fill-dev.safetensors").unlink()
+    (tmp_path / "input.png").write_bytes(images["input.png"])
+    (tmp_path / "mask.png").write_bytes(images["mask.png"])
+    without = Ryla(store).generate("a lighthouse", image=tmp_path / "input.png", mask=tmp_path / "mask.png", steps=1,
+                                   seed=3)
+    assert without.parameters["model"].startswith("flux1-dev-fp8") and without.parameters["guidance"] == 3.5

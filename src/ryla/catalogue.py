@@ -91,7 +91,9 @@ STRENGTH = Param("strength", float, 0.8, "With an image: how much of it is redra
                  "mask, nothing inside the mask); 0 returns it through the VAE.", min=0.0, max=1.0)
 MASK = Param("mask", str, None, "With an image: redraw only where this mask is white (a black-and-white "
              "image, any size: it is scaled to the image; grey values count as white above 50 %). "
-             "Inpainting as ComfyUI's SetLatentNoiseMask does it.")
+             "Inpainting as ComfyUI's SetLatentNoiseMask does it; with FLUX.1 Fill dev "
+             "(flux1-fill-dev.safetensors) in the store, on Fill, as ComfyUI's Fill example does it "
+             "(InpaintModelConditioning, guidance 30 unless given; not with a reference face).")
 OUTPUT_FORMAT = Param("output_format", str, "jpeg", "Encoding of the returned images.",
                       choices=("jpeg", "png", "webp"))
 QUALITY = Param("quality", int, 90, "JPEG/WebP quality (ignored for PNG).", min=1, max=100)

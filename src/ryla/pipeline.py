@@ -27,14 +27,18 @@ from PIL import Image
 from ryla import catalogue, imaging
 from ryla.files import write_atomic
 from ryla.runtime import RunResult, Runtime, model_label, random_seed
-from ryla.workflows import FLUX_DEV, flux_instantid_graph, flux_lora_graph, with_image_input, with_loras, \
-    with_trigger_words
+from ryla.workflows import (FILL_GUIDANCE, FLUX_DEV, flux_instantid_graph, flux_kontext_graph, flux_lora_graph,
+                            with_fill_inpainting, with_image_input, with_loras, with_trigger_words)
 
 log = logging.getLogger(__name__)
 
 ImageInput = Union[Image.Image, bytes, str, Path]
 LoraInput = Union[str, tuple[str, float]]
 ProgressCallback = Callable[[str, int, int], None]
+
+
+# FLUX.1 Kontext dev's guidance in ComfyUI's flux_kontext_dev_basic template and BFL's examples
+KONTEXT_GUIDANCE = 2.5
 
 
 class RylaError(ValueError):
@@ -123,7 +127,7 @@ class Ryla:
 
     def generate(self, prompt: str, *, negative_prompt: str = catalogue.NEGATIVE_PROMPT.default,
                  width: int = catalogue.WIDTH.default, height: int = catalogue.HEIGHT.default,
-                 steps: int = catalogue.STEPS.default, guidance: float = catalogue.GUIDANCE.default,
+                 steps: int = catalogue.STEPS.default, guidance: float | None = None,
                  cfg: float = catalogue.CFG.default, seed: int | None = None,
                  num_images: int = catalogue.NUM_IMAGES.default, image: ImageInput | None = None,
                  mask: ImageInput | None = None, strength: float | None = None,
@@ -135,7 +139,13 @@ class Ryla:
         is the image's, `strength` how much is redrawn); with `mask` too, inpainting. `loras`:
         LoRA ids from the store, or (id, strength) pairs, stacked in order, each trigger word put
         into the prompt once. `reference`: a face photo whose identity the image keeps
-        (`/flux-instantid`), optionally `pose` for the face's position."""
+        (`/flux-instantid`), optionally `pose` for the face's position. `guidance`: 3.5, or 30
+        when a mask's inpainting runs on FLUX.1 Fill dev (in the store, no `reference`)."""
+        fill_model = self.runtime.store.fill_model() if mask is not None and image is not None \
+            and reference is None else None
+        explicit_guidance = guidance
+        if guidance is None:
+            guidance = FILL_GUIDANCE if fill_model is not None else catalogue.GUIDANCE.default
         values = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                       guidance=guidance, cfg=cfg, seed=seed, num_images=num_images)
         if reference is not None:
@@ -173,10 +183,12 @@ class Ryla:
                 request_images["mask"] = _image_bytes("mask", mask)
             strength = catalogue.STRENGTH.default if strength is None else strength
             graph = with_image_input(graph, strength, width, height, mask=mask is not None, batch_size=num_images)
+            if fill_model is not None:
+                graph = with_fill_inpainting(graph, fill_model, explicit_guidance)
         result = self._run(graph, request_images, on_progress)
         parameters = {"prompt": params["prompt"], "negative_prompt": negative_prompt, "seed": seed, "width": width,
                       "height": height, "steps": steps, "guidance": guidance, "cfg": cfg,
-                      "model": self._model_name(checkpoint)}
+                      "model": model_label(self.runtime.store, fill_model) if fill_model else self._model_name(checkpoint)}
         if stack:
             parameters["loras"] = [{"id": entry["id"], "strength": weight} for entry, weight in stack]
         if image is not None:
@@ -195,6 +207,33 @@ class Ryla:
     def generate_identity(self, prompt: str, reference: ImageInput, **options: Any) -> Generation:
         """Text-to-image that keeps the face of `reference` (`/flux-instantid`)."""
         return self.generate(prompt, reference=reference, **options)
+
+    def edit(self, prompt: str, image: ImageInput, *, steps: int = catalogue.STEPS.default,
+             guidance: float = KONTEXT_GUIDANCE, seed: int | None = None,
+             num_images: int = catalogue.NUM_IMAGES.default, loras: Sequence[LoraInput] = (),
+             on_progress: ProgressCallback | None = None) -> Generation:
+        """Edit `image` as `prompt` says with FLUX.1 Kontext dev (`/flux-kontext`): the image is
+        scaled to the Kontext training size nearest its aspect ratio, which is the output's
+        size. `loras` go on the transformer (trigger words into the prompt once)."""
+        _check(dict(prompt=prompt, steps=steps, guidance=guidance, seed=seed, num_images=num_images))
+        model = self.runtime.store.kontext_model()
+        if model is None:
+            from ryla.models.store import KONTEXT_FILES
+
+            raise RylaError(f"FLUX.1 Kontext dev is not in the model store {self.runtime.store.root}: put "
+                            f"{KONTEXT_FILES[0]} (or {KONTEXT_FILES[1]}) in its diffusion_models folder")
+        seed = random_seed() if seed is None else seed
+        stack = self._lora_stack(loras)
+        if stack:
+            prompt = with_trigger_words(prompt, [entry.get("trigger_word") for entry, _ in stack])
+        graph = flux_kontext_graph([(entry["file"], weight) for entry, weight in stack], kontext_model=model,
+                                   prompt=prompt, guidance=guidance, seed=seed, steps=steps, batch_size=num_images)
+        result = self._run(graph, {"image": _image_bytes("image", image)}, on_progress)
+        parameters = {"prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance,
+                      "model": model_label(self.runtime.store, model), "edit": True}
+        if stack:
+            parameters["loras"] = [{"id": entry["id"], "strength": weight} for entry, weight in stack]
+        return Generation(result.images, seed, result.seconds, parameters, result.prefixes)
 
     def run_workflow(self, workflow: dict | str | Path, images: dict[str, ImageInput] | None = None,
                      on_progress: ProgressCallback | None = None) -> Generation:

@@ -215,6 +215,21 @@ def cmd_flux_lora(client: Client, args: argparse.Namespace) -> None:
     report(result, save_images(result, args.output))
 
 
+KONTEXT_FIELDS = (catalogue.STEPS, catalogue.GUIDANCE, catalogue.SEED, catalogue.NUM_IMAGES, catalogue.OUTPUT_FORMAT,
+                  catalogue.QUALITY)
+
+
+def cmd_flux_kontext(client: Client, args: argparse.Namespace) -> None:
+    body = flux_body(args, KONTEXT_FIELDS)
+    body["image"] = _photo_b64(args.image, "image")
+    if args.lora_id is not None:
+        body["lora_id"] = args.lora_id
+        if args.lora_strength is not None:
+            body["lora_strength"] = args.lora_strength
+    result = generate(client, args, "/flux-kontext", body)
+    report(result, save_images(result, args.output))
+
+
 def _lora_ref(text: str) -> dict:
     lora_id, _, strength = text.partition(":")
     try:
@@ -451,6 +466,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_param(lora, catalogue.TRIGGER_WORD, omit_default=True)
     lora.add_argument("--also", action="append", metavar="ID[:STRENGTH]", help="stack another LoRA (repeatable)")
     lora.set_defaults(handler=cmd_flux_lora)
+
+    edit = sub.add_parser("flux-kontext", help="Edit an image as the prompt says with FLUX.1 Kontext dev.",
+                          description="Edit an image as the prompt says (\"make her jacket red\") with FLUX.1 Kontext "
+                          "dev, keeping the person. The result has the Kontext size nearest the image's shape.")
+    add_param(edit, catalogue.PROMPT, required=True)
+    edit.add_argument("--image", required=True, metavar="PATH", help="the image to edit (JPEG, PNG or WebP)")
+    for param in KONTEXT_FIELDS:
+        add_param(edit, param, omit_default=True, default_text="2.5" if param is catalogue.GUIDANCE else None)
+    edit.add_argument("--lora-id", default=None, help="a LoRA from the server's store, on the transformer")
+    add_param(edit, catalogue.LORA_STRENGTH, omit_default=True)
+    edit.add_argument("--output", "-o", default=None, help="image file; several images get _1, _2... "
+                      "[default: ryla_00001.jpg, ... in the current folder]")
+    add_async_option(edit)
+    edit.set_defaults(handler=cmd_flux_kontext)
 
     loras = sub.add_parser("loras", help="List, upload or remove LoRAs on the server.")
     loras_sub = loras.add_subparsers(dest="loras_command", required=True, metavar="ACTION")

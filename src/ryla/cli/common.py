@@ -15,9 +15,10 @@ class CliError(Exception):
 
 
 def add_param(parser: argparse.ArgumentParser, param: catalogue.Param, *, flag: str | None = None,
-              required: bool = False, omit_default: bool = False) -> None:
+              required: bool = False, omit_default: bool = False, default_text: str | None = None) -> None:
     """A command-line option whose type, default, choices and help come from the catalogue.
-    With omit_default, an option not given stays None (the client leaves it to the server)."""
+    With omit_default, an option not given stays None (the client leaves it to the server).
+    default_text replaces the catalogue's default in the help, where a command has its own."""
     flag = flag or "--" + param.name.replace("_", "-")
     bounds = []
     if param.min is not None and param.type is not str:
@@ -27,7 +28,9 @@ def add_param(parser: argparse.ArgumentParser, param: catalogue.Param, *, flag: 
     if param.multiple_of:
         bounds.append(f"multiple of {param.multiple_of}")
     help_text = param.description + (f" ({', '.join(bounds)})" if bounds else "")
-    if param.default is not None and not required:
+    if default_text is not None:
+        help_text += f" [default: {default_text}]"
+    elif param.default is not None and not required:
         help_text += f" [default: {param.default}]"
     default = None if required or omit_default else param.default
     parser.add_argument(flag, dest=param.name, type=param.type, default=default, choices=param.choices,

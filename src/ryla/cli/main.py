@@ -96,7 +96,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for index, job in enumerate(jobs):
             options = {**base, **{k: v for k, v in job.items() if k not in ("prompt", "line")}}
             try:
-                result = ryla.generate(job["prompt"], on_progress=progress.on_progress, **options)
+                if "edit" in options:
+                    edit = dict(options)
+                    unused = sorted(set(job) - {"prompt", "line", "steps", "seed", "num_images", "loras", "guidance"})
+                    if unused:
+                        raise RylaError(f"{', '.join(unused)} do not apply to --edit")
+                    result = ryla.edit(job["prompt"], edit.pop("edit"), on_progress=progress.on_progress, **edit)
+                else:
+                    result = ryla.generate(job["prompt"], on_progress=progress.on_progress, **options)
             except RylaError as exc:
                 raise CliError(f"line {job['line']} of {args.prompts}: {exc}" if "line" in job else str(exc))
             images, flags = _safety(args, result.images)
@@ -136,6 +143,15 @@ def _generate_options(args: argparse.Namespace) -> dict:
     elif args.pose is not None:
         raise CliError("--pose applies only with --reference")
     options["loras"] = [_lora_option(text) for text in args.lora or []]
+    if args.edit is not None:
+        from ryla.pipeline import KONTEXT_GUIDANCE
+
+        clashing = [flag for flag, value in (("--image", args.image), ("--reference", args.reference)) if value]
+        if clashing:
+            raise CliError(f"--edit cannot be combined with {' or '.join(clashing)}")
+        return {"edit": Path(args.edit), "steps": args.steps, "seed": args.seed, "num_images": args.batch_size,
+                "loras": options["loras"],
+                "guidance": args.guidance if args.guidance is not None else KONTEXT_GUIDANCE}
     return options
 
 
@@ -633,14 +649,17 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     gen = command("generate", "Generate images from a prompt with FLUX.1-dev: text-to-image, image-to-image, "
-                  "inpainting, LoRAs and a reference face, as the server's typed endpoints do.", cmd_generate)
+                  "inpainting, LoRAs, a reference face, and edits of an image (FLUX.1 Kontext), as the server's "
+                  "typed endpoints do.", cmd_generate)
     add_param(gen, catalogue.PROMPT)
     gen.add_argument("--prompts", metavar="FILE", default=None,
                      help="a batch: one prompt a line, or JSON Lines with per-line options ({\"prompt\": ..., "
                           "\"seed\": 3, \"loras\": [[\"anna\", 0.8]]}); images and a contact sheet go to "
                           "--output-dir")
     for param in _GENERATE_PARAMS:
-        add_param(gen, param)
+        add_param(gen, param, omit_default=param is catalogue.GUIDANCE,  # --edit has its own default
+                  default_text=f"{param.default}; 2.5 with --edit, 30 with --mask on FLUX.1 Fill"
+                  if param is catalogue.GUIDANCE else None)
     gen.add_argument("--output", "-o", default=None,
                      help="image file to write; batches get _1, _2... [default: ryla_00001.jpg, ryla_00002.jpg, "
                           "... in the current folder, never replacing an earlier image]")
@@ -662,6 +681,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "blocks, and --width/--height are not used")
     gen.add_argument("--mask", metavar="PATH", default=None,
                      help="with --image: redraw only where this black-and-white mask is white (inpainting)")
+    gen.add_argument("--edit", metavar="PATH", default=None,
+                     help="edit this image as the prompt says, with FLUX.1 Kontext dev (as /flux-kontext): "
+                          "\"make her jacket red\". The result has the Kontext size nearest the image's shape; "
+                          "guidance is 2.5 unless --guidance is given; --lora applies; --width, --height, "
+                          "--negative-prompt and --cfg are not used")
     add_param(gen, catalogue.STRENGTH, omit_default=True)
     gen.add_argument("--safety", choices=("off", "flag", "block"), default=os.environ.get("RYLA_SAFETY", "off"),
                      help="NSFW check: flag reports each image, block also blacks out flagged ones "

@@ -71,9 +71,40 @@ class Vae:
 
 
 @dataclass(frozen=True)
+class ControlNet:
+    """CONTROL_NET from a single file: diffusers' FluxControlNetModel, the file's layout
+    (ryla.models.formats: "instantx" takes a VAE-encoded control image, "xlabs" the pixels),
+    and SetUnionControlNetType's mode for a Union ControlNet (None: no mode, ComfyUI's auto)."""
+
+    name: str
+    model: Any
+    layout: str
+    union_mode: int | None = None
+
+    @property
+    def modes(self) -> int:
+        return int(getattr(self.model.config, "num_mode", None) or 0)
+
+
+@dataclass(frozen=True, eq=False)
+class ControlHint:
+    """One ControlNetApplyAdvanced on a conditioning entry: the ControlNet, its control image
+    (IMAGE [B, H, W, C], 0..1), strength, the schedule's [start, end] fraction and the VAE that
+    encodes the image for latent-input ControlNets. Conditioning keeps a tuple of them, in
+    order; their residuals add up, as comfy/controlnet.py's previous_controlnet chain does."""
+
+    controlnet: ControlNet
+    image: torch.Tensor
+    strength: float
+    start: float
+    end: float
+    vae: Vae | None
+
+
+@dataclass(frozen=True)
 class Cond:
     """One CONDITIONING entry: T5 tokens, the CLIP pooled vector, and per-entry options
-    (FluxGuidance's value; ControlNet hints added by later issues)."""
+    (FluxGuidance's value, ControlNet hints, reference latents, ...)."""
 
     t5: torch.Tensor  # [1, seq, d_t5]
     pooled: torch.Tensor  # [1, d_clip]

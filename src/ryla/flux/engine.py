@@ -18,11 +18,11 @@ import torch
 
 from ryla import imaging
 from ryla.flux import loading, samplers, sampling
-from ryla.flux.components import Cond, Conditioning, FluxModel, LoraPatch, TextEncoder, Vae
+from ryla.flux.components import Cond, Conditioning, ControlHint, ControlNet, FluxModel, LoraPatch, TextEncoder, Vae
 from ryla.flux.lora import WeightPatcher, linear_shapes
 from ryla.speed.modulation import ModulationPlan
 from ryla.speed.modes import check_speed_mode, optimize_transformer, optimize_vae
-from ryla.models import formats, tensor_files
+from ryla.models import formats, gguf_files, tensor_files
 from ryla.models.lora_format import LoraWeights, convert
 from ryla.models.store import ModelStore
 
@@ -287,7 +287,12 @@ class FluxEngine:
         path = self.store.resolve("diffusion_models", name)
 
         def load():
-            tensors, meta = tensor_files.read_tensors(path, device=self.device)
+            if gguf_files.is_gguf(path):
+                arch = gguf_files.architecture(path)
+                if arch not in gguf_files.TRANSFORMER_ARCHITECTURES:
+                    raise tensor_files.ModelFormatError(
+                        f"{name} is not a FLUX transformer: it is {gguf_files.describe_architecture(arch)}")
+            tensors, meta = self._read_weights(path)
             # The speed mode first: fusing QKV builds new layers, in the compute dtype. Not
             # compiled with fp8 storage: diffusers' per-layer casting (module.to in a hook)
             # cannot be traced into a graph (seen on the H200: torch.compile fails on it).
@@ -315,10 +320,17 @@ class FluxEngine:
         loaded = {}
         for component, (name, path) in paths.items():
             def load(path=path, name=name, build=builders[component]):
-                tensors, meta = tensor_files.read_tensors(path, device=self.device)
+                tensors, meta = self._read_weights(path)
                 return build(tensors, meta, self.dtype, self.device, what=name)
             loaded[component] = self._cached(_part_key(component, path), load)
         return self._text_encoder(f"{paths['clip_l'][0]}+{paths['t5xxl'][0]}", loaded["clip_l"], loaded["t5xxl"])
+
+    def _read_weights(self, path) -> tuple[dict, dict]:
+        """A transformer's or text encoder's file: safetensors, or GGUF (dequantised on the
+        device into the compute dtype)."""
+        if gguf_files.is_gguf(path):
+            return gguf_files.read_gguf(path, self.device, self.dtype)
+        return tensor_files.read_tensors(path, device=self.device)
 
     def load_vae(self, name: str) -> Vae:
         path = self.store.resolve("vae", name)
@@ -394,6 +406,57 @@ class FluxEngine:
 
         return self._cached(("controlnet", str(folder)), load)
 
+    def load_controlnet_file(self, name: str) -> ControlNet:
+        """ControlNetLoader on a single file in controlnet/: InstantX, Shakker-Labs Union or
+        XLabs FLUX ControlNets (ryla.models.formats names the layouts)."""
+        path = self.store.resolve("controlnet", name)
+
+        def load():
+            tensors, meta = tensor_files.read_tensors(path, device=self.device)
+            model, layout = loading.build_controlnet(tensors, meta, self.dtype, self.device, what=name)
+            optimize_transformer(model, self.speed, controlnet=True)
+            return model, layout
+
+        model, layout = self._cached(("controlnet", str(path)), load)
+        return ControlNet(name, model, layout)
+
+    def load_clip_vision(self, name: str):
+        """CLIPVisionLoader: a SigLIP vision tower from clip_vision/ (FLUX.1 Redux's encoder)."""
+        path = self.store.resolve("clip_vision", name)
+
+        def load():
+            tensors, meta = tensor_files.read_tensors(path, device=self.device)
+            return loading.build_clip_vision(tensors, meta, self.dtype, self.device, what=name)
+
+        return self._cached(("clip_vision", str(path)), load)
+
+    @torch.inference_mode()
+    def encode_clip_vision(self, model, image: torch.Tensor, crop: bool = True) -> torch.Tensor:
+        """CLIPVisionEncode: IMAGE [B, H, W, C] -> the tower's last hidden state [B, tokens,
+        width] (post-layernorm), what Redux projects."""
+        config = model.config
+        pixels = clip_vision_pixels(image, config.image_size, crop)
+        with self._use_lock:
+            out = model(pixel_values=pixels.to(self.device, model.dtype)).last_hidden_state
+        return out.float().cpu()
+
+    def load_style_model(self, name: str):
+        """StyleModelLoader: FLUX.1 Redux's projection from style_models/."""
+        path = self.store.resolve("style_models", name)
+
+        def load():
+            tensors, meta = tensor_files.read_tensors(path, device=self.device)
+            return loading.build_redux(tensors, meta, self.dtype, self.device, what=name)
+
+        return self._cached(("style_model", str(path)), load)
+
+    @torch.inference_mode()
+    def redux_tokens(self, style_model, image_tokens: torch.Tensor) -> torch.Tensor:
+        """StyleModelApply's tokens: Redux's projection of the SigLIP tokens, [B, tokens, T5 width]."""
+        with self._use_lock:
+            out = style_model(image_tokens.to(self.device, style_model.dtype)).image_embeds
+        return out.float().cpu()
+
     @torch.inference_mode()
     def encode_control_image(self, vae, image, width: int, height: int) -> torch.Tensor:
         """A control image -> packed latents in model space (FluxControlNetPipeline's way)."""
@@ -408,6 +471,28 @@ class FluxEngine:
         with self._use_lock:
             latents = vae.encode(x.to(self.device, vae.dtype)).latent_dist.mode()
         return sampling.pack_latents((latents.float() - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE)
+
+    def _control_input(self, hint: ControlHint, h: int, w: int, padded_h: int, padded_w: int) -> torch.Tensor:
+        """A hint's control image as its ControlNet takes it, for a latent of h x w, as
+        comfy/controlnet.py ControlNet.get_control prepares it: scaled (nearest-exact, centre
+        crop) to the latent's pixel size; for InstantX/Union VAE-encoded and put in model space
+        (latent_format.process_in), then packed; for XLabs the pixels in -1..1 (its
+        input_hint_block reads them). Odd latent sizes are padded to whole patches, as the
+        latent is."""
+        image = hint.image[..., :3].movedim(-1, 1).float()
+        image = imaging.upscale(image, w * 8, h * 8, "nearest-exact", "center")
+        if hint.controlnet.layout == formats.CONTROLNET_XLABS:
+            pixels = image * 2.0 - 1.0
+            if (padded_h, padded_w) != (h, w):
+                pixels = torch.nn.functional.pad(pixels, (0, (padded_w - w) * 8, 0, (padded_h - h) * 8),
+                                                 mode="circular")
+            return pixels
+        if hint.vae is None:
+            raise IncompatibleInputs(f"the ControlNet {hint.controlnet.name} takes a VAE-encoded control image: "
+                                     "connect a VAE to ControlNetApplyAdvanced's vae input")
+        latent = self.encode_image(hint.vae, image.movedim(1, -1))
+        return sampling.pack_latents(sampling.pad_to_patches(
+            (latent - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE))
 
     def lora_target_shapes(self) -> tuple[dict, dict]:
         """Linear-layer shapes of the store's transformer and CLIP-L, from their configs on
@@ -583,6 +668,7 @@ class FluxEngine:
         if identity is not None:
             control = self.encode_control_image(identity.vae, identity.control_image, (w + w % 2) * 8, (h + h % 2) * 8)
         concats: dict[int, torch.Tensor | None] = {}
+        hint_inputs: dict[tuple[int, int, int], torch.Tensor] = {}
         references: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
         def concat_channels(cond: Cond) -> torch.Tensor | None:
@@ -648,12 +734,27 @@ class FluxEngine:
                 guidance=guidance_tensor,
                 return_dict=False,
             )
-            if whole and identity is not None and identity.active(step, total):
-                # InfuseNet sees the latent alone, and its residuals land on the image tokens
+            use_identity = whole and identity is not None and identity.active(step, total)
+            # ControlNetApplyAdvanced's hints act on the whole latent only (not on an area's part)
+            hints = [hint for hint in (cond.option("controls", ()) if whole else ())
+                     if _hint_active(hint, sigma, shift)]
+            if use_identity or hints:
+                # ControlNets see the latent alone, and their residuals land on the image tokens
                 latent_tokens = (packed if extra is None else
                                  sampling.pack_latents(sampling.pad_to_patches(x)).to(self.device, self.dtype))
-                residuals = identity.residuals(latent_tokens, control, timestep, ids[(padded_h, padded_w)],
-                                               guidance_tensor, pooled, batch)
+                parts = []
+                if use_identity:
+                    parts.append((identity.residuals(latent_tokens, control, timestep, ids[(padded_h, padded_w)],
+                                                     guidance_tensor, pooled, batch), formats.CONTROLNET_INSTANTX))
+                for hint in hints:
+                    if (id(hint), padded_h, padded_w) not in hint_inputs:
+                        hint_inputs[(id(hint), padded_h, padded_w)] = self._control_input(hint, h, w, padded_h,
+                                                                                          padded_w)
+                    parts.append((_control_residuals(hint, hint_inputs[(id(hint), padded_h, padded_w)],
+                                                     latent_tokens, cond, timestep, guidance_tensor, pooled,
+                                                     ids[(padded_h, padded_w)]), hint.controlnet.layout))
+                residuals = _merge_residuals(parts, len(transformer.transformer_blocks),
+                                             len(transformer.single_transformer_blocks))
                 kwargs.update(_pad_residuals(residuals, hidden_states.shape[1]))
             if plan is not None:
                 plan.select((key, stream))
@@ -787,6 +888,109 @@ def model_concat(transformer, cond: Cond, shape, denoise_mask: torch.Tensor | No
         raise IncompatibleInputs(f"this model takes {wanted} input channels; the conditioning gives "
                                  f"{latent + out.shape[1]}")
     return out.to(device, dtype)
+
+
+# SigLIP's pixel normalisation (comfy/clip_vision.py's config for it; CLIP's own differs)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def clip_vision_pixels(image: torch.Tensor, size: int, crop: bool = True) -> torch.Tensor:
+    """comfy/clip_model.py clip_preprocess for SigLIP: IMAGE [B, H, W, C] in 0..1 scaled
+    (bicubic, antialiased) so its short side is `size` and centre-cropped (crop), or squashed
+    to size x size; rounded to 8-bit levels; normalised with mean and std 0.5."""
+    pixels = image[..., :3].movedim(-1, 1).float()
+    if pixels.shape[2] != size or pixels.shape[3] != size:
+        if crop:
+            scale = size / min(pixels.shape[2], pixels.shape[3])
+            target = (round(scale * pixels.shape[2]), round(scale * pixels.shape[3]))
+        else:
+            target = (size, size)
+        pixels = torch.nn.functional.interpolate(pixels, size=target, mode="bicubic", antialias=True)
+        top, left = (pixels.shape[2] - size) // 2, (pixels.shape[3] - size) // 2
+        pixels = pixels[:, :, top:top + size, left:left + size]
+    pixels = torch.clip(255.0 * pixels, 0, 255).round() / 255.0
+    mean = torch.tensor(SIGLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(SIGLIP_STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def _hint_active(hint: ControlHint, sigma: float, shift: float) -> bool:
+    """comfy/controlnet.py ControlNet.get_control: a hint is off when sigma lies outside its
+    [start_percent, end_percent] of the schedule, as sigmas (ModelSamplingFlux.percent_to_sigma)."""
+    if hint.start <= 0.0 and hint.end >= 1.0:
+        return True
+    return not (sigma > samplers.percent_to_sigma(shift, hint.start) or sigma < samplers.percent_to_sigma(shift, hint.end))
+
+
+@contextlib.contextmanager
+def _union_mode(model, on: bool):
+    """A Union ControlNet without a control type (SetUnionControlNetType's `auto`): ComfyUI's
+    ControlNetFlux then leaves the mode token out; diffusers' FluxControlNetModel insists on one
+    while its `union` flag is set, so the flag is lowered for the call."""
+    union = getattr(model, "union", False)
+    if not union or on:
+        yield
+        return
+    model.union = False
+    try:
+        yield
+    finally:
+        model.union = union
+
+
+def _control_residuals(hint: ControlHint, control_input: torch.Tensor, latent_tokens: torch.Tensor, cond: Cond,
+                       timestep, guidance, pooled, img_ids) -> dict:
+    """One ControlNet's residuals for one conditioning entry, scaled by its strength, called as
+    diffusers' FluxControlNetPipeline calls it (the Union mode as a (batch, 1) index)."""
+    controlnet = hint.controlnet
+    model = controlnet.model
+    batch = latent_tokens.shape[0]
+    device, dtype = latent_tokens.device, latent_tokens.dtype
+    mode = None
+    if controlnet.modes and controlnet.union_mode is not None:
+        mode = torch.full((batch, 1), controlnet.union_mode, device=device, dtype=torch.long)
+    with _union_mode(model, mode is not None):
+        blocks, single = model(
+            hidden_states=latent_tokens,
+            controlnet_cond=sampling.repeat_to_batch(control_input, batch).to(device, dtype),
+            controlnet_mode=mode,
+            conditioning_scale=hint.strength,
+            encoder_hidden_states=cond.t5.to(device, dtype).expand(batch, -1, -1),
+            pooled_projections=pooled,
+            timestep=timestep,
+            img_ids=img_ids,
+            txt_ids=torch.zeros(cond.t5.shape[1], 3, device=device, dtype=dtype),
+            guidance=guidance if model.config.guidance_embeds else None,
+            return_dict=False,
+        )
+    return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": single}
+
+
+def _merge_residuals(parts: list[tuple[dict, str]], double: int, single: int) -> dict:
+    """Several ControlNets' residuals as one per transformer block, summed, as
+    comfy/controlnet.py control_merge adds a chain's outputs. A ControlNet with fewer blocks
+    than the transformer spreads its outputs as comfy/ldm/flux/controlnet.py does: InstantX's
+    (latent input) each repeated over consecutive blocks (diffusers' interval_control), XLabs'
+    cycled (block i takes output i mod n, diffusers' controlnet_blocks_repeat). The result has
+    one entry a block, which diffusers' transformer then takes one to one."""
+    def spread(samples, blocks: int, layout: str):
+        if not samples:
+            return None
+        n = len(samples)
+        if layout == formats.CONTROLNET_XLABS:
+            return [samples[i % n] for i in range(blocks)]
+        interval = -(-blocks // n)
+        return [samples[i // interval] for i in range(blocks)]
+
+    merged: dict[str, list | None] = {}
+    for name, blocks in (("controlnet_block_samples", double), ("controlnet_single_block_samples", single)):
+        total = None
+        for residuals, layout in parts:
+            spread_out = spread(residuals.get(name), blocks, layout)
+            if spread_out is not None:
+                total = spread_out if total is None else [a + b for a, b in zip(total, spread_out)]
+        merged[name] = total
+    return merged
 
 
 def _pad_residuals(residuals: dict, tokens: int) -> dict:

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ryla.models import formats
+from ryla.models import formats, gguf_files
 from ryla.models.tensor_files import METADATA_KEY, ModelFormatError
 
 log = logging.getLogger(__name__)
 
 BUNDLED_CONFIGS = {
     "transformer": "flux1-dev-transformer.json",
+    "clip_vision": "siglip-so400m-patch14-384.json",
     "vae": "flux1-vae.json",
     "clip_l": "clip-l-text.json",
     "t5xxl": "t5-xxl-encoder.json",
@@ -95,6 +96,73 @@ def build_transformer(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: 
     return model
 
 
+def build_controlnet(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dtype, device: torch.device,
+                     what: str = "controlnet"):
+    """A single-file FLUX ControlNet (InstantX, Shakker-Labs Union or XLabs layout, see
+    ryla.models.formats) as diffusers' FluxControlNetModel, its config read from the weights.
+    Returns (model, layout)."""
+    from diffusers import FluxControlNetModel
+
+    layout = formats.controlnet_layout(tensors)
+    if layout is None:
+        other = formats.describe_other_model(tensors)
+        raise ModelFormatError(f"{what} is not a FLUX ControlNet (InstantX, Union or XLabs layout)"
+                               + (f": it looks like {other}" if other else ""))
+    try:
+        converted = formats.controlnet_from_xlabs(tensors) if layout == formats.CONTROLNET_XLABS else dict(tensors)
+        config = formats.controlnet_config_from_weights(component_config("transformer", ryla_meta), converted)
+    except KeyError as exc:
+        raise ModelFormatError(f"{what}: {exc}") from exc
+    width = converted["controlnet_x_embedder.weight"].shape[1]
+    if layout == formats.CONTROLNET_INSTANTX and width != config["in_channels"]:
+        raise ModelFormatError(f"{what}: its control input is {width // 4} latent channels, a kind (inpainting "
+                               "ControlNets with a mask channel) ryla does not run yet")
+    model = _assign(_empty(lambda: FluxControlNetModel.from_config(config)), converted, what, dtype, device)
+    return model, layout
+
+
+def build_clip_vision(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dtype,
+                      device: torch.device, what: str = "clip_vision"):
+    """CLIPVisionLoader: a SigLIP vision tower (Redux's image encoder) as transformers'
+    SiglipVisionModel, its size read from the weights."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    tensors = {k: v for k, v in tensors.items() if k != "vision_model.embeddings.position_ids"}
+    if "vision_model.embeddings.patch_embedding.weight" not in tensors:
+        other = formats.describe_other_model(tensors)
+        raise ModelFormatError(f"{what} is not a SigLIP vision model (Redux's image encoder)"
+                               + (f": it looks like {other}" if other else ""))
+    if "vision_model.embeddings.class_embedding" in tensors:
+        raise ModelFormatError(f"{what} is a CLIP vision model; FLUX.1 Redux takes SigLIP "
+                               "(sigclip_vision_patch14_384.safetensors)")
+    try:
+        config = formats.siglip_config_from_weights(component_config("clip_vision", ryla_meta), tensors)
+    except (KeyError, ValueError) as exc:
+        raise ModelFormatError(f"{what}: {exc}") from exc
+    model = _empty(lambda: SiglipVisionModel(SiglipVisionConfig(**_public(config))))
+    if not any(k.startswith("vision_model.") for k in model.state_dict()):
+        # Published files say `vision_model.encoder...`; transformers 5 names it `encoder...`.
+        tensors = {k.removeprefix("vision_model."): v for k, v in tensors.items()}
+    if not config.get("vision_use_head"):
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
+    return _assign(model, tensors, what, dtype, device)
+
+
+def build_redux(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dtype, device: torch.device,
+                what: str = "style_model"):
+    """StyleModelLoader: FLUX.1 Redux's projection (SigLIP tokens -> T5-width tokens), as
+    diffusers' ReduxImageEncoder, its widths read from the weights."""
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+
+    if not formats.is_redux(tensors):
+        raise ModelFormatError(f"{what} is not FLUX.1 Redux (flux1-redux-dev.safetensors); other style models "
+                               "(SD 1.x T2I style adapters) do not fit FLUX")
+    redux_dim = int(tensors["redux_up.weight"].shape[1])
+    txt_in_features = int(tensors["redux_down.weight"].shape[0])
+    model = _empty(lambda: ReduxImageEncoder(redux_dim=redux_dim, txt_in_features=txt_in_features))
+    return _assign(model, tensors, what, dtype, device)
+
+
 def build_vae(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dtype, device: torch.device,
               what: str = "vae"):
     from diffusers import AutoencoderKL
@@ -127,6 +195,9 @@ def build_t5(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dty
     model = _empty(lambda: T5EncoderModel(config))
     tensors = dict(formats.dequantize_scaled_fp8(tensors, dtype))
     expected = model.state_dict()
+    if "token_embd.weight" in tensors or any(k.startswith("enc.") for k in tensors):
+        # a llama.cpp GGUF (city96's t5-v1_1-xxl-encoder-*.gguf): its own tensor names
+        tensors = gguf_files.t5_from_llama_cpp_names(tensors, sorted(expected))
     # The encoder's token embedding is tied to `shared`; files store only one of the two.
     if "encoder.embed_tokens.weight" in expected and "encoder.embed_tokens.weight" not in tensors:
         if "shared.weight" in tensors:
@@ -146,7 +217,13 @@ def load_tokenizer(folder: Path):
 
 
 def detect_text_encoder(path: Path) -> str:
-    """'clip_l' or 't5xxl' from the file's keys, as ComfyUI's DualCLIPLoader tells them apart."""
+    """'clip_l' or 't5xxl' from the file's keys, as ComfyUI's DualCLIPLoader tells them apart
+    (a GGUF text encoder from its general.architecture, as ComfyUI-GGUF's gguf_clip_loader)."""
+    if gguf_files.is_gguf(path):
+        arch = gguf_files.architecture(path)
+        if arch in gguf_files.T5_ARCHITECTURES:
+            return "t5xxl"
+        raise ModelFormatError(f"{path.name} is not a T5 text encoder: it is {gguf_files.describe_architecture(arch)}")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())

@@ -303,3 +303,189 @@ def describe_other_model(keys) -> str | None:
         if any(pattern in key for key in keys):
             return description
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Single-file FLUX ControlNets: InstantX (and Shakker-Labs' Union), XLabs
+# --------------------------------------------------------------------------------------------
+
+# The layouts, told apart by their keys as comfy/controlnet.py load_controlnet_state_dict does:
+# - InstantX / Shakker-Labs Union: diffusers' FluxControlNetModel keys (`controlnet_x_embedder`,
+#   `transformer_blocks.*`, `controlnet_blocks.*`, `controlnet_single_blocks.*`; a Union file
+#   also `controlnet_mode_embedder`). Its control image is VAE-encoded (a latent input).
+# - XLabs-AI: BFL names for its double blocks (`double_blocks.0.img_attn.norm.key_norm.scale`),
+#   `controlnet_blocks.*`, `pos_embed_input` and a pixel-space `input_hint_block` of eight
+#   convolutions; no single blocks. diffusers' FluxControlNetModel builds the same network with
+#   conditioning_embedding_channels=16 (its ControlNetConditioningEmbedding is that conv stack).
+CONTROLNET_INSTANTX = "instantx"
+CONTROLNET_XLABS = "xlabs"
+
+# XLabs' input_hint_block (an nn.Sequential: conv, SiLU, conv, ... ) -> diffusers'
+# ControlNetConditioningEmbedding: conv_in, blocks.0-5, conv_out
+_XLABS_HINT = {0: "conv_in", 2: "blocks.0", 4: "blocks.1", 6: "blocks.2", 8: "blocks.3", 10: "blocks.4",
+               12: "blocks.5", 14: "conv_out"}
+
+
+def controlnet_layout(keys) -> str | None:
+    keys = set(keys)
+    if "controlnet_blocks.0.weight" in keys and "double_blocks.0.img_attn.norm.key_norm.scale" in keys:
+        return CONTROLNET_XLABS
+    if "controlnet_x_embedder.weight" in keys:
+        return CONTROLNET_INSTANTX
+    return None
+
+
+def controlnet_from_xlabs(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """XLabs' keys -> diffusers FluxControlNetModel keys (conditioning_embedding_channels=16)."""
+    sd = dict(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    for key in list(sd):
+        if key.startswith("controlnet_blocks."):
+            out[key] = sd.pop(key)
+        elif key.startswith("pos_embed_input."):
+            out["controlnet_x_embedder." + key.split(".", 1)[1]] = sd.pop(key)
+        elif key.startswith("input_hint_block."):
+            _, index, param = key.split(".")
+            if int(index) not in _XLABS_HINT:
+                raise KeyError(f"unexpected XLabs hint layer {key}")
+            out[f"input_hint_block.{_XLABS_HINT[int(index)]}.{param}"] = sd.pop(key)
+    out.update(flux_transformer_from_bfl(sd))
+    return out
+
+
+def controlnet_to_xlabs(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse (writes the tiny XLabs file in its published layout)."""
+    names = {v: k for k, v in _XLABS_HINT.items()}
+    sd = dict(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    for key in list(sd):
+        if key.startswith("controlnet_blocks."):
+            out[key] = sd.pop(key)
+        elif key.startswith("controlnet_x_embedder."):
+            out["pos_embed_input." + key.split(".", 1)[1]] = sd.pop(key)
+        elif key.startswith("input_hint_block."):
+            module, _, param = key[len("input_hint_block."):].rpartition(".")
+            out[f"input_hint_block.{names[module]}.{param}"] = sd.pop(key)
+    out.update(flux_transformer_to_bfl(sd))
+    return out
+
+
+def controlnet_config_from_weights(config: dict, state_dict: dict[str, torch.Tensor]) -> dict:
+    """FluxControlNetModel's config from diffusers-named weights: blocks, width, input and
+    text widths, guidance, Union's modes, XLabs' pixel-space hint embedding. The head width and
+    rope axes stay the given (FLUX.1-dev's, or a tiny file's own) config's."""
+    out = {k: v for k, v in config.items() if k in ("attention_head_dim", "axes_dims_rope", "patch_size")}
+    num_double, num_single = _block_counts(state_dict, "transformer_blocks", "single_transformer_blocks")
+    hidden, in_channels = state_dict["x_embedder.weight"].shape
+    head_dim = int(out.get("attention_head_dim", 128))
+    out.update(in_channels=int(in_channels), num_layers=num_double, num_single_layers=num_single,
+               num_attention_heads=int(hidden // head_dim),
+               joint_attention_dim=int(state_dict["context_embedder.weight"].shape[1]),
+               pooled_projection_dim=int(state_dict["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
+               guidance_embeds=any(k.startswith("time_text_embed.guidance_embedder.") for k in state_dict))
+    if "controlnet_mode_embedder.weight" in state_dict:
+        out["num_mode"] = int(state_dict["controlnet_mode_embedder.weight"].shape[0])
+    if "input_hint_block.conv_in.weight" in state_dict:
+        out["conditioning_embedding_channels"] = int(state_dict["input_hint_block.conv_out.weight"].shape[0])
+        # diffusers packs the hint block's output in patch_size x patch_size patches (its only use
+        # of patch_size); XLabs packs 2x2, as the latent is (comfy/ldm/flux/controlnet.py rearrange)
+        out["patch_size"] = 2
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Redux: the SigLIP image encoder (clip_vision/) and the Redux projection (style_models/)
+# --------------------------------------------------------------------------------------------
+
+# SigLIP so400m's heads are 72 wide (1152 = 16 x 72), whatever the width.
+SIGLIP_HEAD_DIM = 72
+
+
+def siglip_config_from_weights(config: dict, state_dict: dict[str, torch.Tensor]) -> dict:
+    """SiglipVisionConfig from a vision tower's weights (transformers' key names under
+    `vision_model.`, as Comfy-Org's sigclip_vision_patch14_384.safetensors has them), as
+    comfy/clip_vision.py load_clipvision_from_sd tells the model from its layer count and
+    positions: layers, widths, patch and image size. Heads come from the given config when the
+    width is its own, else from SigLIP's head width."""
+    out = dict(config)
+    prefix = "vision_model."
+    patch = state_dict[prefix + "embeddings.patch_embedding.weight"]
+    positions = state_dict[prefix + "embeddings.position_embedding.weight"].shape[0]
+    layers = 1 + max(int(k.split(".")[3]) for k in state_dict if k.startswith(prefix + "encoder.layers."))
+    hidden = int(patch.shape[0])
+    side = round(positions ** 0.5)
+    if side * side != positions:
+        raise KeyError(f"{positions} position embeddings make no square grid of patches")
+    if hidden != config.get("hidden_size"):
+        out["num_attention_heads"] = max(1, hidden // SIGLIP_HEAD_DIM)
+    patch_size = int(patch.shape[-1])
+    # so400m-patch14-384 takes 384-pixel images in 27 x 27 patches of 14 (the last 6 pixels
+    # are left out by the convolution's stride): the configured size stays where it fits
+    image_size = int(config.get("image_size", 0))
+    if image_size // patch_size != side:
+        image_size = side * patch_size
+    out.update(hidden_size=hidden, patch_size=patch_size, image_size=image_size,
+               num_hidden_layers=layers,
+               intermediate_size=int(state_dict[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
+               vision_use_head=any(k.startswith(prefix + "head.") for k in state_dict))
+    return out
+
+
+def is_redux(keys) -> bool:
+    """FLUX.1 Redux's projection (flux1-redux-dev.safetensors: redux_up, redux_down), as
+    comfy/sd.py load_style_model recognises it."""
+    return "redux_down.weight" in set(keys)
+
+
+# --------------------------------------------------------------------------------------------
+# What a file is, from its tensor names alone (for the loaders' file lists)
+# --------------------------------------------------------------------------------------------
+
+FLUX_TRANSFORMER_FILE = "flux_transformer"
+FLUX_CHECKPOINT_FILE = "flux_checkpoint"
+CLIP_L_FILE = "clip_l"
+T5_FILE = "t5"
+VAE_FILE = "vae"
+CONTROLNET_FILE = "controlnet"
+LORA_FILE = "lora"
+CLIP_VISION_FILE = "clip_vision"
+REDUX_FILE = "redux"
+
+
+_LORA_DOWN = re.compile(r"\.(lora_A|lora_down)(\.default)?\.weight$")
+
+
+def file_kind(keys) -> str | None:
+    """Which of ryla's loaders can take a state dict with these tensor names, or None: a FLUX
+    transformer (BFL keys, bare or under a checkpoint prefix alone), an all-in-one FLUX
+    checkpoint, CLIP-L, T5, the FLUX VAE, a single-file ControlNet, a LoRA, a SigLIP vision
+    tower, Redux. Keys only: shapes are checked when the file loads."""
+    keys = set(keys)
+    transformer_prefix = CHECKPOINT_PREFIXES["transformer"]
+    if transformer_prefix + "img_in.weight" in keys and any(k.startswith(CHECKPOINT_PREFIXES["vae"]) for k in keys):
+        return FLUX_CHECKPOINT_FILE
+    if any(_LORA_DOWN.search(k) for k in keys):  # the pairs ryla.models.lora_format reads
+        return LORA_FILE
+    if controlnet_layout(keys) is not None:
+        return CONTROLNET_FILE
+    if any(prefix + "img_in.weight" in keys for prefix in ("", *BFL_PREFIXES)):
+        return FLUX_TRANSFORMER_FILE
+    if any(k.startswith("text_model.") for k in keys):
+        return CLIP_L_FILE
+    if any(k.startswith("encoder.block.") for k in keys):
+        return T5_FILE
+    if "encoder.down.0.block.0.conv1.weight" in keys and "decoder.conv_in.weight" in keys:
+        return VAE_FILE
+    if "vision_model.embeddings.patch_embedding.weight" in keys:
+        return CLIP_VISION_FILE
+    if is_redux(keys):
+        return REDUX_FILE
+    return None
+
+
+# The file kinds each model folder's loaders take (for GET /models/{folder})
+FOLDER_FILE_KINDS = {
+    "checkpoints": (FLUX_CHECKPOINT_FILE,), "diffusion_models": (FLUX_TRANSFORMER_FILE,),
+    "text_encoders": (CLIP_L_FILE, T5_FILE), "vae": (VAE_FILE,), "loras": (LORA_FILE,),
+    "controlnet": (CONTROLNET_FILE,), "clip_vision": (CLIP_VISION_FILE,), "style_models": (REDUX_FILE,),
+}

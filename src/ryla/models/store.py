@@ -20,11 +20,15 @@ FOLDERS: dict[str, tuple[str, ...]] = {
     "vae": ("vae",),
     "loras": ("loras",),
     "controlnet": ("controlnet",),
+    "clip_vision": ("clip_vision",),
+    "style_models": ("style_models",),
     "instantid": ("instantid",),
     "insightface": ("insightface",),
     "tokenizers": ("tokenizers",),
 }
-MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+# ComfyUI-GGUF's folder keys (nodes.py update_folder_names_and_paths): .gguf files of a folder
+GGUF_FOLDERS = {"unet_gguf": "diffusion_models", "clip_gguf": "text_encoders"}
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 
 # The files the FLUX.1-dev templates name (the spec's file list).
 FLUX_CHECKPOINT = "flux1-dev-fp8.safetensors"
@@ -32,6 +36,11 @@ FLUX_TRANSFORMER = "flux1-dev.safetensors"
 CLIP_L = "clip_l.safetensors"
 T5XXL = "t5xxl_fp16.safetensors"
 FLUX_VAE = "ae.safetensors"
+# FLUX.1 Kontext dev under the names it is published as: Comfy-Org's repackaged file (what
+# ComfyUI's template loads), then Black Forest Labs' own.
+KONTEXT_FILES = ("flux1-dev-kontext_fp8_scaled.safetensors", "flux1-kontext-dev.safetensors")
+# FLUX.1 Fill dev, as Black Forest Labs and ComfyUI's Fill templates name it
+FILL_FILE = "flux1-fill-dev.safetensors"
 
 
 class ModelNotFoundError(LookupError):
@@ -72,6 +81,7 @@ class ModelStore:
         # The generated tiny set marks its folder, so it is reported as tiny wherever it is.
         self.tiny = tiny or (self.root / "TINY_MODELS").is_file()
         self.user_root = Path(user_root).expanduser().resolve() if user_root is not None else None
+        self._kinds: dict[tuple[str, int, int], str | None] = {}  # file version -> formats.file_kind
 
     def _root(self, kind: str) -> Path:
         return self.user_root if self.user_root is not None and kind in USER_KINDS else self.root
@@ -97,6 +107,56 @@ class ModelStore:
                 if path.suffix.lower() in MODEL_EXTENSIONS and path.is_file() and not path.name.startswith("."):
                     names.add(path.relative_to(folder).as_posix())
         return sorted(names)
+
+    def list_loadable(self, kind: str, file_kinds: tuple[str, ...]) -> list[str]:
+        """The files of one kind whose tensor names say a loader can take them (file_kinds, of
+        ryla.models.formats.file_kind): read from each file's header, remembered per file
+        version. Pickled formats (.ckpt, .pt, .bin) are never listed: ryla reads safetensors
+        and GGUF only. A GGUF file is its general.architecture (flux: a transformer; t5: T5)."""
+        return [name for name in self.list(kind) if self.file_kind(kind, name) in file_kinds]
+
+    def listing(self, folder: str) -> list[str]:
+        """A model folder's files as ComfyUI's GET /models/{folder} lists them, filtered to
+        what its loaders can load: .gguf files only under ComfyUI-GGUF's `unet_gguf` and
+        `clip_gguf` keys (its UnetLoaderGGUF's and CLIP loaders' lists), controlnet/ with its
+        diffusers folders (InfuseNet) and without their inner files; folders no loader reads
+        (instantid, insightface, tokenizers) as they are."""
+        from ryla.models import formats
+
+        if folder in GGUF_FOLDERS:
+            kind = GGUF_FOLDERS[folder]
+            return [n for n in self.list_loadable(kind, formats.FOLDER_FILE_KINDS[kind]) if n.lower().endswith(".gguf")]
+        if folder not in formats.FOLDER_FILE_KINDS:
+            return self.list(folder)
+        names = [n for n in self.list_loadable(folder, formats.FOLDER_FILE_KINDS[folder])
+                 if not n.lower().endswith(".gguf")]
+        if folder == "controlnet":
+            folders = self.list_folders(folder)
+            names = [n for n in names if not any(n.startswith(f + "/") for f in folders)] + folders
+        return sorted(names)
+
+    def file_kind(self, kind: str, name: str) -> str | None:
+        from ryla.models import formats, gguf_files, tensor_files
+
+        try:
+            path = self.resolve(kind, name)
+            stat = path.stat()
+        except (UnsafeNameError, ModelNotFoundError, OSError):
+            return None  # a link out of the store, or gone since the listing: not listed
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in self._kinds:
+            found = None
+            try:
+                if gguf_files.is_gguf(path):
+                    arch = gguf_files.architecture(path)
+                    found = {"flux": formats.FLUX_TRANSFORMER_FILE}.get(
+                        arch, formats.T5_FILE if arch in gguf_files.T5_ARCHITECTURES else None)
+                elif path.suffix.lower() in (".safetensors", ".sft"):
+                    found = formats.file_kind(tensor_files.tensor_names(path))
+            except tensor_files.ModelFormatError:
+                found = None  # unreadable: not listed; naming it still gets the loader's reason
+            self._kinds[key] = found
+        return self._kinds[key]
 
     def resolve(self, kind: str, name: str) -> Path:
         """The file a workflow's model name refers to; refuses names that escape the tree."""
@@ -135,6 +195,15 @@ class ModelStore:
         """Tokenizer folders the FLUX text encoders need that are not in tokenizers/."""
         return [name for name in ("clip_l", "t5xxl")
                 if not (self.folder("tokenizers") / name / "tokenizer_config.json").is_file()]
+
+    def kontext_model(self) -> str | None:
+        """The store's FLUX.1 Kontext dev transformer (diffusion_models/), or None."""
+        installed = set(self.list("diffusion_models"))
+        return next((name for name in KONTEXT_FILES if name in installed), None)
+
+    def fill_model(self) -> str | None:
+        """The store's FLUX.1 Fill dev transformer (diffusion_models/), or None."""
+        return FILL_FILE if FILL_FILE in self.list("diffusion_models") else None
 
     def inventory(self) -> dict[str, list[str]]:
         return {kind: self.list(kind) for kind in FOLDERS if kind != "tokenizers"}

@@ -8,9 +8,11 @@ tokenizers, under the real file names and key layouts:
     checkpoints/flux1-dev-fp8.safetensors   all-in-one, transformer in float8_e4m3fn
     diffusion_models/flux1-dev.safetensors  BFL keys, bf16
     diffusion_models/...                    scaled fp8, schnell (no guidance), Kontext (scaled
-                                            fp8), Fill (384 input channels), Canny and Depth (128)
+                                            fp8), Fill (384 input channels), Canny and Depth (128),
+                                            GGUF Q8_0 and Q4_K (city96's layout)
     text_encoders/clip_l.safetensors        transformers keys, fp16
-    text_encoders/t5xxl_fp16.safetensors    transformers keys, fp16
+    text_encoders/t5xxl_fp16.safetensors    transformers keys, fp16 (also scaled fp8, and GGUF Q8_0
+                                            under llama.cpp's names)
     vae/ae.safetensors                      LDM keys, bf16
     tokenizers/clip_l, tokenizers/t5xxl     tokenizer files as in FLUX.1-dev's repo
 
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ryla.models import formats
+from ryla.models import formats, gguf_files
 from ryla.models.tensor_files import METADATA_KEY
 from ryla.models.store import CLIP_L, FLUX_CHECKPOINT, FLUX_TRANSFORMER, FLUX_VAE, T5XXL, ModelStore
 
@@ -45,7 +47,7 @@ warnings.filterwarnings("ignore", message=r"`FluxPosEmbed` is deprecated", categ
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "4"  # bump when the tiny architecture changes, so stale sets are rewritten
+TINY_VERSION = "6"  # bump when the tiny architecture changes, so stale sets are rewritten
 
 TINY_TRANSFORMER = {
     "_class_name": "FluxTransformer2DModel",
@@ -168,6 +170,17 @@ def make_tiny_models(root: Path | str) -> ModelStore:
         _save(store.folder("diffusion_models") / name, {k: v.to(torch.bfloat16) for k, v in variant.items()},
               meta("transformer"))
 
+    # city96's GGUF files (ComfyUI-GGUF): the dev transformer in Q8_0 (BFL keys, arch flux) and
+    # the T5 encoder in Q8_0 under llama.cpp's names (arch t5encoder), same weights as above.
+    # Q4_K's super-blocks take rows of 256 values, wider than any of the tiny model's, so the
+    # Q4_K file is a 256-wide variant (16 heads of 16; the text and image widths as above).
+    gguf_files.write_gguf(store.folder("diffusion_models") / GGUF_Q8_TRANSFORMER, transformer, "flux", "Q8_0",
+                          json.loads(meta("transformer")[METADATA_KEY]))
+    gguf_files.write_gguf(store.folder("diffusion_models") / GGUF_Q4K_TRANSFORMER, wide_transformer_state_dict(),
+                          "flux", "Q4_K", json.loads(meta("transformer")[METADATA_KEY]))
+    gguf_files.write_gguf(store.folder("text_encoders") / GGUF_Q8_T5XXL, gguf_files.t5_to_llama_cpp_names(t5),
+                          "t5encoder", "Q8_0", json.loads(meta("t5xxl")[METADATA_KEY]))
+
     # All-in-one, as ComfyUI's flux1-dev-fp8: the transformer's weight matrices in fp8,
     # its norms and biases (which real fp8 exports also keep wider) in bf16.
     checkpoint: dict[str, torch.Tensor] = {}
@@ -180,6 +193,8 @@ def make_tiny_models(root: Path | str) -> ModelStore:
             checkpoint[formats.CHECKPOINT_PREFIXES[component] + key] = value.to(cast)
     _save(store.folder("checkpoints") / FLUX_CHECKPOINT, checkpoint, meta("transformer", "vae", "clip_l", "t5xxl"))
     _write_identity_models(store)
+    _write_controlnets(store, meta("transformer"))
+    _write_redux(store)
     (store.root / "TINY_MODELS").write_text(TINY_VERSION + "\n")
     log.info("wrote the tiny FLUX.1-dev model set to %s", store.root)
     return store
@@ -193,6 +208,85 @@ KONTEXT_TRANSFORMER = "flux1-dev-kontext_fp8_scaled.safetensors"
 FILL_TRANSFORMER = "flux1-fill-dev.safetensors"
 CANNY_TRANSFORMER = "flux1-canny-dev.safetensors"
 DEPTH_TRANSFORMER = "flux1-depth-dev.safetensors"
+# city96's names (city96/FLUX.1-dev-gguf, city96/t5-v1_1-xxl-encoder-gguf)
+GGUF_Q8_TRANSFORMER = "flux1-dev-Q8_0.gguf"
+GGUF_Q4K_TRANSFORMER = "flux1-dev-Q4_K_S.gguf"
+GGUF_Q8_T5XXL = "t5-v1_1-xxl-encoder-Q8_0.gguf"
+
+
+# Single-file FLUX ControlNets under the names they are usually saved as: InstantX's Canny
+# (InstantX/FLUX.1-dev-Controlnet-Canny), Shakker-Labs' Union Pro (10 control modes), XLabs-AI's
+# Canny v3 (XLabs-AI/flux-controlnet-collections)
+INSTANTX_CONTROLNET = "instantx_flux_canny.safetensors"
+UNION_CONTROLNET = "FLUX.1-dev-ControlNet-Union-Pro.safetensors"
+XLABS_CONTROLNET = "flux-canny-controlnet-v3.safetensors"
+
+
+def controlnet_state_dict(seed: int, num_single_layers: int = 1, num_mode: int | None = None,
+                          conditioning_embedding_channels: int | None = None) -> dict[str, torch.Tensor]:
+    """A tiny FluxControlNetModel's weights (diffusers keys, float32), seeded."""
+    from diffusers import FluxControlNetModel
+
+    config = {k: v for k, v in TINY_TRANSFORMER.items() if not k.startswith("_")}
+    config.update(num_single_layers=num_single_layers, num_mode=num_mode,
+                  conditioning_embedding_channels=conditioning_embedding_channels)
+    return _fill_deterministically(FluxControlNetModel(**config), seed=seed)
+
+
+def _write_controlnets(store: ModelStore, metadata: dict[str, str]) -> None:
+    """The three layouts as published: InstantX's and Union's in diffusers' key names (Union
+    with its mode embedding), XLabs' with BFL block names, `pos_embed_input` and a
+    pixel-space `input_hint_block`, double blocks only (comfy/controlnet.py tells them apart by
+    these keys)."""
+    folder = store.folder("controlnet")
+    bf16 = lambda sd: {k: v.to(torch.bfloat16) for k, v in sd.items()}  # noqa: E731
+    _save(folder / INSTANTX_CONTROLNET, bf16(controlnet_state_dict(seed=8)), metadata)
+    _save(folder / UNION_CONTROLNET, bf16(controlnet_state_dict(seed=9, num_mode=10)), metadata)
+    xlabs = controlnet_state_dict(seed=10, num_single_layers=0, conditioning_embedding_channels=16)
+    _save(folder / XLABS_CONTROLNET, bf16(formats.controlnet_to_xlabs(xlabs)), metadata)
+
+
+# FLUX.1 Redux's files under Comfy-Org's names (flux_redux_model_example's)
+SIGLIP_VISION = "sigclip_vision_patch14_384.safetensors"
+REDUX_MODEL = "flux1-redux-dev.safetensors"
+# SigLIP so400m's shape at toy width: 384-pixel images in 14-pixel patches (729 tokens, as the
+# real one, which comfy/clip_vision.py recognises by), 2 layers of width 32
+TINY_SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 384, "patch_size": 14,
+               "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "vision_use_head": False}
+
+
+def siglip_state_dict() -> dict[str, torch.Tensor]:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    sd = _fill_deterministically(SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP)), seed=11)
+    # Written as published files are: `vision_model.` keys (transformers 5 drops the prefix), no
+    # position_ids buffer
+    sd = {k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in sd.items()}
+    sd.pop("vision_model.embeddings.position_ids", None)
+    return sd
+
+
+def redux_state_dict() -> dict[str, torch.Tensor]:
+    """Redux's projection from SigLIP's width to T5's (the tiny T5's 32), 3x wide inside."""
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+
+    return _fill_deterministically(ReduxImageEncoder(redux_dim=TINY_SIGLIP["hidden_size"],
+                                                     txt_in_features=TINY_T5["d_model"]), seed=12)
+
+
+def _write_redux(store: ModelStore) -> None:
+    """The SigLIP tower in transformers' key names (`vision_model.`, as Comfy-Org's
+    sigclip_vision_patch14_384.safetensors) and Redux's `redux_up`/`redux_down`."""
+    _save(store.folder("clip_vision") / SIGLIP_VISION, {k: v.to(torch.float16) for k, v in siglip_state_dict().items()},
+          {METADATA_KEY: json.dumps({"tiny": TINY_VERSION, "configs": {"clip_vision": TINY_SIGLIP}}, sort_keys=True)})
+    _save(store.folder("style_models") / REDUX_MODEL, {k: v.to(torch.bfloat16) for k, v in redux_state_dict().items()},
+          {METADATA_KEY: json.dumps({"tiny": TINY_VERSION}, sort_keys=True)})
+
+
+def wide_transformer_state_dict() -> dict[str, torch.Tensor]:
+    """The Q4_K file's weights (float32, BFL keys): 256 wide, so its matrices fit Q4_K's blocks."""
+    return _transformer_state_dict(seed=6, heads=16)
 
 
 def scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -250,11 +344,12 @@ def _fill_deterministically(module: torch.nn.Module, seed: int) -> dict[str, tor
     return out
 
 
-def _transformer_state_dict(guidance: bool = True, seed: int = 1, in_channels: int = 64) -> dict[str, torch.Tensor]:
+def _transformer_state_dict(guidance: bool = True, seed: int = 1, in_channels: int = 64,
+                            heads: int = TINY_TRANSFORMER["num_attention_heads"]) -> dict[str, torch.Tensor]:
     from diffusers import FluxTransformer2DModel
 
     config = {k: v for k, v in TINY_TRANSFORMER.items() if not k.startswith("_")}
-    config.update(guidance_embeds=guidance, in_channels=in_channels, out_channels=64)
+    config.update(guidance_embeds=guidance, in_channels=in_channels, out_channels=64, num_attention_heads=heads)
     model = FluxTransformer2DModel(**config)
     return formats.flux_transformer_to_bfl(_fill_deterministically(model, seed=seed))
 

@@ -128,6 +128,59 @@ FLUX_KONTEXT = Template("flux_kontext", {
 })
 
 
+# FLUX.1 Fill dev's guidance in BFL's examples and ComfyUI's flux_fill_inpaint_example
+FILL_GUIDANCE = 30.0
+
+
+def with_fill_inpainting(graph: dict, fill_model: str, guidance: float | None = None) -> dict:
+    """An inpainting graph (with_image_input's, mask given) moved onto FLUX.1 Fill dev, as
+    ComfyUI's flux_fill_inpaint_example builds it: the transformer from UNETLoader (`fill_model`)
+    through DifferentialDiffusion, wherever the checkpoint's MODEL went (LoRAs included; CLIP
+    and VAE stay the checkpoint's); SetLatentNoiseMask replaced by InpaintModelConditioning,
+    which gives Fill the masked image and the mask and the sampler its conditioning and latent;
+    FluxGuidance set to `guidance` (Fill's own 30 when None)."""
+    graph = copy.deepcopy(graph)
+    next_id = max(int(node_id) for node_id in graph if node_id.isdigit()) + 1
+    loader, diffusion, inpaint = (str(next_id + i) for i in range(3))
+    for node in graph.values():
+        for name, value in node["inputs"].items():
+            if value == ["1", 0]:
+                node["inputs"][name] = [diffusion, 0]
+    graph[loader] = {"class_type": "UNETLoader", "inputs": {"unet_name": fill_model, "weight_dtype": "default"},
+                     "_meta": {"title": "Load Diffusion Model (Fill)"}}
+    graph[diffusion] = {"class_type": "DifferentialDiffusion", "inputs": {"model": [loader, 0]},
+                        "_meta": {"title": "Differential Diffusion"}}
+    sampler = graph["7"]["inputs"]
+    noise_mask = graph.pop("23")["inputs"]  # SetLatentNoiseMask: the encoded image and the mask
+    graph[inpaint] = {"class_type": "InpaintModelConditioning", "inputs": {
+        "positive": sampler["positive"], "negative": sampler["negative"], "vae": ["1", 2], "pixels": ["20", 0],
+        "mask": noise_mask["mask"], "noise_mask": True}, "_meta": {"title": "InpaintModelConditioning"}}
+    sampler.update(positive=[inpaint, 0], negative=[inpaint, 1])
+    for node in graph.values():
+        for name, value in node["inputs"].items():
+            if value == ["23", 0]:
+                node["inputs"][name] = [inpaint, 2]
+    for node in graph.values():
+        if node["class_type"] == "FluxGuidance":
+            node["inputs"]["guidance"] = FILL_GUIDANCE if guidance is None else guidance
+    return graph
+
+
+def flux_kontext_graph(loras: list[tuple[str, float]] = (), **params: Any) -> dict:
+    """The FLUX_KONTEXT template; each LoRA file (in order) on the transformer only, through
+    LoraLoaderModelOnly, as ComfyUI's Kontext LoRA graphs apply them."""
+    graph = FLUX_KONTEXT.fill(**params)
+    model = ["10", 0]
+    for index, (name, strength) in enumerate(loras):
+        node_id = str(60 + index)
+        graph[node_id] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": model, "lora_name": name, "strength_model": strength},
+            "_meta": {"title": f"LoraLoaderModelOnly {index + 1}"}}
+        model = [node_id, 0]
+    graph["7"]["inputs"]["model"] = model
+    return graph
+
+
 FLUX_INSTANTID = Template("flux_instantid", {
     **FLUX_DEV.bindings,
     "instantid_strength": (("14", "ip_weight"),),

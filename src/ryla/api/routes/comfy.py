@@ -28,7 +28,7 @@ from ryla.api.service import Service, get_service
 from ryla.api.storage import UnsafePath
 from ryla.graph.executor import RunContext
 from ryla.imaging import ImageError, decode_image
-from ryla.models.store import FOLDERS
+from ryla.models.store import FOLDERS, GGUF_FOLDERS
 
 log = logging.getLogger(__name__)
 
@@ -304,17 +304,17 @@ def _info_context(service: Service) -> RunContext:
     return RunContext(engine=service.runtime.engine, input_dir=service.folders.folder("input"))
 
 
-@router.get("/models", summary="Model folder names (ComfyUI's list)")
+@router.get("/models", summary="Model folder names (ComfyUI's list, with ComfyUI-GGUF's unet_gguf and clip_gguf)")
 async def model_folders() -> list[str]:
-    return sorted(set(FOLDERS) | set(LEGACY_FOLDERS))
+    return sorted(set(FOLDERS) | set(LEGACY_FOLDERS) | set(GGUF_FOLDERS))
 
 
-@router.get("/models/{folder}", summary="The files of one model folder (ComfyUI's list)")
+@router.get("/models/{folder}", summary="The files of one model folder that its loaders can load")
 async def model_files(folder: str, service: Service = Depends(get_service)) -> list[str]:
     kind = LEGACY_FOLDERS.get(folder, folder)
-    if kind not in FOLDERS:
+    if kind not in FOLDERS and kind not in GGUF_FOLDERS:
         raise ApiError(404, "not_found", f"no model folder {folder!r}")
-    return service.runtime.store.list(kind)
+    return service.runtime.store.listing(kind)
 
 
 @router.get("/embeddings", summary="Textual-inversion embeddings (none: FLUX has no use for them)")

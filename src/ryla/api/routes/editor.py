@@ -229,7 +229,7 @@ async def model_files(folder: str, service: Service = Depends(get_service)) -> l
     store = service.runtime.store
     if folder not in store.inventory():
         raise ApiError(404, "not_found", f"no model folder {folder!r}")
-    return [{"name": name, "pathIndex": 0} for name in store.list(folder)]
+    return [{"name": name, "pathIndex": 0} for name in store.listing(folder)]
 
 
 @router.get("/api/view_metadata/{folder}")

@@ -19,9 +19,10 @@ from ryla.api.schemas import ErrorResponse, FluxDevRequest, FluxInstantIdRequest
 from ryla.api.service import ServerSettings, Service, Timings, get_service
 from ryla.api.webhooks import validate_webhook
 from ryla.graph.executor import unwrap_workflow
+from ryla.models.store import KONTEXT_FILES
 from ryla.runtime import model_label, random_seed
-from ryla.workflows import (FLUX_DEV, FLUX_KONTEXT, flux_instantid_graph, flux_lora_graph, with_image_input,
-                            with_trigger_words)
+from ryla.workflows import (FLUX_DEV, flux_instantid_graph, flux_kontext_graph, flux_lora_graph, with_fill_inpainting,
+                            with_image_input, with_trigger_words)
 
 router = APIRouter(tags=["generate"])
 MAX_WORKFLOW_IMAGES = 8
@@ -72,11 +73,13 @@ def image_parameters(body: FluxDevRequest, service: Service, seed: int, graph: d
     """What made a typed endpoint's image, written into the file (PNG text chunk, EXIF comment
     for JPEG and WebP), as `ryla generate` and the Python API write it."""
     sampler = graph["6"]["inputs"]  # ModelSamplingFlux: the size actually made (the image's, for img2img)
-    checkpoint = graph["1"]["inputs"].get("ckpt_name")
+    # the transformer: FLUX.1 Fill's file when inpainting moved there, else the checkpoint's
+    model = next((node["inputs"]["unet_name"] for node in graph.values() if node["class_type"] == "UNETLoader"),
+                 graph["1"]["inputs"].get("ckpt_name"))
+    guidance = next(node["inputs"]["guidance"] for node in graph.values() if node["class_type"] == "FluxGuidance")
     parameters = {"prompt": prompt or body.prompt, "negative_prompt": body.negative_prompt, "seed": seed,
                   "width": sampler["width"], "height": sampler["height"], "steps": body.steps,
-                  "guidance": body.guidance, "cfg": body.cfg,
-                  "model": model_label(service.runtime.store, checkpoint)}
+                  "guidance": guidance, "cfg": body.cfg, "model": model_label(service.runtime.store, model)}
     if loras:
         parameters["loras"] = loras
     if body.image is not None:
@@ -91,10 +94,13 @@ def field_error(field_name: str, message: str) -> ApiError:
                     {"errors": [{"field": field_name, "message": message}]})
 
 
-def image_input(body: FluxDevRequest, service: Service, graph: dict, images: dict[str, bytes]) -> dict:
+def image_input(body: FluxDevRequest, service: Service, graph: dict, images: dict[str, bytes],
+                fill: bool = True) -> dict:
     """The typed endpoints' image-to-image and inpainting: with `image` the template becomes
     ComfyUI's img2img graph (and with `mask` its inpainting one), its size the image's; without,
-    `mask` and `strength` have nothing to act on and are refused rather than ignored."""
+    `mask` and `strength` have nothing to act on and are refused rather than ignored. With a
+    mask, `fill` and FLUX.1 Fill dev in the store, the inpainting runs on Fill (at its guidance
+    of 30 unless the request gives one)."""
     given = body.model_fields_set
     if body.image is None:
         for name in ("mask", "strength"):
@@ -113,8 +119,12 @@ def image_input(body: FluxDevRequest, service: Service, graph: dict, images: dic
                                    "pixels a side (resize it, or send a ComfyUI workflow to /workflow)")
     if body.mask is not None:
         images["mask"] = decode_photo(service.settings, "mask", body.mask)
-    return with_image_input(graph, body.strength, width, height, mask=body.mask is not None,
-                            batch_size=body.num_images)
+    graph = with_image_input(graph, body.strength, width, height, mask=body.mask is not None,
+                             batch_size=body.num_images)
+    fill_model = service.runtime.store.fill_model() if fill and body.mask is not None else None
+    if fill_model is not None:
+        graph = with_fill_inpainting(graph, fill_model, body.guidance if "guidance" in given else None)
+    return graph
 
 
 @router.post("/flux-dev", responses=IMAGE_RESPONSES, response_class=Response, summary="Text-to-image with FLUX.1-dev",
@@ -208,7 +218,7 @@ async def flux_instantid(body: FluxInstantIdRequest, request: Request,
     graph = image_input(body, service, flux_instantid_graph(
         pose="pose" in images, **body.template_params(seed), instantid_strength=body.instantid_strength,
         controlnet_strength=body.controlnet_strength, face_provider="CUDA" if body.face_provider == "gpu" else "CPU"),
-        images)
+        images, fill=False)  # InfuseNet is trained with FLUX.1-dev
     parameters = image_parameters(body, service, seed, graph)
 
     def respond(result, timings, scores):
@@ -228,35 +238,25 @@ async def flux_instantid(body: FluxInstantIdRequest, request: Request,
                                parameters=parameters, make_response=respond_with_scores)
 
 
-# FLUX.1 Kontext dev under the names it is published as: Comfy-Org's repackaged file (what
-# ComfyUI's template loads), then Black Forest Labs' own.
-KONTEXT_FILES = ("flux1-dev-kontext_fp8_scaled.safetensors", "flux1-kontext-dev.safetensors")
-
-
 @router.post("/flux-kontext", responses={**IMAGE_RESPONSES, 404: {"model": ErrorResponse,
                                                                    "description": "model_not_found, lora_not_found"}},
              response_class=Response, summary="Edit an image with FLUX.1 Kontext dev (outfit, pose, background, "
              "style) keeping the person", description=PREFER_ASYNC)
 async def flux_kontext(body: FluxKontextRequest, request: Request, service: Service = Depends(get_service)) -> Response:
-    installed = set(service.runtime.store.list("diffusion_models"))
-    model = next((name for name in KONTEXT_FILES if name in installed), None)
+    model = service.runtime.store.kontext_model()
     if model is None:
         raise ApiError(404, "model_not_found", "FLUX.1 Kontext dev is not in this server's model store: put "
                        f"{KONTEXT_FILES[0]} (or {KONTEXT_FILES[1]}) in its diffusion_models folder")
     images = {"image": decode_photo(service.settings, "image", body.image)}
     seed = body.seed if body.seed is not None else random_seed()
-    graph = FLUX_KONTEXT.fill(kontext_model=model, prompt=body.prompt, guidance=body.guidance, seed=seed,
-                              steps=body.steps, batch_size=body.num_images)
-    loras = None
+    loras, lora_files, prompt = None, [], body.prompt
     if body.lora_id is not None:
         entry = await lora_entry(service.runtime, body.lora_id)
-        # on the transformer only (LoraLoaderModelOnly), as ComfyUI's Kontext LoRA graphs apply it
-        graph["11"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-            "model": ["10", 0], "lora_name": entry["file"], "strength_model": body.lora_strength},
-            "_meta": {"title": "LoraLoaderModelOnly"}}
-        graph["7"]["inputs"]["model"] = ["11", 0]
-        loras = [{"id": body.lora_id, "strength": body.lora_strength}]
-    parameters = {"prompt": body.prompt, "seed": seed, "steps": body.steps, "guidance": body.guidance,
+        loras, lora_files = [{"id": body.lora_id, "strength": body.lora_strength}], [(entry["file"], body.lora_strength)]
+        prompt = with_trigger_words(prompt, [entry.get("trigger_word")])  # as /flux-lora does
+    graph = flux_kontext_graph(lora_files, kontext_model=model, prompt=prompt, guidance=body.guidance, seed=seed,
+                               steps=body.steps, batch_size=body.num_images)
+    parameters = {"prompt": prompt, "seed": seed, "steps": body.steps, "guidance": body.guidance,
                   "model": model, "edit": True, **({"loras": loras} if loras else {})}
     return await run_or_accept(
         request, service, graph, "flux-kontext", seeds=[seed] * body.num_images, webhook=body.webhook,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ryla.graph.nodes import conditioning, edit, identity, image, latent, loaders, lora, mask, sampling
+from ryla.graph.nodes import (conditioning, controlnet, edit, identity, image, latent, loaders, lora, mask, sampling,
+                              style)
 from ryla.graph.registry import NodeRegistry
 
-NODE_MODULES = (loaders, lora, conditioning, edit, latent, sampling, image, mask, identity)
+NODE_MODULES = (loaders, lora, conditioning, controlnet, style, edit, latent, sampling, image, mask, identity)
 
 
 def default_registry() -> NodeRegistry:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ryla import imaging
+from ryla.flux.components import ControlNet
 from ryla.graph.executor import NodeUserError
 from ryla.graph.nodes.loaders import files
 from ryla.graph.registry import InputSpec, Node, Output, link, node
@@ -115,18 +116,6 @@ class InstantIDModelLoader(Node):
         return (context.engine.load_resampler(instantid_file),)
 
 
-@node
-class ControlNetLoader(Node):
-    class_type = "ControlNetLoader"
-    category = "loaders"
-    description = "A FLUX ControlNet folder in diffusers format from controlnet/ (InfuseNet)."
-    inputs = (InputSpec("control_net_name", "COMBO", choices=lambda context: context.store.list_folders("controlnet")),)
-    outputs = (Output("CONTROL_NET", "CONTROL_NET"),)
-
-    def run(self, context, control_net_name):
-        return (context.engine.load_controlnet(control_net_name),)
-
-
 def _strength(name: str, default: float, description: str) -> InputSpec:
     return InputSpec(name, "FLOAT", default=default, min=0.0, max=3.0, step=0.01, description=description)
 
@@ -169,6 +158,10 @@ def faces_in(context, analyzer, picture):
 
 def apply_identity(context, instantid, insightface, control_net, image, model, positive, negative, vae,
                    ip_weight, cn_strength, start_at, end_at, image_kps=None):
+    if isinstance(control_net, ControlNet):
+        raise NodeUserError("invalid_input", f"{control_net.name} is a single-file ControlNet (it goes into "
+                            "ControlNetApplyAdvanced); ApplyInstantID takes InfuseNet, the diffusers folder in "
+                            "controlnet/", details={"node_id": context.current_node})
     reference = imaging.to_pil(image)[0]
     faces = faces_in(context, insightface, reference)
     context.annotations["faces_found"] = len(faces)
@@ -230,5 +223,5 @@ class ApplyInstantIDAdvanced(Node):
                               end_at=end_at, image_kps=image_kps, **links)
 
 
-NODES = (LoadImage, InstantIDFaceAnalysis, InstantIDModelLoader, ControlNetLoader, ApplyInstantID,
+NODES = (LoadImage, InstantIDFaceAnalysis, InstantIDModelLoader, ApplyInstantID,
          ApplyInstantIDAdvanced)

@@ -312,5 +312,35 @@ class ImageStitch(Node):
         return (out,)
 
 
+@node
+class Canny(Node):
+    """comfy_extras/nodes_canny.py: kornia's Canny edge detector on the image (kornia makes it
+    grey first; Gaussian 5x5, sigma 1; hysteresis), its edge map repeated into three channels."""
+
+    class_type = "Canny"
+    category = "image/preprocessors"
+    description = "Detect edges (Canny), for FLUX.1 Canny dev's control image or a ControlNet."
+    inputs = (
+        link("image", "IMAGE"),
+        InputSpec("low_threshold", "FLOAT", default=0.4, min=0.01, max=0.99, step=0.01,
+                  description="Gradients below this are not edges."),
+        InputSpec("high_threshold", "FLOAT", default=0.8, min=0.01, max=0.99, step=0.01,
+                  description="Gradients above this are strong edges; weaker ones count where they join one."),
+        InputSpec("device", "COMBO", default="cpu", choices=("cpu", "gpu"), optional=True,
+                  description="Where to run it; gpu is the engine's device."),
+    )
+    outputs = (Output("IMAGE", "IMAGE"),)
+
+    def run(self, context, image, low_threshold, high_threshold, device="cpu"):
+        from kornia.filters import canny
+
+        if low_threshold > high_threshold:
+            raise NodeUserError("invalid_input", f"Canny: low_threshold {low_threshold} is above high_threshold "
+                                f"{high_threshold}", details={"node_id": context.current_node})
+        where = context.engine.device if device == "gpu" else torch.device("cpu")
+        _, edges = canny(image.to(where).movedim(-1, 1), low_threshold, high_threshold)
+        return (edges.to(image.device).repeat(1, 3, 1, 1).movedim(1, -1),)
+
+
 NODES = (VAEDecode, SaveImage, PreviewImage, ImageScale, ImageScaleBy, ImageScaleToTotalPixels, ImageCrop, ImageInvert,
-         ImagePadForOutpaint, ResizeAndPadImage, ImageBatch, ImageStitch)
+         ImagePadForOutpaint, ResizeAndPadImage, ImageBatch, ImageStitch, Canny)

@@ -9,6 +9,7 @@ from ryla.models.tensor_files import ModelFormatError
 from ryla.graph.executor import NodeUserError
 from ryla.graph.nodes.loaders import files
 from ryla.graph.registry import InputSpec, Node, Output, from_param, link, node
+from ryla.models import formats
 
 
 def _load(context, lora_name, model, strength_model, clip=None, strength_clip=0.0):
@@ -21,7 +22,8 @@ def _load(context, lora_name, model, strength_model, clip=None, strength_clip=0.
         raise NodeUserError("invalid_lora", f"{lora_name}: {exc}") from exc
 
 
-LORA_NAME = InputSpec("lora_name", "COMBO", choices=files("loras"), description="File in loras/.")
+LORA_NAME = InputSpec("lora_name", "COMBO", choices=files("loras", loads=(formats.LORA_FILE,)),
+                      description="File in loras/.")
 STRENGTH_MODEL = from_param(catalogue.LORA_STRENGTH, name="strength_model")
 
 
