@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import lora_files
 from ryla.flux.engine import FluxEngine
 from ryla.speed.fp8 import Float8Linear, quantize_rows
+from ryla.speed.probes import FP8
 from ryla.models.tensor_files import read_tensors_streamed
 from ryla.runtime import Runtime
 from ryla.workflows import FLUX_DEV, flux_lora_graph
@@ -725,3 +726,78 @@ print(sorted(late))
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=240, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_dequantize_add_quantize_kernel_runs_in_tritons_interpreter(tmp_path):
+    """The fast mode's LoRA kernel (ryla.speed.kernels.dequantize_add_quantize_rows) in
+    Triton's CPU interpreter: fp8 rows times their scales plus factor x the LoRA product, then
+    new row scales and values, against PyTorch's quantize_rows of the same sum; rows wider than
+    one block and a row slice of a fused layer. float32 output, as for gelu_quantize_rows."""
+    pytest.importorskip("triton")
+    run_in_tritons_interpreter(tmp_path, """
+import torch
+from ryla.speed.fp8 import quantize_rows
+from ryla.speed.kernels import FP8_MAX, dequantize_add_quantize_rows
+torch.manual_seed(0)
+weight = torch.randn(12, 5000) * 0.05
+fp8, scale = quantize_rows(weight)
+delta = torch.randn(12, 5000) * 0.01
+for rows in (slice(None), slice(4, 8)):
+    out, out_scale = torch.empty(fp8[rows].shape), torch.empty(fp8[rows].shape[0])
+    dequantize_add_quantize_rows(fp8[rows], scale[rows], delta[rows], 0.7, out, out_scale)
+    y = fp8[rows].float() * scale[rows, None] + 0.7 * delta[rows]
+    expected_scale = y.abs().amax(1) / FP8_MAX
+    torch.testing.assert_close(out_scale, expected_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out, y / expected_scale[:, None], rtol=1e-5, atol=1e-4)
+print("ok")
+""", timeout=240)
+
+
+def test_lora_switches_write_original_plus_the_products_rounded_once():
+    """WeightPatcher: each targeted layer becomes bf16(original + sum of scale x up @ down),
+    the sum in float32 and one rounding (as ComfyUI's calculate_weight on a float32 copy),
+    written from the saved original in one pass (no restore first): a switch to another LoRA
+    equals applying it alone; layers only the previous LoRA touched get their original bits;
+    stacking sums both products; going back to no LoRA restores every bit. The fp8 layer gets
+    quantize_rows of its dequantised original plus the product."""
+    from ryla.flux.lora import WeightPatcher
+    from ryla.speed.fp8 import Float8Linear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.Linear(64, 32)).to(torch.bfloat16)
+    model[1] = Float8Linear(model[1])
+    originals = {name: p.clone() for name, p in model.state_dict().items()}
+
+    def lora(seed, names=("0", "1")):
+        g = torch.Generator().manual_seed(seed)
+        shapes = {"0": (64, 48), "1": (32, 64)}
+        return {n: (torch.randn(4, shapes[n][1], generator=g).half().float(),
+                    torch.randn(shapes[n][0], 4, generator=g).half().float(), 0.5) for n in names}
+
+    a, b = lora(1, ("0",)), lora(2)
+    patcher = WeightPatcher(model)
+
+    def expected_linear(*terms):
+        total = sum(strength * scale * (up @ down) for (down, up, scale), strength in terms)
+        return (originals["0.weight"].float() + total).to(torch.bfloat16)
+
+    patcher.apply(("a",), [(a, 1.0)])
+    assert torch.equal(model[0].weight, expected_linear((a["0"], 1.0)))
+    assert torch.equal(model[1].weight_fp8, originals["1.weight_fp8"])  # untouched
+    patcher.apply(("b",), [(b, 0.8)])
+    assert torch.equal(model[0].weight, expected_linear((b["0"], 0.8)))
+    down, up, scale = b["1"]
+    fp8, fp8_scale = quantize_rows(originals["1.weight_fp8"].float() * originals["1.weight_scale"][:, None]
+                                   + 0.8 * scale * (up @ down))
+    assert torch.equal(model[1].weight_fp8.view(torch.uint8), fp8.view(torch.uint8))
+    torch.testing.assert_close(model[1].weight_scale, fp8_scale)
+    patcher.apply(("a",), [(a, 1.0)])  # layer 1 was only b's: its original comes back
+    assert torch.equal(model[1].weight_fp8.view(torch.uint8), originals["1.weight_fp8"].view(torch.uint8))
+    patcher.apply(("a", "b"), [(a, 1.0), (b, -0.5)])
+    torch.testing.assert_close(model[0].weight.float(), expected_linear((a["0"], 1.0), (b["0"], -0.5)).float(),
+                               rtol=0, atol=2 ** -8)  # fp32 sums in another order: at most one bf16 step
+    patcher.apply((), [])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value.view(torch.uint8) if value.dtype == FP8 else value, originals[name].view(
+            torch.uint8) if value.dtype == FP8 else originals[name]), name
+

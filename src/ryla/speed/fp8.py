@@ -103,15 +103,26 @@ class Float8Linear(nn.Module):
     def dequantized(self, rows: slice = slice(None)) -> torch.Tensor:
         return self.weight_fp8[rows].float() * self.weight_scale[rows, None]
 
-    # The three operations WeightPatcher needs to apply a LoRA to rows of this layer.
+    # The three operations WeightPatcher needs to apply LoRAs to rows of this layer.
     def save_rows(self, rows: slice):
         return self.weight_fp8[rows].clone(), self.weight_scale[rows].clone()
 
     def load_rows(self, rows: slice, saved) -> None:
         self.weight_fp8[rows], self.weight_scale[rows] = saved
 
-    def add_to_rows(self, rows: slice, delta: torch.Tensor) -> None:
-        weight, scale = quantize_rows(self.dequantized(rows) + delta)
+    def set_rows(self, rows: slice, original, delta: torch.Tensor, factor: float) -> None:
+        """rows <- the saved original rows (fp8, scales), dequantised, plus factor * delta (a
+        LoRA product in float32), quantised again with new row scales. On a GPU with Triton
+        one kernel reads each row's fp8 values and product and writes the new fp8 row and its
+        scale (ryla.speed.kernels.dequantize_add_quantize_rows)."""
+        weight_fp8, weight_scale = original
+        if _row_kernel and weight_fp8.is_cuda:
+            from ryla.speed.kernels import dequantize_add_quantize_rows
+
+            dequantize_add_quantize_rows(weight_fp8, weight_scale, delta, factor, self.weight_fp8[rows],
+                                         self.weight_scale[rows])
+            return
+        weight, scale = quantize_rows(torch.add(weight_fp8.float() * weight_scale[:, None], delta, alpha=factor))
         self.weight_fp8[rows], self.weight_scale[rows] = weight, scale
 
 

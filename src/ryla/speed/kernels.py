@@ -441,3 +441,45 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.T
                                    channels // groups, eps, CHUNK=chunk, BLOCK=GROUP_NORM_BLOCK,
                                    SPLITS_BLOCK=triton.next_power_of_2(splits), APPLY_SILU=silu, num_warps=8)
     return out
+
+
+@triton.jit
+def _dequantize_add_quantize_rows_kernel(w_ptr, w_scale_ptr, delta_ptr, out_ptr, out_scale_ptr, factor,
+                                         w_row_stride, delta_row_stride, out_row_stride, N_COLS: tl.constexpr,
+                                         FP8_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: y = w_fp8 * w_scale + factor * delta, then y quantised with the
+    row's new scale (max |y| / FP8_LIMIT). Two passes over BLOCK-wide chunks: the maximum,
+    then the cast, the second reading the row again from cache."""
+    row = tl.program_id(0).to(tl.int64)
+    w_row = w_ptr + row * w_row_stride
+    delta_row = delta_ptr + row * delta_row_stride
+    out_row = out_ptr + row * out_row_stride
+    w_scale = tl.load(w_scale_ptr + row)
+    running_max = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N_COLS, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < N_COLS
+        y = (tl.load(w_row + cols, mask=mask, other=0.0).to(tl.float32) * w_scale
+             + factor * tl.load(delta_row + cols, mask=mask, other=0.0))
+        running_max = tl.maximum(running_max, tl.where(mask, tl.abs(y), 0.0))
+    scale = tl.maximum(tl.max(running_max, axis=0), 1e-12) / FP8_LIMIT
+    for start in range(0, N_COLS, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < N_COLS
+        y = (tl.load(w_row + cols, mask=mask, other=0.0).to(tl.float32) * w_scale
+             + factor * tl.load(delta_row + cols, mask=mask, other=0.0))
+        tl.store(out_row + cols, tl.clamp(y / scale, -FP8_LIMIT, FP8_LIMIT).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_scale_ptr + row, scale)
+
+
+def dequantize_add_quantize_rows(weight_fp8: torch.Tensor, weight_scale: torch.Tensor, delta: torch.Tensor,
+                                 factor: float, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    """A LoRA onto fp8 rows (ryla.speed.fp8.Float8Linear.set_rows): out, out_scale <-
+    quantise_rows(weight_fp8 * weight_scale[:, None] + factor * delta), each row's fp8 values
+    and float32 product read once from memory (the second pass from cache). weight_fp8, delta
+    and out are [rows, K] with contiguous rows; a float32 `out` keeps the scaled values
+    unrounded (the CPU tests' check, as for gelu_quantize_rows)."""
+    rows, cols = weight_fp8.shape
+    _dequantize_add_quantize_rows_kernel[(rows,)](
+        weight_fp8, weight_scale, delta, out, out_scale, float(factor), weight_fp8.stride(0), delta.stride(0),
+        out.stride(0), N_COLS=cols, FP8_LIMIT=FP8_MAX, BLOCK=2048, num_warps=4)

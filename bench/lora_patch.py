@@ -1,0 +1,219 @@
+"""How fast a LoRA switch can rewrite FLUX.1-dev's weights, by strategy, on one GPU.
+
+The layers are FLUX.1-dev's 494 block linears at full size (bf16, the exact mode's storage;
+q, k and v as rows of the fused to_qkv layers, as the speed layer fuses them), each with a
+rank-64 LoRA whose factors come from fp16 (as published LoRA files hold them) kept on the GPU
+in float32. One switch makes every layer original + scale * up @ down. Strategies:
+
+  mm_add    ryla's WeightPatcher now: delta = up @ down (TF32), then torch.add(original,
+            delta, alpha=scale, out=weight): float32 sum, one rounding, one pass, no restore
+  split_addmm  tried, not taken: the factors split into bf16 high and low parts, one bf16
+            GEMM of 4x the rank added to the original by addmm. Only 15 % faster than mm_add on
+            the H200, and 4 % of the weights came out different from the float32 reference
+            (addmm does not add in float32 and round once), where mm_add's differ in 8 per
+            million (float32 summation order)
+  current   ryla's WeightPatcher until now: restore every touched layer from its original,
+            then per layer delta = up @ down in float32, weight = bf16(weight.float() + delta)
+  fp32_acc  per layer acc = original.float(); acc.addmm_(up, down) (TF32: exact for factors
+            that came from 16-bit files); weight.copy_(acc): one rounding, no restore pass
+  chunked   fp32_acc over row chunks of at most 8 M elements (the accumulator stays in L2)
+  bf16_mm   weight.copy_(original); weight.addmm_(up.bf16, down.bf16): the product of bf16
+            factors, accumulated in fp32, rounded once (factors lose fp16's 3 extra bits)
+  fp8_current, fp8_acc  the same two ways for the fast mode's fp8 rows (dequantise, add,
+            quantise again with new row scales); fp8_kernel: ryla's now, the product then one
+            Triton kernel (ryla.speed.kernels.dequantize_add_quantize_rows)
+
+Reported: median seconds per switch, and how far the weights are from the reference
+bf16(original + scale * up @ down computed in float64).
+
+    python bench/lora_patch.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+HIDDEN, MLP = 3072, 12288
+
+
+def flux_layers() -> list[tuple[str, int, int, int]]:
+    """(name, fused rows of the storage layer, out rows patched, in) for every block linear."""
+    layers = []
+    for i in range(19):
+        b = f"transformer_blocks.{i}"
+        for leaf in ("to_q", "to_k", "to_v"):
+            layers.append((f"{b}.attn.to_qkv:{leaf}", 3 * HIDDEN, HIDDEN, HIDDEN))
+        for leaf in ("add_q_proj", "add_k_proj", "add_v_proj"):
+            layers.append((f"{b}.attn.to_added_qkv:{leaf}", 3 * HIDDEN, HIDDEN, HIDDEN))
+        layers += [(f"{b}.attn.to_out.0", HIDDEN, HIDDEN, HIDDEN), (f"{b}.attn.to_add_out", HIDDEN, HIDDEN, HIDDEN),
+                   (f"{b}.ff.net.0.proj", MLP, MLP, HIDDEN), (f"{b}.ff.net.2", HIDDEN, HIDDEN, MLP),
+                   (f"{b}.ff_context.net.0.proj", MLP, MLP, HIDDEN), (f"{b}.ff_context.net.2", HIDDEN, HIDDEN, MLP),
+                   (f"{b}.norm1.linear", 6 * HIDDEN, 6 * HIDDEN, HIDDEN),
+                   (f"{b}.norm1_context.linear", 6 * HIDDEN, 6 * HIDDEN, HIDDEN)]
+    for i in range(38):
+        b = f"single_transformer_blocks.{i}"
+        for leaf in ("to_q", "to_k", "to_v"):
+            layers.append((f"{b}.attn.to_qkv:{leaf}", 3 * HIDDEN, HIDDEN, HIDDEN))
+        layers += [(f"{b}.proj_mlp", MLP, MLP, HIDDEN), (f"{b}.proj_out", HIDDEN, HIDDEN, HIDDEN + MLP),
+                   (f"{b}.norm.linear", 3 * HIDDEN, 3 * HIDDEN, HIDDEN)]
+    return layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=64)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    layers = flux_layers()
+    storage: dict[str, torch.Tensor] = {}
+    targets = []
+    for name, fused_rows, rows, inputs in layers:
+        store_name, _, leaf = name.partition(":")
+        if store_name not in storage:
+            storage[store_name] = (torch.randn(fused_rows, inputs, device=device) * 0.02).to(torch.bfloat16)
+        index = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj").index(leaf) % 3 if leaf else 0
+        row_slice = slice(index * rows, (index + 1) * rows) if leaf else slice(None)
+        down = (torch.randn(args.rank, inputs, device=device) * 0.01).half().float()
+        up = (torch.randn(rows, args.rank, device=device) * 0.01).half().float()
+        targets.append((store_name, row_slice, up, down, 0.8))
+    originals = {(n, s.start): storage[n][s].clone() for n, s, *_ in targets}
+    params = sum(t.numel() for t in storage.values())
+    print(f"{len(targets)} layers, {params / 1e9:.2f} B parameters", flush=True)
+
+    def current():
+        for n, s, *_ in targets:  # restore pass
+            storage[n][s] = originals[(n, s.start)]
+        for n, s, up, down, scale in targets:
+            w = storage[n]
+            delta = (up @ down) * scale
+            w[s] = (w[s].float() + delta).to(w.dtype)
+
+    def fp32_acc():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for n, s, up, down, scale in targets:
+            acc = originals[(n, s.start)].float()
+            acc.addmm_(up, down, alpha=scale)
+            storage[n][s].copy_(acc)
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def chunked(limit=8 << 20):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for n, s, up, down, scale in targets:
+            original = originals[(n, s.start)]
+            target = storage[n][s]
+            step = max(1, limit // original.shape[1])
+            for start in range(0, original.shape[0], step):
+                acc = original[start:start + step].float()
+                acc.addmm_(up[start:start + step], down, alpha=scale)
+                target[start:start + step].copy_(acc)
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def split_addmm():  # tried and not taken: see the docstring
+        matmul = torch.backends.cuda.matmul
+        matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction = True, False
+        for n, s, up, down, scale in targets:
+            up_hi, down_hi = up.to(torch.bfloat16), down.to(torch.bfloat16)
+            up_lo, down_lo = (up - up_hi.float()).to(torch.bfloat16), (down - down_hi.float()).to(torch.bfloat16)
+            u = torch.cat([up_hi, up_hi, up_lo, up_lo], dim=1)
+            d = torch.cat([down_hi, down_lo, down_hi, down_lo], dim=0)
+            torch.addmm(originals[(n, s.start)], u, d, alpha=scale, out=storage[n][s])
+        matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction = False, True
+
+    def mm_add():  # ryla's WeightPatcher on CPUs, and on CUDA before split_addmm
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for n, s, up, down, scale in targets:
+            delta = torch.mm(up, down)
+            torch.add(originals[(n, s.start)], delta, alpha=scale, out=storage[n][s])
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def bf16_mm():
+        for n, s, up, down, scale in targets:
+            w = storage[n][s]
+            w.copy_(originals[(n, s.start)])
+            w.addmm_(up.to(torch.bfloat16), down.to(torch.bfloat16), alpha=scale)
+
+    # fast mode's storage: fp8 weights with one scale per row (ryla.speed.fp8.Float8Linear)
+    from ryla.speed.fp8 import quantize_rows
+
+    fp8_originals = {key: quantize_rows(value) for key, value in originals.items()}
+    fp8_storage = {key: (w.clone(), sc.clone()) for key, (w, sc) in fp8_originals.items()}
+
+    def fp8_current():
+        for key, (w, sc) in fp8_originals.items():  # restore pass
+            fp8_storage[key][0].copy_(w)
+            fp8_storage[key][1].copy_(sc)
+        for n, s, up, down, scale in targets:
+            w, sc = fp8_storage[(n, s.start)]
+            delta = (up @ down) * scale
+            new_w, new_sc = quantize_rows(w.float() * sc[:, None] + delta)
+            w.copy_(new_w)
+            sc.copy_(new_sc)
+
+    def fp8_acc():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for n, s, up, down, scale in targets:
+            w0, sc0 = fp8_originals[(n, s.start)]
+            acc = w0.float() * sc0[:, None]
+            acc.addmm_(up, down, alpha=scale)
+            new_w, new_sc = quantize_rows(acc)
+            w, sc = fp8_storage[(n, s.start)]
+            w.copy_(new_w)
+            sc.copy_(new_sc)
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def fp8_kernel():  # ryla's Float8Linear.set_rows now: the product, then one Triton kernel a layer
+        from ryla.speed.kernels import dequantize_add_quantize_rows
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for n, s, up, down, scale in targets:
+            w0, sc0 = fp8_originals[(n, s.start)]
+            w, sc = fp8_storage[(n, s.start)]
+            dequantize_add_quantize_rows(w0, sc0, torch.mm(up, down), scale, w, sc)
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def differences_from_reference() -> dict:
+        """Against bf16(original + scale * up @ down) computed in float64: the share of
+        weights that differ. (Runs before 2026-12-01 also wrote a max_ulps figure whose formula
+        blew up near zero; it meant nothing.)"""
+        differ = total = 0
+        for n, s, up, down, scale in targets[::25]:
+            exact = originals[(n, s.start)].double() + scale * (up.double() @ down.double())
+            got = storage[n][s]
+            differ += (got != exact.to(torch.bfloat16)).sum().item()
+            total += got.numel()
+        return {"share_differing": differ / total}
+
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": len(targets),
+               "rank": args.rank, "parameters": params, "strategies": {}}
+    for name, fn in (("current", current), ("split_addmm", split_addmm), ("mm_add", mm_add), ("fp32_acc", fp32_acc), ("chunked", chunked),
+                     ("bf16_mm", bf16_mm), ("fp8_current", fp8_current), ("fp8_acc", fp8_acc),
+                     ("fp8_kernel", fp8_kernel)):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        results["strategies"][name] = {"median_s": statistics.median(times), "runs_s": times,
+                                       "vs_float64_reference": None if name.startswith("fp8")
+                                       else differences_from_reference(),
+                                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        print(name, json.dumps(results["strategies"][name]), flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "lora_patch.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
