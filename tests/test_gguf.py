@@ -138,17 +138,28 @@ def _bad_ggufs(tiny_store, folder: Path) -> dict[str, str]:
     (folder / "bad-1.gguf").write_bytes(np.random.default_rng(1).bytes(4000))  # random bytes
     (folder / "bad-2.gguf").write_bytes(good[: len(good) // 2])  # an interrupted download
     gguf_files.write_gguf(folder / "bad-3.gguf", {"input_blocks.0.0.weight": torch.ones(4, 32)}, "sdxl", "Q8_0")
+    # and the same for safetensors files, through UNETLoader
+    (folder / "bad-4.safetensors").write_bytes(np.random.default_rng(2).bytes(4000))
+    safetensors = tiny_store.resolve("diffusion_models", "flux1-dev.safetensors").read_bytes()
+    (folder / "bad-5.safetensors").write_bytes(safetensors[: len(safetensors) // 2])
     return {"bad-1.gguf": "not a readable GGUF file", "bad-2.gguf": "damaged or truncated GGUF file",
-            "bad-3.gguf": "Stable Diffusion XL"}
+            "bad-3.gguf": "Stable Diffusion XL", "bad-4.safetensors": "not a readable safetensors file",
+            "bad-5.safetensors": "not a readable safetensors file"}
 
 
 def _graph(unet_name: str) -> dict:
     graph = json.loads((WORKFLOWS / "flux_kontext_gguf.json").read_text())
-    graph["31"]["inputs"]["unet_name"] = unet_name
+    if unet_name.endswith(".gguf"):
+        graph["31"]["inputs"]["unet_name"] = unet_name
+    else:
+        graph["31"] = {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}}
     return graph
 
 
-def test_broken_and_foreign_gguf_files_are_4xx_naming_the_problem(server, tiny_store, tmp_path, cli_env):
+def test_broken_and_foreign_model_files_are_4xx_naming_the_problem(server, tiny_store, tmp_path, cli_env):
+    """Random bytes, a file cut off halfway and another architecture's file, as GGUF and as
+    safetensors: over HTTP and from the CLI a client error that names the problem, no
+    traceback."""
     import shutil
 
     health = httpx.get(server.url + "/health").json()
@@ -168,7 +179,8 @@ def test_broken_and_foreign_gguf_files_are_4xx_naming_the_problem(server, tiny_s
     store = tmp_path / "store"
     shutil.copytree(cli_env["RYLA_TINY_MODELS_DIR"], store)
     _bad_ggufs(tiny_store, store / "diffusion_models")
-    for name, named in cases.items():
+    # from the CLI, one of each kind of breakage (each run starts a Python)
+    for name, named in ((n, cases[n]) for n in ("bad-1.gguf", "bad-3.gguf", "bad-5.safetensors")):
         workflow = tmp_path / f"{name}.json"
         workflow.write_text(json.dumps(_graph(name)))
         result = subprocess.run([sys.executable, "-m", "ryla.cli.main", "run-workflow", str(workflow), "--image",

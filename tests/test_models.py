@@ -380,3 +380,26 @@ def test_flux_schnell_loads_from_its_weights_and_samples_with_its_own_shift(runt
     assert model.transformer.config.guidance_embeds is False and model.sampling_shift == 1.0
     dev = runtime.engine.load_diffusion_model("flux1-dev.safetensors")
     assert dev.sampling_shift == sampling.DEFAULT_SHIFT == 1.15
+
+
+def test_a_diffusers_transformer_folder_loads_through_unetloader(runtime, server):
+    """black-forest-labs/FLUX.1-dev's transformer/ layout (config.json, shards, their index;
+    diffusers' own key names) in diffusion_models/: UNETLoader lists the folder, not its
+    shards, and the image is the one the same weights give from the BFL single file."""
+    import copy
+    import json
+    from pathlib import Path
+
+    import httpx
+
+    from ryla.models.tiny import DIFFUSERS_TRANSFORMER
+
+    graph = json.loads((Path(__file__).parent / "workflows" / "clip_text_encode_flux.json").read_text())
+    folder = copy.deepcopy(graph)
+    folder["10"]["inputs"]["unet_name"] = DIFFUSERS_TRANSFORMER
+    reference = runtime.run(graph).images
+    result = runtime.run(folder).images
+    assert [image.tobytes() for image in result] == [image.tobytes() for image in reference]
+    choices = httpx.get(server.url + "/object_info/UNETLoader").json()["UNETLoader"]["input"]["required"]["unet_name"][0]
+    assert DIFFUSERS_TRANSFORMER in choices and not [c for c in choices if c.startswith(DIFFUSERS_TRANSFORMER + "/")]
+    assert DIFFUSERS_TRANSFORMER in httpx.get(server.url + "/models/diffusion_models").json()

@@ -283,8 +283,12 @@ class FluxEngine:
         return elapsed
 
     def load_diffusion_model(self, name: str, weight_dtype: str = "default") -> FluxModel:
-        """UNETLoader: a transformer-only file (BFL keys)."""
-        path = self.store.resolve("diffusion_models", name)
+        """UNETLoader: a transformer-only file (BFL keys, or diffusers' own), or a diffusers
+        folder (config.json and its shards) in diffusion_models/."""
+        if name in self.store.list_folders("diffusion_models"):
+            path = self.store.resolve_folder("diffusion_models", name)
+        else:
+            path = self.store.resolve("diffusion_models", name)
 
         def load():
             if gguf_files.is_gguf(path):
@@ -327,7 +331,18 @@ class FluxEngine:
 
     def _read_weights(self, path) -> tuple[dict, dict]:
         """A transformer's or text encoder's file: safetensors, or GGUF (dequantised on the
-        device into the compute dtype)."""
+        device into the compute dtype); or a diffusers folder: its shards' tensors, and its
+        config.json as the config."""
+        if path.is_dir():
+            import json
+
+            tensors: dict = {}
+            for shard in sorted(path.glob("*.safetensors")):
+                tensors.update(tensor_files.read_tensors(shard, device=self.device)[0])
+            if not tensors:
+                raise tensor_files.ModelFormatError(f"{path.name} has a config.json but no .safetensors weights")
+            config = json.loads((path / "config.json").read_text())
+            return tensors, {"configs": {"transformer": config}}
         if gguf_files.is_gguf(path):
             return gguf_files.read_gguf(path, self.device, self.dtype)
         return tensor_files.read_tensors(path, device=self.device)

@@ -76,6 +76,9 @@ def _empty(factory):
 
 def build_transformer(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dtype,
                       device: torch.device, what: str = "transformer"):
+    """A FLUX transformer from BFL/ComfyUI keys (the published single files) or from
+    diffusers' own (a diffusers folder, or a single file saved from one), its config read
+    from the weights over the file's own config (tiny files) or the bundled FLUX.1-dev one."""
     start = time.perf_counter()
     from diffusers import FluxTransformer2DModel  # the first import of diffusers' models: seconds
 
@@ -83,8 +86,12 @@ def build_transformer(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: 
     config = component_config("transformer", ryla_meta)
     try:
         tensors = formats.dequantize_scaled_fp8(tensors, dtype)
-        config = formats.transformer_config_from_weights(config, tensors)
-        converted = formats.flux_transformer_from_bfl(tensors)
+        if formats.is_diffusers_transformer(tensors):  # diffusers' own names: used as they are
+            converted = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+            config = formats.transformer_config_from_diffusers_weights(config, converted)
+        else:
+            config = formats.transformer_config_from_weights(config, tensors)
+            converted = formats.flux_transformer_from_bfl(tensors)
     except KeyError as exc:
         other = formats.describe_other_model(tensors)
         if other is not None:

@@ -153,6 +153,30 @@ def transformer_config_from_weights(config: dict, state_dict: dict[str, torch.Te
     return out
 
 
+def is_diffusers_transformer(keys) -> bool:
+    """FluxTransformer2DModel's own key names (a diffusers folder's shards, or a single file
+    saved from one), bare or under `transformer.`, as comfy/model_detection.py's
+    convert_diffusers_mmdit recognises them."""
+    return any(k.removeprefix("transformer.") == "x_embedder.weight" for k in keys)
+
+
+def transformer_config_from_diffusers_weights(config: dict, state_dict: dict[str, torch.Tensor]) -> dict:
+    """FluxTransformer2DModel's config from diffusers-named weights (as
+    transformer_config_from_weights reads BFL ones)."""
+    out = dict(config)
+    num_double, num_single = _block_counts(state_dict, "transformer_blocks", "single_transformer_blocks")
+    hidden, in_channels = state_dict["x_embedder.weight"].shape
+    out.update(in_channels=int(in_channels), num_layers=num_double, num_single_layers=num_single,
+               guidance_embeds=any(k.startswith("time_text_embed.guidance_embedder.") for k in state_dict),
+               out_channels=int(state_dict["proj_out.weight"].shape[0]),
+               joint_attention_dim=int(state_dict["context_embedder.weight"].shape[1]),
+               pooled_projection_dim=int(state_dict["time_text_embed.text_embedder.linear_1.weight"].shape[1]))
+    head_dim = int(out.get("attention_head_dim", 128))
+    if hidden % head_dim == 0:
+        out["num_attention_heads"] = int(hidden // head_dim)
+    return out
+
+
 def flux_transformer_from_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """BFL/ComfyUI transformer keys -> diffusers FluxTransformer2DModel keys (any width).
 
@@ -287,7 +311,6 @@ _OTHER_FAMILIES = (
     ("cond_stage_model.transformer.text_model", "a Stable Diffusion 1.x checkpoint"),
     ("cond_stage_model.model.transformer", "a Stable Diffusion 2.x checkpoint"),
     ("input_blocks.0.0.weight", "a Stable Diffusion (UNet) model"),
-    ("transformer_blocks.0.attn.to_q.weight", "a diffusers-format transformer (use the BFL/ComfyUI single file)"),
     ("lora_A", "a LoRA (it goes in loras/ and is applied with LoraLoader)"),
     ("lora_down", "a LoRA (it goes in loras/ and is applied with LoraLoader)"),
     ("encoder.block.0.layer.0.SelfAttention", "a T5 text encoder (it goes in text_encoders/)"),
@@ -468,7 +491,7 @@ def file_kind(keys) -> str | None:
         return LORA_FILE
     if controlnet_layout(keys) is not None:
         return CONTROLNET_FILE
-    if any(prefix + "img_in.weight" in keys for prefix in ("", *BFL_PREFIXES)):
+    if any(prefix + "img_in.weight" in keys for prefix in ("", *BFL_PREFIXES)) or is_diffusers_transformer(keys):
         return FLUX_TRANSFORMER_FILE
     if any(k.startswith("text_model.") for k in keys):
         return CLIP_L_FILE

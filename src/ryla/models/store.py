@@ -103,8 +103,12 @@ class ModelStore:
             folder = self._root(kind) / folder_name
             if not folder.is_dir():
                 continue
+            # a diffusers folder (config.json inside) is one model, which list_folders names;
+            # its shards are not models of their own
+            packaged = [p.parent for p in folder.rglob("config.json")]
             for path in folder.rglob("*"):
-                if path.suffix.lower() in MODEL_EXTENSIONS and path.is_file() and not path.name.startswith("."):
+                if path.suffix.lower() in MODEL_EXTENSIONS and path.is_file() and not path.name.startswith(".") \
+                        and not any(path.is_relative_to(package) for package in packaged):
                     names.add(path.relative_to(folder).as_posix())
         return sorted(names)
 
@@ -130,9 +134,8 @@ class ModelStore:
             return self.list(folder)
         names = [n for n in self.list_loadable(folder, formats.FOLDER_FILE_KINDS[folder])
                  if not n.lower().endswith(".gguf")]
-        if folder == "controlnet":
-            folders = self.list_folders(folder)
-            names = [n for n in names if not any(n.startswith(f + "/") for f in folders)] + folders
+        if folder in ("controlnet", "diffusion_models"):  # diffusers folders: InfuseNet, a transformer
+            names += self.list_folders(folder)
         return sorted(names)
 
     def file_kind(self, kind: str, name: str) -> str | None:

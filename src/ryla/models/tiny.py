@@ -47,7 +47,7 @@ warnings.filterwarnings("ignore", message=r"`FluxPosEmbed` is deprecated", categ
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "6"  # bump when the tiny architecture changes, so stale sets are rewritten
+TINY_VERSION = "7"  # bump when the tiny architecture changes, so stale sets are rewritten
 
 TINY_TRANSFORMER = {
     "_class_name": "FluxTransformer2DModel",
@@ -170,6 +170,9 @@ def make_tiny_models(root: Path | str) -> ModelStore:
         _save(store.folder("diffusion_models") / name, {k: v.to(torch.bfloat16) for k, v in variant.items()},
               meta("transformer"))
 
+    # A diffusers folder (FluxTransformer2DModel.save_pretrained: config.json, two shards and
+    # their index, as black-forest-labs/FLUX.1-dev's transformer/ folder), dev's weights
+    _write_diffusers_transformer(store.folder("diffusion_models") / DIFFUSERS_TRANSFORMER, bf16)
     # city96's GGUF files (ComfyUI-GGUF): the dev transformer in Q8_0 (BFL keys, arch flux) and
     # the T5 encoder in Q8_0 under llama.cpp's names (arch t5encoder), same weights as above.
     # Q4_K's super-blocks take rows of 256 values, wider than any of the tiny model's, so the
@@ -208,6 +211,24 @@ KONTEXT_TRANSFORMER = "flux1-dev-kontext_fp8_scaled.safetensors"
 FILL_TRANSFORMER = "flux1-fill-dev.safetensors"
 CANNY_TRANSFORMER = "flux1-canny-dev.safetensors"
 DEPTH_TRANSFORMER = "flux1-depth-dev.safetensors"
+DIFFUSERS_TRANSFORMER = "FLUX.1-dev-transformer"
+
+
+def _write_diffusers_transformer(folder: Path, bfl: dict[str, torch.Tensor]) -> None:
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    config = {k: v for k, v in TINY_TRANSFORMER.items() if not k.startswith("_")}
+    model = FluxTransformer2DModel(**config)
+    model.load_state_dict(formats.flux_transformer_from_bfl(bfl), assign=True)  # its bf16 tensors as they are
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, max_shard_size="100KB", safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+
+
 # city96's names (city96/FLUX.1-dev-gguf, city96/t5-v1_1-xxl-encoder-gguf)
 GGUF_Q8_TRANSFORMER = "flux1-dev-Q8_0.gguf"
 GGUF_Q4K_TRANSFORMER = "flux1-dev-Q4_K_S.gguf"

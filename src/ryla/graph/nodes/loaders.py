@@ -39,6 +39,14 @@ def files(kind: str, gguf: bool | None = False, loads: tuple[str, ...] | None = 
     return choices
 
 
+def transformer_files(context) -> StoreFiles:
+    """UNETLoader's choices: the FLUX transformer files of diffusion_models/, and its diffusers
+    folders (a config.json with the shards beside it)."""
+    files_listed = files("diffusion_models", loads=(formats.FLUX_TRANSFORMER_FILE,))(context)
+    folders = context.store.list_folders("diffusion_models")
+    return StoreFiles(sorted({*files_listed, *folders}), [*files_listed.present, *folders])
+
+
 @node
 class CheckpointLoaderSimple(Node):
     class_type = "CheckpointLoaderSimple"
@@ -58,8 +66,8 @@ class UNETLoader(Node):
     category = "advanced/loaders"
     description = "Load a FLUX transformer from diffusion_models/ (or unet/)."
     inputs = (
-        InputSpec("unet_name", "COMBO", choices=files("diffusion_models", loads=(formats.FLUX_TRANSFORMER_FILE,)),
-                  description="File in diffusion_models/."),
+        InputSpec("unet_name", "COMBO", choices=transformer_files,
+                  description="File in diffusion_models/ (or a diffusers folder there: config.json and shards)."),
         InputSpec("weight_dtype", "COMBO", default="default", choices=WEIGHT_DTYPES,
                   description="fp8 keeps the weights in 8 bits in memory and computes in bf16."),
     )
