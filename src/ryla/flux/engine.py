@@ -424,26 +424,28 @@ class FluxEngine:
     def load_controlnet_file(self, name: str) -> ControlNet:
         """ControlNetLoader on a single file in controlnet/: InstantX, Shakker-Labs Union or
         XLabs FLUX ControlNets (ryla.models.formats names the layouts)."""
-        path = self.store.resolve("controlnet", name)
-
-        def load():
-            tensors, meta = tensor_files.read_tensors(path, device=self.device)
-            model, layout = loading.build_controlnet(tensors, meta, self.dtype, self.device, what=name)
+        def build(*args, **kwargs):
+            model, layout = loading.build_controlnet(*args, **kwargs)
             optimize_transformer(model, self.speed, controlnet=True)
             return model, layout
 
-        model, layout = self._cached(("controlnet", str(path)), load)
+        model, layout = self._built_from_file("controlnet", name, build)
         return ControlNet(name, model, layout)
 
-    def load_clip_vision(self, name: str):
-        """CLIPVisionLoader: a SigLIP vision tower from clip_vision/ (FLUX.1 Redux's encoder)."""
-        path = self.store.resolve("clip_vision", name)
+    def _built_from_file(self, kind: str, name: str, build: Callable):
+        """A model of one file in the store's `kind` folder, built once by `build(tensors,
+        ryla metadata, dtype, device, what=name)` and kept."""
+        path = self.store.resolve(kind, name)
 
         def load():
             tensors, meta = tensor_files.read_tensors(path, device=self.device)
-            return loading.build_clip_vision(tensors, meta, self.dtype, self.device, what=name)
+            return build(tensors, meta, self.dtype, self.device, what=name)
 
-        return self._cached(("clip_vision", str(path)), load)
+        return self._cached((kind, str(path)), load)
+
+    def load_clip_vision(self, name: str):
+        """CLIPVisionLoader: a SigLIP vision tower from clip_vision/ (FLUX.1 Redux's encoder)."""
+        return self._built_from_file("clip_vision", name, loading.build_clip_vision)
 
     @torch.inference_mode()
     def encode_clip_vision(self, model, image: torch.Tensor, crop: bool = True) -> torch.Tensor:
@@ -457,13 +459,7 @@ class FluxEngine:
 
     def load_style_model(self, name: str):
         """StyleModelLoader: FLUX.1 Redux's projection from style_models/."""
-        path = self.store.resolve("style_models", name)
-
-        def load():
-            tensors, meta = tensor_files.read_tensors(path, device=self.device)
-            return loading.build_redux(tensors, meta, self.dtype, self.device, what=name)
-
-        return self._cached(("style_model", str(path)), load)
+        return self._built_from_file("style_models", name, loading.build_redux)
 
     @torch.inference_mode()
     def redux_tokens(self, style_model, image_tokens: torch.Tensor) -> torch.Tensor:

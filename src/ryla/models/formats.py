@@ -343,10 +343,24 @@ def describe_other_model(keys) -> str | None:
 CONTROLNET_INSTANTX = "instantx"
 CONTROLNET_XLABS = "xlabs"
 
-# XLabs' input_hint_block (an nn.Sequential: conv, SiLU, conv, ... ) -> diffusers'
-# ControlNetConditioningEmbedding: conv_in, blocks.0-5, conv_out
-_XLABS_HINT = {0: "conv_in", 2: "blocks.0", 4: "blocks.1", 6: "blocks.2", 8: "blocks.3", 10: "blocks.4",
-               12: "blocks.5", 14: "conv_out"}
+# XLabs' names that are not BFL block names -> diffusers FluxControlNetModel's: its pos_embed_input
+# is controlnet_x_embedder; its input_hint_block (an nn.Sequential: conv, SiLU, conv, ...) is
+# ControlNetConditioningEmbedding's conv_in, blocks.0-5 and conv_out; controlnet_blocks keep theirs.
+_XLABS_NAMES = {"pos_embed_input.": "controlnet_x_embedder.", "controlnet_blocks.": "controlnet_blocks.",
+                **{f"input_hint_block.{2 * i}.": f"input_hint_block.{name}."
+                   for i, name in enumerate(("conv_in", *(f"blocks.{b}" for b in range(6)), "conv_out"))}}
+
+
+def _renamed(state_dict: dict[str, torch.Tensor], names: dict[str, str]) -> tuple[dict, dict]:
+    """(the tensors whose key starts with one of `names`' prefixes, renamed; the others)."""
+    renamed, rest = {}, {}
+    for key, tensor in state_dict.items():
+        prefix = next((p for p in names if key.startswith(p)), None)
+        if prefix is None:
+            rest[key] = tensor
+        else:
+            renamed[names[prefix] + key[len(prefix):]] = tensor
+    return renamed, rest
 
 
 def controlnet_layout(keys) -> str | None:
@@ -360,37 +374,16 @@ def controlnet_layout(keys) -> str | None:
 
 def controlnet_from_xlabs(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """XLabs' keys -> diffusers FluxControlNetModel keys (conditioning_embedding_channels=16)."""
-    sd = dict(state_dict)
-    out: dict[str, torch.Tensor] = {}
-    for key in list(sd):
-        if key.startswith("controlnet_blocks."):
-            out[key] = sd.pop(key)
-        elif key.startswith("pos_embed_input."):
-            out["controlnet_x_embedder." + key.split(".", 1)[1]] = sd.pop(key)
-        elif key.startswith("input_hint_block."):
-            _, index, param = key.split(".")
-            if int(index) not in _XLABS_HINT:
-                raise KeyError(f"unexpected XLabs hint layer {key}")
-            out[f"input_hint_block.{_XLABS_HINT[int(index)]}.{param}"] = sd.pop(key)
-    out.update(flux_transformer_from_bfl(sd))
-    return out
+    out, blocks = _renamed(state_dict, _XLABS_NAMES)
+    if any(k.startswith("input_hint_block.") for k in blocks):
+        raise KeyError(f"unexpected XLabs hint layers {sorted(k for k in blocks if k.startswith('input_hint'))[:3]}")
+    return {**out, **flux_transformer_from_bfl(blocks)}
 
 
 def controlnet_to_xlabs(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse (writes the tiny XLabs file in its published layout)."""
-    names = {v: k for k, v in _XLABS_HINT.items()}
-    sd = dict(state_dict)
-    out: dict[str, torch.Tensor] = {}
-    for key in list(sd):
-        if key.startswith("controlnet_blocks."):
-            out[key] = sd.pop(key)
-        elif key.startswith("controlnet_x_embedder."):
-            out["pos_embed_input." + key.split(".", 1)[1]] = sd.pop(key)
-        elif key.startswith("input_hint_block."):
-            module, _, param = key[len("input_hint_block."):].rpartition(".")
-            out[f"input_hint_block.{names[module]}.{param}"] = sd.pop(key)
-    out.update(flux_transformer_to_bfl(sd))
-    return out
+    out, blocks = _renamed(state_dict, {v: k for k, v in _XLABS_NAMES.items()})
+    return {**out, **flux_transformer_to_bfl(blocks)}
 
 
 def controlnet_config_from_weights(config: dict, state_dict: dict[str, torch.Tensor]) -> dict:

@@ -10,7 +10,7 @@ import dataclasses
 
 from ryla.flux.components import ControlHint, ControlNet
 from ryla.graph.executor import NodeUserError
-from ryla.graph.nodes.loaders import StoreFiles
+from ryla.graph.nodes.loaders import files
 from ryla.graph.registry import InputSpec, Node, Output, link, node
 from ryla.models import formats
 
@@ -21,23 +21,14 @@ UNION_CONTROLNET_TYPES = {"openpose": 0, "depth": 1, "hed/pidi/scribble/ted": 2,
                           "canny/lineart/anime_lineart/mlsd": 3, "normal": 4, "segment": 5, "tile": 6, "repaint": 7}
 
 
-def controlnet_files(context) -> list[str]:
-    """controlnet/'s single files and its diffusers folders (InfuseNet), as one list: the files
-    inside such a folder are its, not ControlNets of their own."""
-    folders = context.store.list_folders("controlnet")
-    files = [name for name in context.store.list("controlnet")
-             if not any(name.startswith(folder + "/") for folder in folders)]
-    loadable = set(context.store.list_loadable("controlnet", (formats.CONTROLNET_FILE,)))
-    return StoreFiles(sorted({name for name in files if name in loadable} | set(folders)), files)
-
-
 @node
 class ControlNetLoader(Node):
     class_type = "ControlNetLoader"
     category = "loaders"
     description = ("A FLUX ControlNet from controlnet/: one file in InstantX's, Shakker-Labs Union's or XLabs' "
                    "layout, or a diffusers folder (InfiniteYou's InfuseNet, for ApplyInstantID).")
-    inputs = (InputSpec("control_net_name", "COMBO", choices=controlnet_files),)
+    inputs = (InputSpec("control_net_name", "COMBO",
+                        choices=files("controlnet", loads=(formats.CONTROLNET_FILE,), folders=True)),)
     outputs = (Output("CONTROL_NET", "CONTROL_NET"),)
 
     def run(self, context, control_net_name):

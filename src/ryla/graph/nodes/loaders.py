@@ -24,27 +24,25 @@ class StoreFiles(list):
         return list.__contains__(self, name) or name in self.present
 
 
-def files(kind: str, gguf: bool | None = False, loads: tuple[str, ...] | None = None):
+def files(kind: str, gguf: bool | None = False, loads: tuple[str, ...] | None = None, folders: bool = False):
     """COMBO choices listed from the model store at validation time, as ComfyUI does. ComfyUI's
     own loaders list no .gguf files (folder_paths' supported_pt_extensions); ComfyUI-GGUF's
     UnetLoaderGGUF lists only those (its `unet_gguf` folder key) and its CLIP loaders both
     kinds (`clip` + `clip_gguf`): gguf False, True and None. With `loads` (file kinds of
-    ryla.models.formats.file_kind), only the files whose tensors that loader takes are listed."""
+    ryla.models.formats.file_kind), only the files whose tensors that loader takes are listed.
+    With `folders`, the folder's diffusers folders (config.json and shards) too, one choice each."""
     def choices(context):
         present = [name for name in context.store.list(kind) if gguf is None or is_gguf(name) == gguf]
-        if loads is None:
-            return present
-        listed = set(context.store.list_loadable(kind, loads))
-        return StoreFiles([name for name in present if name in listed], present)
+        if loads is not None:
+            listed = set(context.store.list_loadable(kind, loads))
+            listed = [name for name in present if name in listed]
+        else:
+            listed = present
+        if folders:
+            packaged = context.store.list_folders(kind)
+            present, listed = present + packaged, sorted(listed + packaged)
+        return StoreFiles(listed, present)
     return choices
-
-
-def transformer_files(context) -> StoreFiles:
-    """UNETLoader's choices: the FLUX transformer files of diffusion_models/, and its diffusers
-    folders (a config.json with the shards beside it)."""
-    files_listed = files("diffusion_models", loads=(formats.FLUX_TRANSFORMER_FILE,))(context)
-    folders = context.store.list_folders("diffusion_models")
-    return StoreFiles(sorted({*files_listed, *folders}), [*files_listed.present, *folders])
 
 
 @node
@@ -66,7 +64,8 @@ class UNETLoader(Node):
     category = "advanced/loaders"
     description = "Load a FLUX transformer from diffusion_models/ (or unet/)."
     inputs = (
-        InputSpec("unet_name", "COMBO", choices=transformer_files,
+        InputSpec("unet_name", "COMBO", choices=files("diffusion_models", loads=(formats.FLUX_TRANSFORMER_FILE,),
+                                                      folders=True),
                   description="File in diffusion_models/ (or a diffusers folder there: config.json and shards)."),
         InputSpec("weight_dtype", "COMBO", default="default", choices=WEIGHT_DTYPES,
                   description="fp8 keeps the weights in 8 bits in memory and computes in bf16."),
