@@ -278,9 +278,15 @@ def cmd_convert_workflow(args: argparse.Namespace) -> None:
 
 
 def cmd_run_workflow(args: argparse.Namespace) -> None:
+    """One workflow, or several one after another in one process (the models load once, and
+    the checks of every file come first); with several, each one's images go to a folder of
+    --output-dir named after its file."""
     from ryla import imaging
 
-    graph = read_workflow(args.workflow)
+    graphs = [(path, read_workflow(path)) for path in args.workflow]
+    stems = [Path(path).stem for path, _ in graphs]
+    if len(set(stems)) != len(stems):
+        raise CliError("two workflow files have the same name; give them different names")
     images = {}
     for spec in args.image or []:
         name, sep, path = spec.partition("=")
@@ -291,14 +297,18 @@ def cmd_run_workflow(args: argparse.Namespace) -> None:
         except OSError as exc:
             raise CliError(f"cannot read image {path}: {exc.strerror}")
     runtime = _open_runtime(args)
-    result = _run_with_progress(runtime, graph, images)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for image, path in zip(result.images, prefixed_paths(out_dir, result.prefixes, imaging.extension(args.format))):
-        write_atomic(path, imaging.encode(image, args.format, args.quality))
-        written.append(str(path))
-    print(f"{len(written)} image(s) in {result.seconds:.2f}s -> {', '.join(written)}")
+    for (path, graph), stem in zip(graphs, stems):
+        if len(graphs) > 1:
+            print(f"{path}:", flush=True)
+        result = _run_with_progress(runtime, graph, images)
+        out_dir = Path(args.output_dir) / stem if len(graphs) > 1 else Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for image, target in zip(result.images, prefixed_paths(out_dir, result.prefixes,
+                                                                imaging.extension(args.format))):
+            write_atomic(target, imaging.encode(image, args.format, args.quality))
+            written.append(str(target))
+        print(f"{len(written)} image(s) in {result.seconds:.2f}s -> {', '.join(written)}", flush=True)
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -735,8 +745,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run-workflow", "Run a ComfyUI workflow: API format, the editor's UI format, or a PNG "
                   "ComfyUI saved.", cmd_run_workflow)
-    run.add_argument("workflow", help="workflow file: API format (or a /prompt body), UI format as ComfyUI's "
-                                      "editor saves it, or a ComfyUI PNG with the workflow embedded")
+    run.add_argument("workflow", nargs="+",
+                     help="workflow file: API format (or a /prompt body), UI format as ComfyUI's editor saves it, "
+                          "or a ComfyUI PNG with the workflow embedded; several run one after another in one "
+                          "process, each one's images in OUTPUT_DIR/<file name>/")
     run.add_argument("--output-dir", default="output", help="folder for the images [default: output]")
     run.add_argument("--image", action="append", metavar="NAME=PATH",
                      help="an image for the workflow's LoadImage nodes, e.g. reference=face.jpg (repeatable)")
