@@ -19,6 +19,9 @@ Settings, read when you deploy and carried into the containers (see docs/deploy-
     RYLA_API_KEY_SECRET  the Modal Secret holding RYLA_API_KEY (default "ryla-api-key"; required)
     RYLA_PROXY_AUTH=1    Modal proxy auth (Modal-Key / Modal-Secret headers) instead of the key
     RYLA_ALLOW_TINY=1    serve the tiny random-weight model when the Volume has no FLUX weights
+    RYLA_GPU_SNAPSHOT=1  Modal's GPU memory snapshots (alpha): models loaded, compiled and warmed
+                         once, before the snapshot; new containers restore that state (one GPU
+                         per container; see docs/deploy-modal.md)
     RYLA_MAX_QUEUE, RYLA_REQUEST_TIMEOUT, RYLA_MAX_BODY_BYTES, RYLA_MAX_PIXELS, RYLA_MAX_STEPS, ...
                          the server's settings (docs/api.md), passed through as they are
     HF_TOKEN             for the gated FLUX.1-dev files; else the Modal Secret "huggingface-secret"
@@ -60,6 +63,18 @@ def gpu_count(gpus: str | list[str]) -> int:
     return counts.pop()
 
 
+def check_gpu_snapshot(enabled: bool, gpus_per_container: int) -> dict:
+    """The class's snapshot options. A GPU memory snapshot (Modal's alpha feature, through
+    NVIDIA's CUDA checkpoint API) holds one process's GPU state: a context-parallel group is
+    several processes joined by NCCL, and replicas are one engine per GPU, neither of which it
+    is documented to capture, so it is offered for one GPU per container."""
+    if not enabled:
+        return {}
+    if gpus_per_container != 1:
+        raise ValueError(f"RYLA_GPU_SNAPSHOT=1 needs one GPU per container; RYLA_GPU asks for {gpus_per_container}")
+    return {"experimental_options": {"enable_gpu_snapshot": True}}
+
+
 def check_parallel(parallel: str, speed: str) -> str:
     if parallel not in ("context", "replicas"):
         raise ValueError(f"RYLA_PARALLEL={parallel}: choose context or replicas")
@@ -73,6 +88,8 @@ SPEED = os.environ.get("RYLA_SPEED", "exact")
 check_speed_for_gpus(SPEED, GPU)
 GPUS_PER_CONTAINER = gpu_count(GPU)
 PARALLEL = check_parallel(os.environ.get("RYLA_PARALLEL", "replicas"), SPEED)
+GPU_SNAPSHOT = os.environ.get("RYLA_GPU_SNAPSHOT") == "1"
+SNAPSHOT_OPTIONS = check_gpu_snapshot(GPU_SNAPSHOT, GPUS_PER_CONTAINER)
 MAX_INPUTS = 5  # concurrent requests per container; they queue for the GPU inside it
 SCALEDOWN_WINDOW = int(os.environ.get("RYLA_SCALEDOWN", 5 * MINUTES))  # idle seconds before a container stops
 MAX_CONTAINERS = int(os.environ.get("RYLA_MAX_CONTAINERS", 4))
@@ -84,7 +101,8 @@ SERVER_SETTINGS = ("RYLA_MAX_QUEUE", "RYLA_REQUEST_TIMEOUT", "RYLA_MAX_BODY_BYTE
                    "RYLA_MAX_IMAGE_PIXELS", "RYLA_MAX_PIXELS", "RYLA_MAX_STEPS", "RYLA_MAX_SCHEDULE",
                    "RYLA_MAX_NODES", "RYLA_MAX_OUTPUT_BYTES", "RYLA_MAX_OUTPUT_AGE", "RYLA_ALLOW_PRIVATE_WEBHOOKS",
                    "RYLA_COMPILE_MODE", "RYLA_GPU", "RYLA_PROXY_AUTH", "RYLA_MAX_CONTAINERS", "RYLA_SCALEDOWN",
-                   "RYLA_API_KEY_SECRET", "RYLA_SAFETY", "RYLA_SAFETY_CHECKER", "RYLA_SAFETY_MODEL", "RYLA_PARALLEL")
+                   "RYLA_API_KEY_SECRET", "RYLA_SAFETY", "RYLA_SAFETY_CHECKER", "RYLA_SAFETY_MODEL", "RYLA_PARALLEL",
+                   "RYLA_GPU_SNAPSHOT")
 CONTAINER_ENV = {"RYLA_SPEED": SPEED, "RYLA_ALLOW_TINY": os.environ.get("RYLA_ALLOW_TINY", "0"),
                  **{name: os.environ[name] for name in SERVER_SETTINGS if os.environ.get(name)}}
 
@@ -149,39 +167,52 @@ def hf_download_instantid() -> list[str]:
 
 @app.cls(gpu=GPU, image=image, volumes=VOLUMES, secrets=api_secrets, env=CONTAINER_ENV,
          scaledown_window=SCALEDOWN_WINDOW, max_containers=MAX_CONTAINERS, timeout=15 * MINUTES,
-         enable_memory_snapshot=True)
+         enable_memory_snapshot=True, **SNAPSHOT_OPTIONS)
 @modal.concurrent(max_inputs=MAX_INPUTS)
 class Ryla:
     @modal.enter(snap=True)
     def import_libraries(self):
         # Runs before the memory snapshot: the slow imports (torch, diffusers' and transformers'
         # model code, torch.compile's) are restored from the snapshot instead of repeated on
-        # every cold start. Imports only: no GPU is attached while the snapshot is taken.
-        from ryla.api import app as api_app  # noqa: F401
+        # every cold start. Without a GPU snapshot, imports only: no GPU is attached while a
+        # CPU snapshot is taken.
+        from ryla.api import app as api_app
         from ryla.flux.engine import import_model_code
 
         import_model_code(SPEED)
+        self.runtime = None
+        if GPU_SNAPSHOT:
+            # The GPU is attached: load the default model, compile it for 1024x1024 and warm
+            # T5 and the VAE now, so that the snapshot holds them and a new container restores
+            # a ready engine instead of reading 22 GB and compiling.
+            self.runtime = self.open_runtime()
+            api_app.preload_default_model(self.runtime)
 
-    @modal.enter(snap=False)
-    def load_models(self):
-        from ryla.api.app import ServerSettings, create_app
+    def open_runtime(self):
         from ryla.runtime import Runtime
 
-        from ryla.models.loras import VolumeSync
-
-        models_volume.reload()  # see files added since this container's snapshot
         if GPUS_PER_CONTAINER > 1 and PARALLEL == "context":
             # a process per GPU (ryla.multi_gpu); this one is rank 0 and serves the API
             from ryla.multi_gpu import start_context_group
 
-            self.runtime, self.group = start_context_group(GPUS_PER_CONTAINER, MODELS_DIR, SPEED)
+            runtime, self.group = start_context_group(GPUS_PER_CONTAINER, MODELS_DIR, SPEED)
         else:
             devices = [f"cuda:{index}" for index in range(GPUS_PER_CONTAINER)] if GPUS_PER_CONTAINER > 1 else None
-            self.runtime = Runtime.open(MODELS_DIR, speed=SPEED, devices=devices)
-        if self.runtime.store.tiny and os.environ.get("RYLA_ALLOW_TINY") != "1":
+            runtime = Runtime.open(MODELS_DIR, speed=SPEED, devices=devices)
+        if runtime.store.tiny and os.environ.get("RYLA_ALLOW_TINY") != "1":
             raise RuntimeError(
                 "the ryla-models Volume has no FLUX weights: run `modal run comfyui_ryla.py::download --preset "
                 "flux-dev`, or deploy with RYLA_ALLOW_TINY=1 to serve the tiny random-weight model (noise)")
+        return runtime
+
+    @modal.enter(snap=False)
+    def load_models(self):
+        from ryla.api.app import ServerSettings, create_app
+        from ryla.models.loras import VolumeSync
+
+        models_volume.reload()  # see files added since this container's snapshot
+        if self.runtime is None:  # restored from a GPU snapshot, it is already loaded
+            self.runtime = self.open_runtime()
         # LoRAs on the shared Volume: an upload or delete here is committed; a listing, or a LoRA
         # this container does not see, reloads the Volume first (rate-limited, off the event
         # loop, retried while a file is open; 503 when it keeps failing).

@@ -102,20 +102,21 @@ def compare_readers(path: Path) -> dict:
     return {name: min(t) for name, t in times.items()}
 
 
-def start_server(python: str, store: Path, cache: Path, port: int, speed: str, log: Path):
+def start_server(python: str, store: Path, cache: Path, port: int, speed: str, log: Path,
+                 extra_env: dict | None = None):
     env = {**os.environ, "RYLA_MODELS_DIR": str(store), "RYLA_COMPILE_CACHE": str(cache),
-           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
     return subprocess.Popen([python, "-m", "ryla.cli.main", "serve", "--port", str(port), "--speed", speed,
                              "--timeout", "600"], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def cold_start(python: str, store: Path, cache: Path, port: int, speed: str,
-               log: Path) -> tuple[dict, subprocess.Popen]:
+               log: Path, extra_env: dict | None = None) -> tuple[dict, subprocess.Popen]:
     import httpx
 
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
-    proc = start_server(python, store, cache, port, speed, log)
+    proc = start_server(python, store, cache, port, speed, log, extra_env)
     while True:
         if proc.poll() is not None:
             raise RuntimeError(log.read_text()[-3000:])
@@ -132,13 +133,15 @@ def cold_start(python: str, store: Path, cache: Path, port: int, speed: str,
             "first_generation_s": float(r.headers["x-generation-time"])}, proc
 
 
-# Where a start's time goes: the server log's milestones, in the order they come.
-PHASE_MARKS = (("imports and opening the store", "ryla: serving"),
-               ("transformer: read, build, speed mode", "loaded transformer"),
-               ("CLIP, T5, the VAE", "loaded vae"),
-               ("compiling from the cache", "compiled the transformer"),
-               ("warming T5 and the VAE", "warmed the text encoders and the VAE"),
-               ("until /health answered", "GET /health"))
+# Where a start's time goes: the server log's milestones, in the order they come (each with the
+# texts that mark it: run 18's server logged "ryla: serving", later ones "... model set from").
+PHASE_MARKS = (("imports and opening the store", ("ryla: serving", "model set from")),
+               ("importing the model code (reads alongside)", ("imported the model code",)),
+               ("transformer: read, build, speed mode", ("loaded transformer",)),
+               ("CLIP, T5, the VAE", ("loaded vae",)),
+               ("compiling from the cache", ("compiled the transformer",)),
+               ("warming T5 and the VAE", ("warmed the text encoders and the VAE",)),
+               ("until /health answered", ("GET /health",)))
 
 
 def startup_phases(log: Path, launched_at: float) -> dict[str, float]:
@@ -150,8 +153,8 @@ def startup_phases(log: Path, launched_at: float) -> dict[str, float]:
     for line in log.read_text().splitlines():
         if not line[:4].isdigit():
             continue
-        for phase, text in PHASE_MARKS:
-            if phase not in marks and text in line:
+        for phase, texts in PHASE_MARKS:
+            if phase not in marks and any(text in line for text in texts):
                 marks[phase] = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
     phases, previous = {}, launched_at
     for phase, _ in PHASE_MARKS:
@@ -159,6 +162,34 @@ def startup_phases(log: Path, launched_at: float) -> dict[str, float]:
             phases[phase] = round(marks[phase] - previous, 2)
             previous = marks[phase]
     return phases
+
+
+def part_reads(log: Path) -> dict[str, float]:
+    """Seconds each checkpoint part's read took, as the server logged it (the reads run in a
+    background thread beside the imports, so these overlap the phases above)."""
+    import re
+
+    reads = {}
+    for match in re.finditer(r"read \S+ \(([\w.]+)\): ([\d.]+) GB in ([\d.]+)s", log.read_text()):
+        reads[match[1]] = float(match[3])
+    return reads
+
+
+def import_profile(log: Path, top: int = 15) -> dict:
+    """Python's -X importtime lines in a server log, summed: total seconds of module
+    execution, module count, and the packages that took most (own time of their modules)."""
+    by_package: dict[str, int] = {}
+    modules = 0
+    for line in log.read_text().splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        own, _, name = line.split(":", 1)[1].split("|")
+        package = name.strip().split(".")[0]
+        by_package[package] = by_package.get(package, 0) + int(own)
+        modules += 1
+    ranked = sorted(by_package.items(), key=lambda item: -item[1])
+    return {"total_s": round(sum(by_package.values()) / 1e6, 2), "modules": modules,
+            "by_package_s": {name: round(us / 1e6, 2) for name, us in ranked[:top]}}
 
 
 def throughput(port: int, n: int = 5) -> dict:
@@ -192,6 +223,13 @@ def main() -> None:
                              "all of this machine's packages [default: product]")
     parser.add_argument("--warm-starts", type=int, default=1,
                         help="launches with the warm compile cache; the median is reported [default: 1]")
+    parser.add_argument("--throughput-requests", type=int, default=5,
+                        help="requests of the throughput test on the first warm server; 0 skips it [default: 5]")
+    parser.add_argument("--compare-readers", action=argparse.BooleanOptionalAction, default=True,
+                        help="time safetensors' own GPU loading against ryla's reader [default: on]")
+    parser.add_argument("--profile-imports", action="store_true",
+                        help="one more warm start under python -X importtime (not in the median): where "
+                             "the import time goes, by package")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +244,7 @@ def main() -> None:
     store = work / "models"
     write_store_s = write_store(store)
     size = (store / "checkpoints" / "flux1-dev-fp8.safetensors").stat().st_size
-    reads = compare_readers(store / "checkpoints" / "flux1-dev-fp8.safetensors")
+    reads = compare_readers(store / "checkpoints" / "flux1-dev-fp8.safetensors") if args.compare_readers else {}
     print("readers", json.dumps(reads), flush=True)
     for index, speed in enumerate(args.speed.split(",")):
         cache = work / f"compile-cache-{speed}"
@@ -219,20 +257,30 @@ def main() -> None:
         # Repeated warm starts: on a shared machine one start's CPU-bound phases (imports,
         # compiling from the cache) vary by several seconds between launches.
         labels = ["cold_cache", "warm_cache"] + [f"warm_cache_{i}" for i in range(2, args.warm_starts + 1)]
+        if args.profile_imports:
+            labels.append("import_profile")
         for label in labels:
+            log = out / f"serve_{speed}_{label}.log"
+            extra_env = {"PYTHONPROFILEIMPORTTIME": "1"} if label == "import_profile" else None
             # Wall-clock launch time, to line up with the server log's timestamps.
             launched = time.time()
-            stats, proc = cold_start(environment["python"], store, cache, 8101, speed, out / f"serve_{speed}_{label}.log")
+            stats, proc = cold_start(environment["python"], store, cache, 8101, speed, log, extra_env)
             runs[label] = {**stats, "launched_at": launched}
-            runs[label]["phases_s"] = {**startup_phases(out / f"serve_{speed}_{label}.log", launched),
+            runs[label]["phases_s"] = {**startup_phases(log, launched),
                                        "first image": round(stats["first_image_s"] - stats["health_s"], 2)}
-            print(speed, label, json.dumps(stats), flush=True)
-            if label == "warm_cache" and index == 0:
-                results["throughput"] = throughput(8101)
+            runs[label]["part_reads_s"] = part_reads(log)
+            if label == "import_profile":
+                runs[label]["imports"] = import_profile(log)
+            print(speed, label, json.dumps(runs[label]), flush=True)
+            if label == "warm_cache" and index == 0 and args.throughput_requests:
+                results["throughput"] = throughput(8101, args.throughput_requests)
                 print("throughput", json.dumps(results["throughput"]), flush=True)
             proc.terminate()
             proc.wait(timeout=60)
+            # written after every start: a run cut short keeps what it measured
+            (out / f"cold_start_{speed}.json").write_text(json.dumps({**results, "cold_start": runs}, indent=2))
         warm = sorted(run["first_image_s"] for label, run in runs.items() if label.startswith("warm_cache"))
+        # (the import-profiled start runs slower under the profiler: not in the median)
         runs["warm_cache_median_first_image_s"] = warm[len(warm) // 2]
         results["cold_start"] = runs
         (out / f"cold_start_{speed}.json").write_text(json.dumps(results, indent=2))

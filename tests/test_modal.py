@@ -28,7 +28,7 @@ def declare(monkeypatch, **env):
     import modal
 
     for name in ("RYLA_GPU", "RYLA_SPEED", "RYLA_PROXY_AUTH", "RYLA_MAX_QUEUE", "RYLA_ALLOW_TINY",
-                 "RYLA_MAX_CONTAINERS", "RYLA_API_KEY_SECRET"):
+                 "RYLA_MAX_CONTAINERS", "RYLA_API_KEY_SECRET", "RYLA_GPU_SNAPSHOT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -124,6 +124,41 @@ def test_the_class_serves_the_api_locally_on_the_tiny_model(deployment, tiny_dir
         missing = client.post("/flux-lora", json={"prompt": "x", "width": 64, "height": 64, "lora_id": "nobody"})
         assert missing.status_code == 404
     assert calls.count("reload") >= 2, "reload at start, and again before reporting a LoRA missing"
+
+
+def test_gpu_snapshot_loads_and_warms_the_model_before_the_snapshot(monkeypatch, tiny_dir):
+    """RYLA_GPU_SNAPSHOT=1: Modal's GPU snapshot option is declared, and the snap=True hook has
+    the default model loaded before the container's own start (snap=False) begins; without it
+    nothing is loaded until then (a CPU snapshot has no GPU)."""
+    from starlette.testclient import TestClient
+
+    from ryla.runtime import Runtime
+
+    opened = []
+    real_open = Runtime.open.__func__
+    monkeypatch.setattr(Runtime, "open", classmethod(lambda cls, *a, **k: opened.append(real_open(cls, *a, **k))
+                                                     or opened[-1]))
+    for snapshot in ("1", None):
+        opened.clear()
+        module, declared = declare(monkeypatch, **({"RYLA_GPU_SNAPSHOT": snapshot} if snapshot else {}))
+        monkeypatch.setenv("RYLA_ALLOW_TINY", "1")
+        assert declared["cls"].get("experimental_options") == ({"enable_gpu_snapshot": True} if snapshot else None)
+        assert declared["cls"]["env"].get("RYLA_GPU_SNAPSHOT") == snapshot
+        monkeypatch.setattr(module, "MODELS_DIR", str(tiny_dir))
+        loaded_at_start = []
+        monkeypatch.setattr(module.models_volume, "reload", lambda: loaded_at_start.append(
+            opened[-1].engine.loaded_models() if opened else None), raising=False)
+        web_app = module.Ryla().api.local()
+        if snapshot:
+            assert "transformer:" in " ".join(loaded_at_start[0]) and len(opened) == 1  # opened once, before
+        else:
+            assert loaded_at_start[0] is None and len(opened) == 1
+        with TestClient(web_app) as client:
+            r = client.post("/flux-dev", json={"prompt": "a fox", "width": 64, "height": 64, "steps": 2, "seed": 3})
+            assert r.status_code == 200
+    with pytest.raises(ValueError, match="one GPU per container"):
+        declare(monkeypatch, RYLA_GPU_SNAPSHOT="1", RYLA_GPU="H100:2")
+    sys.modules.pop("comfyui_ryla", None)
 
 
 class FakeVolume:

@@ -21,7 +21,20 @@ from ryla.workflows import FLUX_DEV
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServerSettings", "create_app"]
+__all__ = ["ServerSettings", "create_app", "preload_default_model"]
+
+
+def preload_default_model(runtime: Runtime) -> bool:
+    """Load the default checkpoint (/flux-dev's) on every engine and, in a compiled speed mode,
+    compile the transformer for 1024x1024 and warm T5 and the VAE. Returns False when the store
+    has no such checkpoint (the models then load with the first request that names one). Also
+    run by the Modal app before its GPU memory snapshot, where one is taken."""
+    default_checkpoint = FLUX_DEV.graph["1"]["inputs"]["ckpt_name"]
+    if default_checkpoint not in runtime.store.list("checkpoints"):
+        return False
+    for engine in runtime.engines:  # one after another: compiling is not thread-safe
+        engine.preload(default_checkpoint)
+    return True
 
 
 def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> FastAPI:
@@ -31,13 +44,10 @@ def create_app(runtime: Runtime, settings: ServerSettings | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        default_checkpoint = FLUX_DEV.graph["1"]["inputs"]["ckpt_name"]
-        if settings.preload and default_checkpoint in runtime.store.list("checkpoints"):
-            # Load the default model (and, in a compiled speed mode, compile it for 1024x1024)
-            # before serving, so the first request does not pay for it and /health means
+        if settings.preload:
+            # Before serving, so the first request does not pay for it and /health means
             # ready. A broken file stops the server here, not at a request.
-            for engine in runtime.engines:  # one after another: compiling is not thread-safe
-                await asyncio.to_thread(engine.preload, default_checkpoint)
+            await asyncio.to_thread(preload_default_model, runtime)
         service.folders.prune_outputs()
         if service.safety.mode != "off":
             # The checker the server promised: loaded now, so a missing package stops the start.

@@ -211,7 +211,9 @@ class FluxEngine:
             # each read in a copy of this context: its log lines keep the request id
             prefetched = {c: reader.submit(contextvars.copy_context().run, tensor_files.read_tensors, path,
                                            formats.CHECKPOINT_PREFIXES[c], self.device) for c in missing}
+            start = time.perf_counter()
             import_model_code(self.speed)
+            log.info("imported the model code for %s in %.2fs", self.speed, time.perf_counter() - start)
             yield prefetched
         finally:
             # after a failed build: no read left running, and unread parts never start
