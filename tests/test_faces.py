@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import data
 
 from ryla.identity.faces import SFACE_THRESHOLD, cosine, decode_image, largest_face, open_analyzer
 
@@ -108,3 +109,56 @@ def test_eval_identity_separates_two_people(cli_env, test_photos, tmp_path):
     verdicts = {row["image"]: row["same_person"] for row in summary["results"]}
     assert verdicts == {"biden.jpg": False, "obama2.jpg": True, "obama3.jpg": True}
     assert summary["share_above_threshold"] == pytest.approx(2 / 3, abs=1e-3)
+
+
+def test_the_same_picture_is_analysed_once(tiny_store):
+    """A reference photo sent again (decoded anew, the same pixels) reuses its analysis; another
+    picture is analysed; the oldest entry leaves when the cache is full; nobody can change the
+    cached arrays."""
+    analyzer = open_analyzer(tiny_store)
+    calls = []
+    analyse = analyzer._analyse
+    analyzer._analyse = lambda image: calls.append(image.size) or analyse(image)
+    astronaut = Image.fromarray(data.astronaut())
+    first = analyzer.faces(astronaut)
+    again = analyzer.faces(decode_image(png_bytes(astronaut)))
+    assert len(calls) == 1 and len(first) == len(again) == 1
+    assert first[0].bbox == again[0].bbox and np.array_equal(first[0].embedding, again[0].embedding)
+    with pytest.raises(ValueError, match="read-only"):
+        again[0].kps[0, 0] = 0.0
+    mirrored = analyzer.faces(astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    assert len(calls) == 2 and len(mirrored) == 1 and mirrored[0].bbox != first[0].bbox
+    analyzer.cache.size = 2
+    analyzer.faces(astronaut.rotate(10))  # a third picture: the first one leaves
+    analyzer.faces(astronaut)
+    assert len(calls) == 4 and (analyzer.cache.hits, analyzer.cache.misses) == (1, 4)
+    # generated images, scored for likeness, are analysed but not kept in the references' place
+    assert len(analyzer.faces(astronaut.rotate(20), remember=False)) == 1
+    analyzer.faces(astronaut)
+    assert len(calls) == 5 and (analyzer.cache.hits, analyzer.cache.misses) == (2, 4)
+
+
+def test_identity_requests_with_one_reference_analyse_it_once(runtime, monkeypatch):
+    """Through the graph (/flux-instantid's workflow, in-process): two requests with the same
+    reference photo, sent as bytes each time, run the face analysis once."""
+    from ryla.identity import faces as faces_module
+    from ryla.workflows import FLUX_INSTANTID
+
+    calls = []
+    analyse = faces_module.YuNetAnalyzer._analyse
+    monkeypatch.setattr(faces_module.YuNetAnalyzer, "_analyse",
+                        lambda self, image: calls.append(image.size) or analyse(self, image))
+    graph = json.loads(json.dumps(FLUX_INSTANTID.graph))
+    graph["5"]["inputs"].update(width=64, height=64)
+    graph["7"]["inputs"]["steps"] = 2
+    reference = png_bytes(Image.fromarray(data.astronaut()))
+    images = [runtime.run(graph, runtime.context(request_images={"reference": reference})).images[0]
+              for _ in range(2)]
+    assert len(calls) == 1
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -18,8 +18,10 @@ same person" (docs/instantid.md has the table and where each number comes from).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -57,6 +59,65 @@ class Face:
         return max(0.0, x1 - x0) * max(0.0, y1 - y0)
 
 
+class AnalysisCache:
+    """The faces found in each picture, by the picture's content (SHA-256 of its size, mode and
+    pixels), least recently used first out. A character studio sends the same reference photo
+    with request after request: detection, keypoints and the embedding are then computed once
+    (hashing a 1024x1024 picture takes a few milliseconds; analysing it takes tens to hundreds).
+    The cached faces' arrays are read-only, so no caller can change another's."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[bytes, tuple[Face, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(image: Image.Image) -> bytes:
+        digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height}".encode())
+        digest.update(image.tobytes())
+        return digest.digest()
+
+    def faces(self, image: Image.Image, analyse) -> list[Face]:
+        key = self.key(image)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return list(self._entries[key])
+        faces = tuple(_read_only(face) for face in analyse(image))  # outside the lock: analyses may overlap
+        with self._lock:
+            self.misses += 1
+            self._entries[key] = faces
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return list(faces)
+
+
+def _read_only(face: Face) -> Face:
+    for array in (face.kps, face.embedding, face.identity):
+        if array is not None:
+            array.setflags(write=False)
+    return face
+
+
+class Analyzer:
+    """What both backends share: `faces` through the analysis cache. A backend sets `cache` and
+    implements `_analyse`."""
+
+    cache: AnalysisCache
+
+    def faces(self, image: Image.Image, remember: bool = True) -> list[Face]:
+        """The faces in `image`. remember=False for pictures that will not come again (the
+        generated images whose likeness is scored): analysed, and not kept in place of the
+        references that will."""
+        return self.cache.faces(image, self._analyse) if remember else self._analyse(image)
+
+    def _analyse(self, image: Image.Image) -> list[Face]:
+        raise NotImplementedError
+
+
 class IdentityModelsMissing(RuntimeError):
     """Identity conditioning needs an ArcFace embedding that no installed backend gives."""
 
@@ -76,7 +137,7 @@ class TinyFaceEmbedder(torch.nn.Module):
         return torch.nn.functional.normalize(self.fc(self.pool(x).flatten(1)), dim=-1)
 
 
-class FaceAnalyzer:
+class FaceAnalyzer(Analyzer):
     """antelopev2 through insightface (detection, keypoints, ArcFace embedding)."""
 
     name = "antelopev2"
@@ -91,8 +152,9 @@ class FaceAnalyzer:
                                 allowed_modules=["detection", "recognition"])
         self.app.prepare(ctx_id=0 if provider == "gpu" else -1, det_size=(640, 640))
         self._lock = threading.Lock()  # the detector's input size is per-call state
+        self.cache = AnalysisCache()
 
-    def faces(self, image: Image.Image) -> list[Face]:
+    def _analyse(self, image: Image.Image) -> list[Face]:
         bgr = np.asarray(image)[:, :, ::-1]
         found = []
         with self._lock:
@@ -119,7 +181,7 @@ YUNET = "face_detection_yunet_2023mar_int8bq.onnx"
 SFACE = "face_recognition_sface_2021dec_int8bq.onnx"
 
 
-class YuNetAnalyzer:
+class YuNetAnalyzer(Analyzer):
     """YuNet detection and keypoints, SFace likeness; the tiny stand-in embeds for conditioning
     where the tiny model set provides its weights."""
 
@@ -142,6 +204,7 @@ class YuNetAnalyzer:
             self.embedder.load_state_dict(load_file(str(embedder_path)))
         # OpenCV's DNN objects keep per-call state: one call at a time.
         self._lock = threading.Lock()
+        self.cache = AnalysisCache()
 
     def detect(self, bgr: np.ndarray) -> np.ndarray:
         """YuNet's rows [x, y, w, h, 5 x (x, y), score] in the image's pixels: the longest side
@@ -160,7 +223,7 @@ class YuNetAnalyzer:
                 return rows
         return np.zeros((0, 15))
 
-    def faces(self, image: Image.Image) -> list[Face]:
+    def _analyse(self, image: Image.Image) -> list[Face]:
         bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
         with self._lock:
             rows = self.detect(bgr)

@@ -278,7 +278,7 @@ def identity_scores(service: Service, result) -> dict | None:
     analyzer = engine.cached(("faces", "cpu"), lambda: open_analyzer(engine.store, "cpu"))
     scores = []
     for image in result.images:
-        faces = analyzer.faces(image)
+        faces = analyzer.faces(image, remember=False)  # generated: will not come again
         scores.append(round(cosine(reference, largest_face(faces).identity), 4) if faces else None)
     threshold = analyzer.threshold
     found = [score for score in scores if score is not None]

@@ -179,7 +179,7 @@ def apply_identity(context, instantid, insightface, control_net, image, model, p
                             "and its files are not in the store's insightface/ folder: run `ryla models download "
                             "--preset identity` (YuNet + SFace find faces and score likeness, but cannot condition)",
                             status=503)
-    embedding = torch.from_numpy(face.embedding)[None, None]
+    embedding = torch.tensor(face.embedding)[None, None]  # a copy: the analysis cache's arrays are read-only
     param = next(instantid.parameters())
     tokens = instantid(embedding.to(param.device, param.dtype)) * ip_weight
     control_image = None
