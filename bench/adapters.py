@@ -10,6 +10,10 @@ the text encoders' cache serves all arms alike. Per speed mode, one server:
   same        6 x /flux-lora with LoRA 1 every time (patched once: no switching)
   cycling     6 x /flux-lora, LoRA 1, 2, 3, 1, 2, 3 (a switch on every request)
   stacked     6 x /flux-lora with two LoRAs, (1+2), (2+3), (3+1), ...
+  identity    6 x /flux-instantid with one reference photo (scikit-image's astronaut), an
+              InfuseNet of InfiniteYou-FLUX's size (5 double + 10 single blocks) and its
+              Resampler, random weights; YuNet finds the face and the model set's stand-in
+              network embeds it (antelopev2 cannot be downloaded here)
 
 after warm-up (each LoRA once, so each is converted and cached, and the originals of every
 targeted layer saved). Reported: medians of the server's X-Generation-Time and of the wall
@@ -19,6 +23,8 @@ weights, a LoRA's changed values alone make the same kernels run slower (same vs
 which the clocks show.
 
     python bench/adapters.py --out bench/results --work /tmp/adapters --speed exact,fast
+    python bench/adapters.py --tiny --environment machine --speed eager --out /tmp/a --work /tmp/a
+                                                  # a CPU dry run on the tiny model set
 """
 
 from __future__ import annotations
@@ -40,24 +46,26 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 REQUEST = {"prompt": "a portrait of a woman in a red coat, city street at dusk", "width": 1024, "height": 1024,
            "steps": 28, "seed": 1, "output_format": "jpeg"}
+TINY_REQUEST = {**REQUEST, "width": 64, "height": 64, "steps": 2}
 RANK = 64
-RUNS = {"base": 5, "same": 6, "cycling": 6, "stacked": 6}
+RUNS = {"base": 5, "same": 6, "cycling": 6, "stacked": 6, "identity": 6}
+TINY_RUNS = dict.fromkeys(RUNS, 2)
+INFUSENET_BLOCKS = (5, 10)  # InfiniteYou-FLUX v1.0's InfuseNet: double and single blocks
 
 
 def write_loras(store: Path) -> list[str]:
-    """Three rank-64 LoRAs on all 494 block linears of FLUX.1-dev, PEFT key names, fp16 (as
-    published files hold them), registered in the store without trigger words."""
-    from diffusers import FluxTransformer2DModel
+    """Three rank-64 LoRAs on all block linears of the store's transformer (494 in FLUX.1-dev),
+    PEFT key names, fp16 (as published files hold them), registered in the store without
+    trigger words."""
     from safetensors.torch import save_file
 
-    from ryla.flux.loading import _empty, _public, component_config
-    from ryla.flux.lora import linear_shapes
+    from ryla.flux.loading import architecture_shapes
     from ryla.models.loras import LoraStore
+    from ryla.models.store import ModelStore
 
-    transformer = _empty(lambda: FluxTransformer2DModel.from_config(_public(component_config("transformer", {}))))
-    all_shapes = linear_shapes(transformer)
+    all_shapes, clip_shapes = architecture_shapes(ModelStore(store))
     shapes = {k: v for k, v in all_shapes.items() if "transformer_blocks." in k}
-    loras = LoraStore(store / "loras", lambda: (all_shapes, {}))
+    loras = LoraStore(store / "loras", lambda: (all_shapes, clip_shapes))
     ids = []
     for index in range(3):
         lora_id = f"character-{index + 1}"
@@ -76,6 +84,54 @@ def write_loras(store: Path) -> list[str]:
         ids.append(lora_id)
     print(f"LoRAs: {len(shapes)} layers each, rank {RANK}", flush=True)
     return ids
+
+
+def write_identity(store: Path, device: torch.device) -> None:
+    """InfuseNet (controlnet/InfuseNetModel/, a diffusers FluxControlNetModel folder) with
+    INFUSENET_BLOCKS at the store's transformer width, the Resampler (instantid/
+    image_proj_model.bin, InfiniteYou's key names) and the face-embedding stand-in
+    (insightface/), all random, in the layouts the server loads."""
+    from diffusers import FluxControlNetModel
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+    from safetensors.torch import save_file
+
+    from ryla.flux.loading import _public, component_config
+    from ryla.identity.adapter import RESAMPLER, resampler_to_original
+    from ryla.identity.faces import TINY_EMBEDDER, TinyFaceEmbedder
+    from ryla.models.store import ModelStore
+    from ryla.models.tiny import TINY_RESAMPLER, TINY_TRANSFORMER
+
+    tiny = ModelStore(store).tiny
+    folder = store / "controlnet" / "InfuseNetModel"
+    config = {k: v for k, v in (TINY_TRANSFORMER if tiny else _public(component_config("transformer", {}))).items()
+              if not k.startswith("_")}
+    config.update(num_layers=INFUSENET_BLOCKS[0], num_single_layers=INFUSENET_BLOCKS[1])
+    keep = ("patch_size", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+            "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
+    dtype = torch.float32 if tiny else torch.bfloat16
+    with torch.device(device):
+        controlnet = FluxControlNetModel(**{k: config[k] for k in keep}).to(dtype)
+        resampler = IPAdapterPlusImageProjection(**(TINY_RESAMPLER if tiny else RESAMPLER)).to(dtype)
+    controlnet.save_pretrained(str(folder), safe_serialization=True)
+    (store / "instantid").mkdir(parents=True, exist_ok=True)
+    torch.save({"image_proj": {k: v.cpu() for k, v in resampler_to_original(resampler.state_dict()).items()}},
+               store / "instantid" / "image_proj_model.bin")
+    (store / "insightface").mkdir(parents=True, exist_ok=True)
+    save_file(TinyFaceEmbedder().state_dict(), str(store / "insightface" / TINY_EMBEDDER))
+    print(f"identity: InfuseNet {sum(p.numel() for p in controlnet.parameters()) / 1e9:.2f} B parameters", flush=True)
+
+
+def reference_photo() -> str:
+    """A real face (scikit-image's astronaut, bundled with the package), PNG in base64."""
+    import base64
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def start(python: str, store: Path, cache: Path, speed: str, port: int, log: Path) -> subprocess.Popen:
@@ -112,8 +168,11 @@ def post(url: str, path: str, body: dict) -> tuple[float, float]:
 
 def gpu_samples(stop) -> list[tuple[float, float]]:
     """(SM clock MHz, power W) every 100 ms until `stop` is set."""
-    proc = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
-                             "-lms", "100"], stdout=subprocess.PIPE, text=True)
+    try:
+        proc = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                                 "-lms", "100"], stdout=subprocess.PIPE, text=True)
+    except FileNotFoundError:  # no NVIDIA GPU (--tiny on a CPU)
+        return []
     samples = []
     for line in proc.stdout:
         try:
@@ -148,19 +207,22 @@ def arm(url: str, bodies: list[tuple[str, dict]]) -> dict:
             "power_median_w": statistics.median(p for _, p in busy) if busy else None}
 
 
-def measure(url: str, ids: list[str]) -> dict:
-    lora = lambda i: ("/flux-lora", {**REQUEST, "lora_id": ids[i % 3]})  # noqa: E731
-    stack = lambda i: ("/flux-lora", {**REQUEST, "lora_id": ids[i % 3],  # noqa: E731
+def measure(url: str, ids: list[str], request: dict, runs: dict, reference: str) -> dict:
+    lora = lambda i: ("/flux-lora", {**request, "lora_id": ids[i % 3]})  # noqa: E731
+    stack = lambda i: ("/flux-lora", {**request, "lora_id": ids[i % 3],  # noqa: E731
                                       "loras": [{"id": ids[(i + 1) % 3], "strength": 0.8}]})
-    # warm-up: each LoRA converted and cached once, every targeted layer's original saved
-    for body in [("/flux-dev", REQUEST)] * 2 + [lora(i) for i in range(3)] + [stack(0)]:
+    identity = ("/flux-instantid", {**request, "reference_image": reference})
+    # warm-up: each LoRA converted and cached once, every targeted layer's original saved;
+    # InfuseNet loaded (and compiled) and the reference's face analysis done
+    for body in [("/flux-dev", request)] * 2 + [lora(i) for i in range(3)] + [stack(0)] + [identity] * 2:
         post(url, *body)
-    results = {"base": arm(url, [("/flux-dev", REQUEST)] * RUNS["base"]),
-               "same": arm(url, [lora(0)] * RUNS["same"]),
-               "cycling": arm(url, [lora(i) for i in range(RUNS["cycling"])]),
-               "stacked": arm(url, [stack(i) for i in range(RUNS["stacked"])])}
+    results = {"base": arm(url, [("/flux-dev", request)] * runs["base"]),
+               "same": arm(url, [lora(0)] * runs["same"]),
+               "cycling": arm(url, [lora(i) for i in range(runs["cycling"])]),
+               "stacked": arm(url, [stack(i) for i in range(runs["stacked"])]),
+               "identity": arm(url, [identity] * runs["identity"])}
     base = results["base"]
-    for name in ("same", "cycling", "stacked"):
+    for name in ("same", "cycling", "stacked", "identity"):
         results[name]["generation_ratio"] = results[name]["generation_median_s"] / base["generation_median_s"]
         results[name]["wall_ratio"] = results[name]["wall_median_s"] / base["wall_median_s"]
     results["switching_cost_ratio"] = results["cycling"]["generation_median_s"] / results["same"]["generation_median_s"]
@@ -173,16 +235,26 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/adapters")
     parser.add_argument("--speed", default="exact,fast")
     parser.add_argument("--environment", choices=("product", "machine"), default="product")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a dry run on the CPU: the tiny model set, 64x64, 2 steps, 2 requests an arm")
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     store = work / "models"
+    request, runs = (TINY_REQUEST, TINY_RUNS) if args.tiny else (REQUEST, RUNS)
     if not (store / "checkpoints" / "flux1-dev-fp8.safetensors").is_file():
-        from cold_start import write_store
+        if args.tiny:
+            from ryla.models.tiny import make_tiny_models
 
-        print("wrote the store in", round(write_store(store), 1), "s", flush=True)
+            make_tiny_models(store)
+        else:
+            from cold_start import write_store
+
+            print("wrote the store in", round(write_store(store), 1), "s", flush=True)
     ids = write_loras(store)
+    if not (store / "controlnet" / "InfuseNetModel" / "config.json").is_file() or args.tiny:
+        write_identity(store, torch.device("cpu" if args.tiny else "cuda"))
     if args.environment == "product":
         import product_env
 
@@ -191,14 +263,15 @@ def main() -> None:
         python = sys.executable
     results_path = out / "adapters.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results.update(gpu=torch.cuda.get_device_name(), torch=torch.__version__, request=REQUEST, rank=RANK,
-                   layers=494, runs=RUNS)
+    results.update(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
+                   request=request, rank=RANK, runs=runs)
+    reference = reference_photo()
     for speed in args.speed.split(","):
         log = out / f"adapters_serve_{speed}.log"
         proc = start(python, store, work / f"compile-cache-{speed}", speed, 8111, log)
         try:
             health = wait_healthy(proc, "http://127.0.0.1:8111", log)
-            results[speed] = {"health_s": health, **measure("http://127.0.0.1:8111", ids)}
+            results[speed] = {"health_s": health, **measure("http://127.0.0.1:8111", ids, request, runs, reference)}
         finally:
             proc.terminate()
             proc.wait(timeout=120)

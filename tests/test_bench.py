@@ -69,3 +69,22 @@ def test_startup_phases_from_a_real_server_log():
     profiled = cold_start.import_profile(results / "serve_exact_import_profile.log")
     assert profiled == json.loads((results / "cold_start_exact.json").read_text())["cold_start"]["import_profile"]["imports"]
     assert profiled["by_package_s"]["torch"] > 5 and profiled["modules"] > 4000
+
+
+@pytest.mark.slow
+def test_adapters_bench_runs_every_arm_over_http_on_the_tiny_set(tmp_path):
+    """bench/adapters.py's CPU dry run: it writes its LoRAs and the identity files into a tiny
+    store, starts `ryla serve`, and measures every arm the GPU run reports, identity included."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "adapters.py"), "--tiny", "--environment", "machine",
+                             "--speed", "eager", "--out", str(tmp_path), "--work", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    eager = json.loads((tmp_path / "adapters.json").read_text())["eager"]
+    for arm in ("same", "cycling", "stacked", "identity"):
+        assert len(eager[arm]["generation_s"]) == 2 and eager[arm]["generation_ratio"] > 0
+    assert "InfuseNet" in result.stdout and "switching_cost_ratio" in eager
+    assert "POST /flux-instantid -> 200" in (tmp_path / "adapters_serve_eager.log").read_text()
