@@ -88,3 +88,23 @@ def test_adapters_bench_runs_every_arm_over_http_on_the_tiny_set(tmp_path):
         assert len(eager[arm]["generation_s"]) == 2 and eager[arm]["generation_ratio"] > 0
     assert "InfuseNet" in result.stdout and "switching_cost_ratio" in eager
     assert "POST /flux-instantid -> 200" in (tmp_path / "adapters_serve_eager.log").read_text()
+
+
+@pytest.mark.slow
+def test_aot_blocks_bench_loads_packaged_blocks_without_the_compile_stack(tmp_path):
+    """bench/aot_blocks.py's CPU dry run: exact mode's two block types exported and packaged by
+    AOTInductor, opened in a fresh process that imports no part of torch.compile's stack, equal
+    to the eager blocks, and computing with weights patched in place after the hand-over."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "aot_blocks.py"), "--tiny", "--out", str(tmp_path),
+                             "--work", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    fresh = json.loads((tmp_path / "aot_blocks.json").read_text())["fresh_process"]
+    assert not any(fresh["compile_stack_imported_by_opening"].values())
+    assert set(fresh["block_types"]) == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
+    for block in fresh["block_types"].values():
+        assert block["max_abs_difference"] < 1e-5 and block["after_in_place_patch"] < 1e-5
+        assert block["patch_changed_output_by"] > 1e-3
