@@ -140,22 +140,30 @@ def test_the_same_picture_is_analysed_once(tiny_store):
 
 def test_identity_requests_with_one_reference_analyse_it_once(runtime, monkeypatch):
     """Through the graph (/flux-instantid's workflow, in-process): two requests with the same
-    reference photo, sent as bytes each time, run the face analysis once."""
+    reference photo, sent as bytes each time, run the face analysis once, and VAE-encode their
+    (black) control image once."""
+    from diffusers import AutoencoderKL
+
     from ryla.identity import faces as faces_module
     from ryla.workflows import FLUX_INSTANTID
 
-    calls = []
+    calls, encodes = [], []
     analyse = faces_module.YuNetAnalyzer._analyse
     monkeypatch.setattr(faces_module.YuNetAnalyzer, "_analyse",
                         lambda self, image: calls.append(image.size) or analyse(self, image))
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: encodes.append(x.shape) or encode(self, x, *a, **k))
     graph = json.loads(json.dumps(FLUX_INSTANTID.graph))
     graph["5"]["inputs"].update(width=64, height=64)
     graph["7"]["inputs"]["steps"] = 2
     reference = png_bytes(Image.fromarray(data.astronaut()))
     images = [runtime.run(graph, runtime.context(request_images={"reference": reference})).images[0]
               for _ in range(2)]
-    assert len(calls) == 1
+    assert len(calls) == 1 and len(encodes) == 1
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+    runtime.engine._control_latents.clear()  # encoded anew, the same control latents: the same image
+    again = runtime.run(graph, runtime.context(request_images={"reference": reference})).images[0]
+    assert len(encodes) == 2 and np.array_equal(np.asarray(again), np.asarray(images[0]))
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -70,6 +70,8 @@ CHECKPOINT_PARTS = ("transformer", "clip_l", "t5xxl", "vae")
 # Free GPU memory, in multiples of the checkpoint file's size, needed to read its parts ahead
 # (FluxEngine._prefetch_fits).
 PREFETCH_MEMORY_FACTOR = 2.5
+# Control images' latents kept (FluxEngine.encode_control_image): ~1 MB each at 1024x1024.
+CONTROL_LATENT_CACHE_SIZE = 8
 
 
 def import_model_code(speed: str) -> list[str]:
@@ -136,6 +138,9 @@ class FluxEngine:
         self._patchers: dict[int, WeightPatcher] = {}
         self._loras: OrderedDict[tuple, LoraWeights] = OrderedDict()
         self.lora_cache_size = 8
+        # encode_control_image's latents: (VAE, width, height, picture digest) -> (VAE ref, latents)
+        self._control_latents: OrderedDict[tuple, tuple] = OrderedDict()
+        self._control_lock = threading.Lock()
         self._target_shapes: tuple[dict, dict] | None = None
 
     # ------------------------------------------------------------------ loading
@@ -472,18 +477,35 @@ class FluxEngine:
 
     @torch.inference_mode()
     def encode_control_image(self, vae, image, width: int, height: int) -> torch.Tensor:
-        """A control image -> packed latents in model space (FluxControlNetPipeline's way)."""
+        """A control image -> packed latents in model space (FluxControlNetPipeline's way).
+        Kept per VAE, size and picture: an identity request without a pose image has a black
+        control image, the same every time (InfiniteYou's pipeline), and a pose photo sent
+        again draws the same keypoints, so a repeat skips a full-size VAE encode."""
+        import hashlib
+        import weakref
+
         import numpy as np
 
         from PIL import Image
 
         if image is None:
             image = Image.new("RGB", (width, height))
-        image = image.resize((width, height), Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        pixels = np.asarray(image.resize((width, height), Image.BILINEAR).convert("RGB"))
+        key = (id(vae), width, height, hashlib.sha256(pixels.tobytes()).digest())
+        with self._control_lock:
+            entry = self._control_latents.get(key)
+            if entry is not None and entry[0]() is vae:  # the same VAE, not one at a reused id
+                self._control_latents.move_to_end(key)
+                return entry[1]
+        x = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
         with self._use_lock:
             latents = vae.encode(x.to(self.device, vae.dtype)).latent_dist.mode()
-        return sampling.pack_latents((latents.float() - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE)
+        packed = sampling.pack_latents((latents.float() - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE)
+        with self._control_lock:
+            self._control_latents[key] = (weakref.ref(vae), packed)
+            while len(self._control_latents) > CONTROL_LATENT_CACHE_SIZE:
+                self._control_latents.popitem(last=False)
+        return packed
 
     def _control_input(self, hint: ControlHint, h: int, w: int, padded_h: int, padded_w: int) -> torch.Tensor:
         """A hint's control image as its ControlNet takes it, for a latent of h x w, as
