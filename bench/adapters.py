@@ -101,8 +101,10 @@ def write_identity(store: Path, device: torch.device) -> None:
     from ryla.models.store import ModelStore
     from ryla.models.tiny import TINY_RESAMPLER, TINY_TRANSFORMER
 
-    tiny = ModelStore(store).tiny
-    folder = store / "controlnet" / "InfuseNetModel"
+    models = ModelStore(store)
+    models.ensure_layout()
+    tiny = models.tiny
+    folder = models.folder("controlnet") / "InfuseNetModel"
     config = {k: v for k, v in (TINY_TRANSFORMER if tiny else _public(component_config("transformer", {}))).items()
               if not k.startswith("_")}
     config.update(num_layers=INFUSENET_BLOCKS[0], num_single_layers=INFUSENET_BLOCKS[1])
@@ -113,11 +115,9 @@ def write_identity(store: Path, device: torch.device) -> None:
         controlnet = FluxControlNetModel(**{k: config[k] for k in keep}).to(dtype)
         resampler = IPAdapterPlusImageProjection(**(TINY_RESAMPLER if tiny else RESAMPLER)).to(dtype)
     controlnet.save_pretrained(str(folder), safe_serialization=True)
-    (store / "instantid").mkdir(parents=True, exist_ok=True)
     torch.save({"image_proj": {k: v.cpu() for k, v in resampler_to_original(resampler.state_dict()).items()}},
-               store / "instantid" / "image_proj_model.bin")
-    (store / "insightface").mkdir(parents=True, exist_ok=True)
-    save_file(TinyFaceEmbedder().state_dict(), str(store / "insightface" / TINY_EMBEDDER))
+               models.folder("instantid") / "image_proj_model.bin")
+    save_file(TinyFaceEmbedder().state_dict(), str(models.folder("insightface") / TINY_EMBEDDER))
     print(f"identity: InfuseNet {sum(p.numel() for p in controlnet.parameters()) / 1e9:.2f} B parameters", flush=True)
 
 

@@ -128,14 +128,14 @@ def test_the_same_picture_is_analysed_once(tiny_store):
         again[0].kps[0, 0] = 0.0
     mirrored = analyzer.faces(astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     assert len(calls) == 2 and len(mirrored) == 1 and mirrored[0].bbox != first[0].bbox
-    analyzer.cache.size = 2
+    analyzer.cache.entries.size = 2
     analyzer.faces(astronaut.rotate(10))  # a third picture: the first one leaves
     analyzer.faces(astronaut)
-    assert len(calls) == 4 and (analyzer.cache.hits, analyzer.cache.misses) == (1, 4)
+    assert len(calls) == 4 and (analyzer.cache.entries.hits, analyzer.cache.entries.misses) == (1, 4)
     # generated images, scored for likeness, are analysed but not kept in the references' place
     assert len(analyzer.faces(astronaut.rotate(20), remember=False)) == 1
     analyzer.faces(astronaut)
-    assert len(calls) == 5 and (analyzer.cache.hits, analyzer.cache.misses) == (2, 4)
+    assert len(calls) == 5 and (analyzer.cache.entries.hits, analyzer.cache.entries.misses) == (2, 4)
 
 
 def test_identity_requests_with_one_reference_analyse_it_once(runtime, monkeypatch):

@@ -10,20 +10,20 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ryla import imaging
+from ryla.caches import LruCache
 from ryla.flux import loading, samplers, sampling
 from ryla.flux.components import Cond, Conditioning, ControlHint, ControlNet, FluxModel, LoraPatch, TextEncoder, Vae
 from ryla.flux.lora import WeightPatcher, linear_shapes
 from ryla.speed.modulation import ModulationPlan
 from ryla.speed.modes import check_speed_mode, optimize_transformer, optimize_vae
 from ryla.models import formats, gguf_files, tensor_files
-from ryla.models.lora_format import LoraWeights, convert
+from ryla.models.lora_format import convert
 from ryla.models.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -129,18 +129,14 @@ class FluxEngine:
         self._load_lock = threading.Lock()
         # one checkpoint load at a time: two first requests must not both prefetch 22 GB
         self._checkpoint_lock = threading.Lock()
-        self._prompt_cache: OrderedDict[tuple, Cond] = OrderedDict()
-        self._prompt_cache_size = prompt_cache_size
-        self._prompt_lock = threading.Lock()
+        self._prompt_cache = LruCache(prompt_cache_size)  # (encoders, LoRAs, texts) -> Cond
         # Held while a module's weights are patched and used, and around every model call:
         # LoRA application and the model calls of one request never interleave with another's.
         self._use_lock = threading.RLock()
         self._patchers: dict[int, WeightPatcher] = {}
-        self._loras: OrderedDict[tuple, LoraWeights] = OrderedDict()
-        self.lora_cache_size = 8
+        self._loras = LruCache(8)  # (file, version, model) -> LoraWeights
         # encode_control_image's latents: (VAE, width, height, picture digest) -> (VAE ref, latents)
-        self._control_latents: OrderedDict[tuple, tuple] = OrderedDict()
-        self._control_lock = threading.Lock()
+        self._control_latents = LruCache(CONTROL_LATENT_CACHE_SIZE)
         self._target_shapes: tuple[dict, dict] | None = None
 
     # ------------------------------------------------------------------ loading
@@ -382,18 +378,12 @@ class FluxEngine:
         path = self.store.resolve("loras", name)
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size, id(model.transformer), id(clip.clip) if clip else None)
-        with self._load_lock:
-            weights = self._loras.get(key)
-            if weights is not None:
-                self._loras.move_to_end(key)
+        weights = self._loras.get(key)
         if weights is None:
             tensors, _ = tensor_files.read_tensors(path, device=self.device)
             weights = convert(tensors, linear_shapes(model.transformer),
                               linear_shapes(clip.clip) if clip is not None else None).to(self.device)
-            with self._load_lock:
-                self._loras[key] = weights
-                while len(self._loras) > self.lora_cache_size:
-                    self._loras.popitem(last=False)
+            self._loras.put(key, weights)
         model = dataclasses.replace(model, loras=model.loras + (
             LoraPatch(name, str(path), stat.st_mtime_ns, strength_model, weights.transformer),))
         if clip is not None and weights.text_encoder:
@@ -492,19 +482,14 @@ class FluxEngine:
             image = Image.new("RGB", (width, height))
         pixels = np.asarray(image.resize((width, height), Image.BILINEAR).convert("RGB"))
         key = (id(vae), width, height, hashlib.sha256(pixels.tobytes()).digest())
-        with self._control_lock:
-            entry = self._control_latents.get(key)
-            if entry is not None and entry[0]() is vae:  # the same VAE, not one at a reused id
-                self._control_latents.move_to_end(key)
-                return entry[1]
+        entry = self._control_latents.get(key)
+        if entry is not None and entry[0]() is vae:  # the same VAE, not one at a reused id
+            return entry[1]
         x = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
         with self._use_lock:
             latents = vae.encode(x.to(self.device, vae.dtype)).latent_dist.mode()
         packed = sampling.pack_latents((latents.float() - sampling.LATENT_SHIFT) * sampling.LATENT_SCALE)
-        with self._control_lock:
-            self._control_latents[key] = (weakref.ref(vae), packed)
-            while len(self._control_latents) > CONTROL_LATENT_CACHE_SIZE:
-                self._control_latents.popitem(last=False)
+        self._control_latents.put(key, (weakref.ref(vae), packed))
         return packed
 
     def _control_input(self, hint: ControlHint, h: int, w: int, padded_h: int, padded_w: int) -> torch.Tensor:
@@ -555,11 +540,10 @@ class FluxEngine:
         text (CLIPTextEncodeFlux's t5xxl beside its clip_l)."""
         t5_text = text if t5_text is None else t5_text
         key = (id(encoder.clip), id(encoder.t5), encoder.loras, text, t5_text)
-        with self._prompt_lock:
-            if key in self._prompt_cache:
-                self._prompt_cache.move_to_end(key)
-                self.stats.prompt_cache_hits += 1
-                return self._prompt_cache[key]
+        cached = self._prompt_cache.get(key)
+        if cached is not None:
+            self.stats.prompt_cache_hits += 1
+            return cached
         self.stats.prompt_cache_misses += 1
         clip_ids = encoder.clip_tokenizer([text], padding="max_length", max_length=CLIP_MAX_LENGTH,
                                           truncation=True, return_tensors="pt").input_ids
@@ -570,10 +554,7 @@ class FluxEngine:
             pooled = encoder.clip(clip_ids.to(self.device), output_hidden_states=False).pooler_output
             t5 = encoder.t5(t5_ids.to(self.device), output_hidden_states=False)[0]
         cond = Cond(t5=t5.to(self.dtype), pooled=pooled.to(self.dtype))
-        with self._prompt_lock:
-            self._prompt_cache[key] = cond
-            while len(self._prompt_cache) > self._prompt_cache_size:
-                self._prompt_cache.popitem(last=False)
+        self._prompt_cache.put(key, cond)
         return cond
 
     # ------------------------------------------------------------------ sampling

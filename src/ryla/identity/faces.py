@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ryla.caches import LruCache
 from ryla.imaging import ImageError, decode_image  # noqa: F401 (the decoder every image goes through)
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,7 @@ class AnalysisCache:
     The cached faces' arrays are read-only, so no caller can change another's."""
 
     def __init__(self, size: int = 64):
-        self.size = size
-        self.hits = self.misses = 0
-        self._entries: OrderedDict[bytes, tuple[Face, ...]] = OrderedDict()
-        self._lock = threading.Lock()
+        self.entries = LruCache(size)
 
     @staticmethod
     def key(image: Image.Image) -> bytes:
@@ -80,18 +77,10 @@ class AnalysisCache:
 
     def faces(self, image: Image.Image, analyse) -> list[Face]:
         key = self.key(image)
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return list(self._entries[key])
-        faces = tuple(_read_only(face) for face in analyse(image))  # outside the lock: analyses may overlap
-        with self._lock:
-            self.misses += 1
-            self._entries[key] = faces
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+        faces = self.entries.get(key)
+        if faces is None:
+            faces = tuple(_read_only(face) for face in analyse(image))
+            self.entries.put(key, faces)
         return list(faces)
 
 
