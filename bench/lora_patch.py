@@ -19,6 +19,10 @@ in float32. One switch makes every layer original + scale * up @ down. Strategie
   chunked   fp32_acc over row chunks of at most 8 M elements (the accumulator stays in L2)
   bf16_mm   weight.copy_(original); weight.addmm_(up.bf16, down.bf16): the product of bf16
             factors, accumulated in fp32, rounded once (factors lose fp16's 3 extra bits)
+  e4m3_grid ryla's WeightPatcher for weights holding fp8 values (an fp8 checkpoint where
+            ComfyUI keeps fp8 storage): originals kept in fp8, delta = up @ down (TF32), then one
+            Triton kernel adds it and rounds stochastically onto the e4m3 grid into the bf16
+            weight (ryla.speed.kernels.add_round_to_e4m3_grid)
   fp8_current, fp8_acc  the same two ways for the fast mode's fp8 rows (dequantise, add,
             quantise again with new row scales); fp8_kernel: ryla's now, the product then one
             Triton kernel (ryla.speed.kernels.dequantize_add_quantize_rows)
@@ -180,6 +184,18 @@ def main() -> None:
             dequantize_add_quantize_rows(w0, sc0, torch.mm(up, down), scale, w, sc)
         torch.backends.cuda.matmul.allow_tf32 = False
 
+    e4m3_originals = {key: value.to(torch.float8_e4m3fn) for key, value in originals.items()}
+
+    def e4m3_grid():
+        from ryla.flux.lora import layer_seed
+        from ryla.speed.kernels import add_round_to_e4m3_grid
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for n, s, up, down, scale in targets:
+            add_round_to_e4m3_grid(e4m3_originals[(n, s.start)], torch.mm(up, down), scale, layer_seed(f"{n}:{s.start}"),
+                                   storage[n][s])
+        torch.backends.cuda.matmul.allow_tf32 = False
+
     def differences_from_reference() -> dict:
         """Against bf16(original + scale * up @ down) computed in float64: the share of
         weights that differ. (Runs before 2026-12-01 also wrote a max_ulps figure whose formula
@@ -196,7 +212,7 @@ def main() -> None:
                "rank": args.rank, "parameters": params, "strategies": {}}
     for name, fn in (("current", current), ("split_addmm", split_addmm), ("mm_add", mm_add), ("fp32_acc", fp32_acc), ("chunked", chunked),
                      ("bf16_mm", bf16_mm), ("fp8_current", fp8_current), ("fp8_acc", fp8_acc),
-                     ("fp8_kernel", fp8_kernel)):
+                     ("fp8_kernel", fp8_kernel), ("e4m3_grid", e4m3_grid)):
         fn()
         torch.cuda.synchronize()
         times = []
@@ -206,9 +222,13 @@ def main() -> None:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         results["strategies"][name] = {"median_s": statistics.median(times), "runs_s": times,
-                                       "vs_float64_reference": None if name.startswith("fp8")
+                                       "vs_float64_reference": None if name.startswith(("fp8", "e4m3"))
                                        else differences_from_reference(),
                                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        if name == "e4m3_grid":  # every weight on the grid, within one grid step of the exact sum
+            on_grid = all(torch.equal(storage[n][s], storage[n][s].to(torch.float8_e4m3fn).to(torch.bfloat16))
+                          for n, s, *_ in targets[::25])
+            results["strategies"][name]["all_on_e4m3_grid"] = on_grid
         print(name, json.dumps(results["strategies"][name]), flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -87,6 +88,151 @@ def test_interleaved_threads_match_runs_alone(lora_runtime):
         results = list(pool.map(lambda n: (n, image(lora_runtime, [(f"{n}-kohya.safetensors", 1.0)])),
                                 ["a", "b"] * 4))
     assert all(result == alone[name] for name, result in results)
+
+
+# ------------------------------------------------------------------ fp8-valued weights
+
+def e4m3_neighbours(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The e4m3 values just below and just above each entry (from the 256 codes, not from the
+    code under test)."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = torch.unique(codes[torch.isfinite(codes)])
+    index = torch.searchsorted(grid, value.contiguous(), right=True)
+    below = grid[(index - 1).clamp(min=0)]
+    above = torch.where(grid[(index - 1).clamp(min=0)] == value, value, grid[index.clamp(max=len(grid) - 1)])
+    return below, above
+
+
+def check_stochastic_e4m3_rounding(rounded: torch.Tensor, exact: torch.Tensor, rounding) -> None:
+    """Properties any stochastic rounding onto the e4m3 grid has: every value on the grid and
+    one of its input's two neighbours; values on the grid unchanged; unbiased; the same seed the
+    same bits, another seed other bits."""
+    below, above = e4m3_neighbours(exact)
+    assert torch.equal(rounded, rounded.to(torch.float8_e4m3fn).float())
+    assert ((rounded == below) | (rounded == above)).all()
+    assert (below != above).float().mean() > 0.99
+    on_grid = exact.to(torch.float8_e4m3fn).float()
+    assert torch.equal(rounding(on_grid, 7), on_grid)
+    # 0.3 of the way from 1.0 to the next value (1.125): up three times in ten
+    fraction = (rounding(torch.full((20000,), 1.0 + 0.3 * 0.125), 7) > 1).float().mean()
+    assert 0.28 < fraction < 0.32, fraction
+    assert torch.equal(rounding(exact, 5), rounding(exact, 5))
+    assert (rounding(exact, 5) != rounding(exact, 6)).float().mean() > 0.1
+
+
+def e4m3_test_values() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp8 weights (normal and subnormal magnitudes, both signs, some past the largest value
+    once a delta is added) and a LoRA-sized float32 delta."""
+    generator = torch.Generator().manual_seed(3)
+    original = (torch.randn(96, 80, generator=generator) * torch.logspace(-3, 2, 96)[:, None]).to(torch.float8_e4m3fn)
+    delta = torch.randn(96, 80, generator=generator) * torch.logspace(-4, 1.5, 96)[:, None]
+    return original, delta, original.float() + 0.7 * delta
+
+
+def test_stochastic_rounding_onto_the_e4m3_grid():
+    """ComfyUI writes a LoRA-patched fp8 weight back with stochastic rounding
+    (comfy/float.py stochastic_rounding); ryla's PyTorch form of that rule."""
+    from ryla.flux.lora import round_to_e4m3_grid
+
+    _, _, exact = e4m3_test_values()
+    check_stochastic_e4m3_rounding(round_to_e4m3_grid(exact, 11), exact, round_to_e4m3_grid)
+    assert round_to_e4m3_grid(torch.tensor([1e4, -1e4, 0.0]), 1).tolist() == [448.0, -448.0, 0.0]
+
+
+def test_stochastic_e4m3_kernel_runs_in_tritons_interpreter(tmp_path):
+    """The GPU's one-pass kernel (ryla.speed.kernels.add_round_to_e4m3_grid) in Triton's CPU
+    interpreter: the same properties, from an fp8 or bf16 original into float32, bf16 or fp8."""
+    pytest.importorskip("triton")
+    from test_speed import run_in_tritons_interpreter
+
+    run_in_tritons_interpreter(tmp_path, f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import torch
+from ryla.speed.kernels import add_round_to_e4m3_grid
+from test_lora import check_stochastic_e4m3_rounding, e4m3_test_values
+
+def rounding(value, seed):
+    out = torch.empty_like(value)
+    add_round_to_e4m3_grid(value, torch.zeros_like(value), 0.0, seed, out)
+    return out
+
+original, delta, exact = e4m3_test_values()
+out = torch.empty(original.shape)
+add_round_to_e4m3_grid(original, delta, 0.7, 11, out)
+check_stochastic_e4m3_rounding(out, exact, lambda value, seed: rounding(value, seed))
+for source in (original, original.bfloat16()):
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        other = torch.empty(original.shape, dtype=dtype)
+        add_round_to_e4m3_grid(source, delta, 0.7, 11, other)
+        assert torch.equal(other.float(), out)
+print("ok")
+""", timeout=300)
+
+
+def test_loras_on_fp8_valued_layers_round_onto_the_grid_and_restore_exactly():
+    """A layer marked as holding fp8 values: the patched weight is back on the e4m3 grid, its
+    original kept in fp8; switching away and back gives the same bits; restore gives the
+    original bits; an unmarked layer beside it is patched as before (float32 sum, one rounding)."""
+    from ryla.flux.lora import E4M3_VALUED_LAYERS, WeightPatcher
+
+    generator = torch.Generator().manual_seed(1)
+    module = torch.nn.ModuleDict({"marked": torch.nn.Linear(48, 32, bias=False),
+                                  "plain": torch.nn.Linear(48, 32, bias=False)}).to(torch.bfloat16)
+    with torch.no_grad():
+        for layer in module.values():
+            layer.weight.copy_((torch.randn(32, 48, generator=generator) * 0.05).to(torch.float8_e4m3fn))
+    setattr(module, E4M3_VALUED_LAYERS, frozenset({"marked"}))
+    base = {name: layer.weight.clone() for name, layer in module.items()}
+    lora = lambda seed: {name: (torch.randn(4, 48, generator=torch.Generator().manual_seed(seed)) * 0.1,  # noqa: E731
+                                torch.randn(32, 4, generator=torch.Generator().manual_seed(seed + 1)) * 0.1, 1.0)
+                         for name in ("marked", "plain")}
+    patcher = WeightPatcher(module)
+    patcher.apply(("a",), [(lora(1), 0.8)])
+    marked, plain = module["marked"].weight.clone(), module["plain"].weight.clone()
+    assert patcher.originals["marked"].dtype == torch.float8_e4m3fn
+    assert torch.equal(patcher.originals["marked"].float(), base["marked"].float())
+    assert torch.equal(marked, marked.to(torch.float8_e4m3fn).to(torch.bfloat16)) and not torch.equal(marked, base["marked"])
+    down, up, _ = lora(1)["plain"]
+    assert torch.equal(plain, torch.add(base["plain"], up @ down, alpha=0.8).to(torch.bfloat16))  # rounded once
+    assert not torch.equal(plain, plain.to(torch.float8_e4m3fn).to(torch.bfloat16))
+    for _ in range(3):
+        patcher.apply(("b",), [(lora(5), 1.2)])
+        patcher.apply(("a",), [(lora(1), 0.8)])
+    assert torch.equal(module["marked"].weight, marked) and torch.equal(module["plain"].weight, plain)
+    patcher.restore()
+    assert all(torch.equal(module[name].weight, base[name]) for name in base)
+
+
+def test_an_fp8_checkpoints_loras_stay_fp8_valued_where_comfyui_keeps_fp8_storage(tiny_dir, tmp_path, monkeypatch,
+                                                                                  lora_runtime):
+    """On a GPU with fp8 compute ComfyUI keeps flux1-dev-fp8's weights in fp8, so a LoRA's sum
+    is rounded back into fp8 there. The same request on the tiny checkpoint, with that decision
+    taken as on such a GPU: the patched layers hold e4m3 values (so the image differs a little
+    from the float32-rounded one), strength 0 and going back are exact, and swaps never drift."""
+    from ryla.flux import loading
+    from ryla.runtime import Runtime
+
+    rounded_in_float32 = image(lora_runtime, [("a-kohya.safetensors", 1.0)])  # built as on a CPU
+    monkeypatch.setattr(loading, "comfyui_keeps_fp8_storage", lambda device: True)
+    runtime = Runtime(lora_files.store_with_loras(tiny_dir, tmp_path / "store", {"a": (1, ("kohya",)),
+                                                                                  "b": (2, ("kohya",))}))
+    base = image(runtime)
+    a = image(runtime, [("a-kohya.safetensors", 1.0)])
+    transformer = runtime.engine.load_checkpoint("flux1-dev-fp8.safetensors")[0].transformer
+    patched = [name for names in lora_files.SPLITS.values() for name in names]
+    for name in patched:
+        weight = transformer.get_submodule(name).weight
+        assert torch.equal(weight, weight.to(torch.float8_e4m3fn).to(weight.dtype)), name
+    assert a != base and a != rounded_in_float32
+    pixels = lambda raw: torch.frombuffer(bytearray(raw), dtype=torch.uint8).float()  # noqa: E731
+    assert (pixels(a) - pixels(rounded_in_float32)).abs().mean() < (pixels(a) - pixels(base)).abs().mean() / 2
+    assert image(runtime, [("a-kohya.safetensors", 0.0)]) == base
+    for _ in range(2):
+        image(runtime, [("b-kohya.safetensors", 1.3)])
+        image(runtime, [("a-kohya.safetensors", 0.6), ("b-kohya.safetensors", 1.0)])
+    assert image(runtime, [("a-kohya.safetensors", 1.0)]) == a
+    assert image(runtime) == base
 
 
 # ------------------------------------------------------------------------------ the store

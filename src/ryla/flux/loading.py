@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ryla.flux.lora import E4M3_VALUED_LAYERS
 from ryla.models import formats, gguf_files
 from ryla.models.tensor_files import METADATA_KEY, ModelFormatError
 
@@ -97,10 +98,24 @@ def build_transformer(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: 
         if other is not None:
             raise ModelFormatError(f"{what} is not a FLUX transformer: it looks like {other}") from exc
         raise ModelFormatError(f"{what} is not a FLUX transformer: {exc}") from exc
+    e4m3_layers = frozenset(key.removesuffix(".weight") for key, tensor in converted.items()
+                            if tensor.dtype == torch.float8_e4m3fn and key.endswith(".weight"))
     model = _assign(_empty(lambda: FluxTransformer2DModel.from_config(_public(config))), converted, what, dtype, device)
+    if e4m3_layers and comfyui_keeps_fp8_storage(device):
+        # Computed in `dtype`, these layers hold fp8 values, as ComfyUI's fp8-stored weights
+        # do: a LoRA's sum goes back onto the fp8 grid (ryla.flux.lora).
+        setattr(model, E4M3_VALUED_LAYERS, e4m3_layers)
     log.info("built %s in %.2fs (of which importing diffusers' model %.2fs)", what, time.perf_counter() - start,
              imported - start)
     return model
+
+
+def comfyui_keeps_fp8_storage(device: torch.device) -> bool:
+    """Whether ComfyUI would keep an fp8 checkpoint's weights in fp8 on this device (and cast
+    each layer up as it computes): where the GPU has fp8 compute, compute capability 8.9 or
+    later (comfy/model_management.py unet_dtype with supports_fp8_compute). Elsewhere it
+    loads them in a 16- or 32-bit dtype, as ryla does."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def build_controlnet(tensors: dict[str, torch.Tensor], ryla_meta: dict, dtype: torch.dtype, device: torch.device,

@@ -7,9 +7,22 @@ are kept (only for layers some LoRA has touched), so switching LoRAs or going ba
 base model restores the exact original bits: no drift over many swaps, strength 0 is the
 base model exactly, and a compiled transformer keeps its graph (same tensors, new values).
 One lock serialises patching and use, so concurrent requests cannot see each other's LoRAs.
+
+Rounded once into what: where ComfyUI would keep a layer's weights in fp8 (an fp8 checkpoint
+such as flux1-dev-fp8 on a GPU with fp8 compute, or UNETLoader's fp8_e4m3fn weight_dtype:
+comfy/model_management.py unet_dtype), it writes a patched weight back into fp8 with
+stochastic rounding, seeded by the weight's name (comfy/model_patcher.py
+patch_weight_to_device -> comfy/float.py stochastic_rounding). ryla computes such layers in
+bf16 but holds the same kind of values: the sum is stochastically rounded onto the e4m3 grid
+(seeded by the layer's name, so the same LoRAs always give the same bits), and the originals
+are kept in fp8, half the memory, losslessly. The random stream is not ComfyUI's (its own
+differs between its comfy_kitchen kernel and its PyTorch fallback): the rule is the same, the
+bits are not.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 
@@ -32,6 +45,12 @@ def linear_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+# The attribute a loader sets on a module whose layers (these names, as LoRA files target
+# them) hold float8_e4m3fn values in a wider dtype, where ComfyUI would store them in fp8.
+E4M3_VALUED_LAYERS = "ryla_e4m3_valued_layers"
+E4M3 = torch.float8_e4m3fn
+
+
 class WeightPatcher:
     """Applies a set of (LoraWeights, strength) to one module's layers, restoring exactly."""
 
@@ -40,6 +59,16 @@ class WeightPatcher:
         self.originals: dict[str, object] = {}
         self.applied_key: tuple = ()
         self.touched: set[str] = set()
+        self.e4m3_valued: frozenset[str] = frozenset(getattr(module, E4M3_VALUED_LAYERS, ()))
+
+    def _on_e4m3_grid(self, name: str, layer: torch.nn.Module) -> bool:
+        """Whether `name`'s patched weights go back onto the e4m3 grid: plain layers whose
+        values are fp8 (an fp8 file where ComfyUI keeps fp8 storage) or stored in fp8 (fp8
+        weight_dtype). Layers with their own fp8 format (fast mode's per-row scales) round
+        as that format does."""
+        if hasattr(layer, "set_rows"):
+            return False
+        return name in self.e4m3_valued or layer.weight.dtype == E4M3
 
     def _target(self, name: str) -> tuple[torch.nn.Module, slice]:
         """The layer holding `name`'s weights, and its rows. After fuse_qkv_projections, q, k
@@ -77,9 +106,13 @@ class WeightPatcher:
         with _exact_tf32():
             for name, layer_terms in terms.items():
                 layer, rows = self._target(name)
+                on_grid = self._on_e4m3_grid(name, layer)
                 if name not in self.originals:  # untouched until now: the weights are the original
-                    self.originals[name] = _save_rows(layer, rows)
-                _set_rows(layer, rows, self.originals[name], layer_terms)
+                    self.originals[name] = _save_rows(layer, rows, on_grid)
+                if on_grid:
+                    _set_rows_on_e4m3_grid(layer, rows, self.originals[name], layer_terms, layer_seed(name))
+                else:
+                    _set_rows(layer, rows, self.originals[name], layer_terms)
         self.touched = set(terms)
         self.applied_key = key
 
@@ -123,9 +156,11 @@ def lora_delta(terms: list[tuple[torch.Tensor, torch.Tensor, float]], device: to
 
 # Row operations on a plain Linear, or on a layer that provides its own (Float8Linear).
 
-def _save_rows(layer, rows: slice):
+def _save_rows(layer, rows: slice, on_e4m3_grid: bool = False):
     if hasattr(layer, "save_rows"):
         return layer.save_rows(rows)
+    if on_e4m3_grid:  # fp8 values: kept in fp8, exactly and in half the memory
+        return layer.weight[rows].detach().to(E4M3, copy=True)
     return layer.weight[rows].detach().clone()
 
 
@@ -146,3 +181,44 @@ def _set_rows(layer, rows: slice, original, terms) -> None:
     weight = layer.weight
     delta, scale = lora_delta(terms, weight.device)
     torch.add(original, delta, alpha=scale, out=weight[rows])
+
+
+def layer_seed(name: str) -> int:
+    """A stable seed per layer name (CRC-32, as ComfyUI's comfy/utils.py string_to_seed; not
+    Python's hash(), which changes per process)."""
+    return zlib.crc32(name.encode())
+
+
+def round_to_e4m3_grid(value: torch.Tensor, seed: int) -> torch.Tensor:
+    """value (float32) stochastically rounded onto the float8_e4m3fn grid, in float32: each
+    entry goes to one of its two neighbouring e4m3 values, up with probability equal to its
+    distance from the lower one over their spacing, so the rounding is unbiased; saturates at
+    +-448 (ComfyUI's comfy/float.py stochastic_rounding, as for manual_stochastic_round_to_float8).
+    The PyTorch form, for CPUs and GPUs without Triton; ryla.speed.kernels has the one-pass
+    kernel (with another random stream)."""
+    magnitude = value.abs()
+    # floor(log2 |v|) (frexp's mantissa is in [0.5, 1)), at least e4m3's smallest normal exponent
+    exponent = (torch.frexp(magnitude).exponent - 1).clamp_(min=-6)
+    spacing = torch.ldexp(torch.ones_like(magnitude), exponent - 3)  # three mantissa bits
+    generator = torch.Generator(device=value.device).manual_seed(seed)
+    noise = torch.rand(value.shape, generator=generator, device=value.device)
+    rounded = torch.floor(magnitude / spacing + noise).mul_(spacing).clamp_(max=torch.finfo(E4M3).max)
+    return torch.where(value < 0, -rounded, rounded)
+
+
+def _set_rows_on_e4m3_grid(layer, rows: slice, original: torch.Tensor, terms, seed: int) -> None:
+    """rows <- original + the LoRAs' sum, in float32, stochastically rounded onto the e4m3
+    grid and stored in the weight's dtype (exact: every e4m3 value is a bf16 value). On a GPU
+    with Triton one kernel reads the fp8 original and the product once and writes the rows."""
+    weight = layer.weight
+    delta, factor = lora_delta(terms, weight.device)
+    out = weight[rows]
+    if weight.is_cuda:
+        try:
+            from ryla.speed.kernels import add_round_to_e4m3_grid
+        except ImportError:  # no Triton
+            pass
+        else:
+            add_round_to_e4m3_grid(original, delta, factor, seed, out)
+            return
+    out.copy_(round_to_e4m3_grid(torch.add(original.float(), delta, alpha=factor), seed))

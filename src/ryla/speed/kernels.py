@@ -483,3 +483,51 @@ def dequantize_add_quantize_rows(weight_fp8: torch.Tensor, weight_scale: torch.T
     _dequantize_add_quantize_rows_kernel[(rows,)](
         weight_fp8, weight_scale, delta, out, out_scale, float(factor), weight_fp8.stride(0), delta.stride(0),
         out.stride(0), N_COLS=cols, FP8_LIMIT=FP8_MAX, BLOCK=2048, num_warps=4)
+
+
+@triton.jit
+def _e4m3_stochastic(y, noise):
+    """y (float32) rounded to one of its two neighbouring float8_e4m3fn values, up with
+    probability equal to its distance from the lower one over their spacing (noise uniform in
+    [0, 1)), saturating at 448. The spacing in y's binade is 2^(exponent - 3) (three mantissa
+    bits), and 2^-9 below e4m3's smallest normal exponent (-6); both it and its inverse are
+    built from their bits, so the scaling is exact."""
+    magnitude = tl.abs(y)
+    exponent = tl.maximum(((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    spacing = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inverse = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
+    rounded = tl.minimum(tl.floor(magnitude * inverse + noise) * spacing, 448.0)
+    return tl.where(y < 0, -rounded, rounded)
+
+
+@triton.jit
+def _add_round_to_e4m3_grid_kernel(w_ptr, delta_ptr, out_ptr, factor, seed, numel, QUARTER: tl.constexpr):
+    """One program per 4 x QUARTER elements: out = stochastic_e4m3(w + factor * delta). One
+    Philox draw (tl.rand4x) serves four elements, one in each quarter of the program's block;
+    the draw's counter is the element's index within the quarter block, so the numbers depend
+    on the seed and the element's position only."""
+    block = tl.program_id(0) * 4 * QUARTER
+    counters = tl.program_id(0) * QUARTER + tl.arange(0, QUARTER)
+    noise = tl.rand4x(seed, counters)
+    for part in tl.static_range(4):
+        offsets = block + part * QUARTER + tl.arange(0, QUARTER)
+        mask = offsets < numel
+        y = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + factor * tl.load(
+            delta_ptr + offsets, mask=mask, other=0.0)
+        tl.store(out_ptr + offsets, _e4m3_stochastic(y, noise[part]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_round_to_e4m3_grid(original: torch.Tensor, delta: torch.Tensor, factor: float, seed: int,
+                           out: torch.Tensor) -> None:
+    """A LoRA onto rows that hold fp8 values (ryla.flux.lora): out <- original + factor *
+    delta, stochastically rounded back onto the float8_e4m3fn grid, in one pass that reads the
+    original (fp8 or 16-bit) and the float32 product once and writes `out` (16-bit, fp8, or
+    float32 for the CPU tests) once. The same seed and inputs give the same bits."""
+    numel = original.numel()
+    if not (original.is_contiguous() and delta.is_contiguous() and out.is_contiguous()):
+        raise ValueError("add_round_to_e4m3_grid needs contiguous rows")
+    if numel >= 2 ** 31:
+        raise ValueError("add_round_to_e4m3_grid: one layer's rows must hold fewer than 2^31 elements")
+    quarter = 1024
+    _add_round_to_e4m3_grid_kernel[(triton.cdiv(numel, 4 * quarter),)](
+        original, delta, out, float(factor), int(seed), numel, QUARTER=quarter, num_warps=8)
