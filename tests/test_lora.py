@@ -235,6 +235,30 @@ def test_an_fp8_checkpoints_loras_stay_fp8_valued_where_comfyui_keeps_fp8_storag
     assert image(runtime) == base
 
 
+def test_loras_on_weights_stored_in_fp8(lora_runtime):
+    """UNETLoader's fp8_e4m3fn weight_dtype keeps the weights themselves in fp8: a LoRA is
+    rounded into them stochastically, as ComfyUI does, and switching back restores them."""
+    def fp8_graph(name: str, strength: float) -> dict:
+        graph = flux_lora_graph([(name, strength)], **BASE)
+        graph["30"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors",
+                                                              "weight_dtype": "fp8_e4m3fn"}}
+        graph["10"]["inputs"]["model"] = ["30", 0]
+        return graph
+
+    run = lambda name, strength: lora_runtime.run(fp8_graph(name, strength)).images[0].tobytes()  # noqa: E731
+    base = run("a-kohya.safetensors", 0.0)
+    transformer = lora_runtime.engine.load_diffusion_model("flux1-dev.safetensors", "fp8_e4m3fn").transformer
+    layer = transformer.get_submodule(lora_files.SPLITS["double_blocks.0.img_attn.proj"][0])
+    original = layer.weight.clone()
+    assert original.dtype == torch.float8_e4m3fn
+    a = run("a-kohya.safetensors", 1.0)
+    assert a != base and not torch.equal(layer.weight.view(torch.uint8), original.view(torch.uint8))
+    run("b-kohya.safetensors", 1.0)
+    assert run("a-kohya.safetensors", 1.0) == a
+    assert run("a-kohya.safetensors", 0.0) == base
+    assert torch.equal(layer.weight.view(torch.uint8), original.view(torch.uint8))
+
+
 # ------------------------------------------------------------------------------ the store
 
 
