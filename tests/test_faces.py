@@ -65,6 +65,37 @@ def test_same_person_scores_above_the_threshold_and_others_below(analyzer, test_
             assert score >= SFACE_THRESHOLD, (a, b, score)
 
 
+def test_face_analysis_runs_on_opencv_5(tmp_path_factory, test_photos):
+    """OpenCV 5's new DNN engine refuses SFace's ONNX file through FaceRecognizerSF.feature
+    (seen on a GPU machine whose image carries OpenCV 5): the same people, the same verdicts,
+    with opencv-python-headless 5 from the package index in a separate folder."""
+    folder = tmp_path_factory.mktemp("opencv5")
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder),
+                              "opencv-python-headless>=5,<6"], capture_output=True, text=True, timeout=600)
+    if install.returncode != 0:
+        pytest.skip(f"opencv-python-headless 5 could not be installed here: {install.stderr[-300:]}")
+    script = f"""
+import itertools, json
+import cv2
+from ryla.identity.faces import cosine, decode_image, largest_face, open_analyzer
+from ryla.models.store import ModelStore
+from pathlib import Path
+assert cv2.__version__.startswith("5"), cv2.__version__
+analyzer = open_analyzer(ModelStore(Path({str(tmp_path_factory.mktemp("store"))!r}), tiny=True))
+people = {{name: largest_face(analyzer.faces(decode_image((Path({str(test_photos)!r}) / name).read_bytes()))).identity
+          for name in ("obama.jpg", "obama2.jpg", "biden.jpg")}}
+print(json.dumps({{f"{{a}}+{{b}}": cosine(people[a], people[b]) for a, b in itertools.combinations(people, 2)}}))
+"""
+    import os
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), *sys.path])})
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["obama.jpg+obama2.jpg"] >= SFACE_THRESHOLD
+    assert scores["obama.jpg+biden.jpg"] < SFACE_THRESHOLD and scores["obama2.jpg+biden.jpg"] < SFACE_THRESHOLD
+
+
 def test_rotated_faces_are_still_found(analyzer):
     from skimage import data
 

