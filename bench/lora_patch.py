@@ -23,6 +23,10 @@ in float32. One switch makes every layer original + scale * up @ down. Strategie
             ComfyUI keeps fp8 storage): originals kept in fp8, delta = up @ down (TF32), then one
             Triton kernel adds it and rounds stochastically onto the e4m3 grid into the bf16
             weight (ryla.speed.kernels.add_round_to_e4m3_grid)
+  e4m3_fused, fp8_fused  ryla's one-pass kernels now (ryla.speed.kernels.lora_onto_e4m3_grid,
+            lora_onto_fp8_rows): the product computed tile by tile with tl.dot and never written
+            to memory; *_stacked: two LoRAs on every layer, fused vs the product first (mm,
+            addmm, then the kernel)
   fp8_current, fp8_acc  the same two ways for the fast mode's fp8 rows (dequantise, add,
             quantise again with new row scales); fp8_kernel: ryla's now, the product then one
             Triton kernel (ryla.speed.kernels.dequantize_add_quantize_rows)
@@ -74,6 +78,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--only", default="", help="comma-separated strategies to run (default: all)")
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -196,6 +201,51 @@ def main() -> None:
                                    storage[n][s])
         torch.backends.cuda.matmul.allow_tf32 = False
 
+    second = [((torch.randn(args.rank, down.shape[1], device=device) * 0.01).half().float(),
+               (torch.randn(up.shape[0], args.rank, device=device) * 0.01).half().float())
+              for _, _, up, down, _ in targets]
+
+    def e4m3_fused(stacked=False):
+        from ryla.flux.lora import layer_seed
+        from ryla.speed.kernels import lora_onto_e4m3_grid
+
+        for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
+            terms = [(down, up, scale)] + ([(down2, up2, 0.8)] if stacked else [])
+            lora_onto_e4m3_grid(e4m3_originals[(n, s.start)], terms, layer_seed(f"{n}:{s.start}"), storage[n][s])
+
+    def e4m3_grid_stacked():
+        from ryla.flux.lora import layer_seed
+        from ryla.speed.kernels import add_round_to_e4m3_grid
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
+            delta = torch.mm(up, down).mul_(scale)
+            delta.addmm_(up2, down2, alpha=0.8)
+            add_round_to_e4m3_grid(e4m3_originals[(n, s.start)], delta, 1.0, layer_seed(f"{n}:{s.start}"),
+                                   storage[n][s])
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def fp8_fused(stacked=False):
+        from ryla.speed.kernels import lora_onto_fp8_rows
+
+        for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
+            w0, sc0 = fp8_originals[(n, s.start)]
+            w, sc = fp8_storage[(n, s.start)]
+            terms = [(down, up, scale)] + ([(down2, up2, 0.8)] if stacked else [])
+            lora_onto_fp8_rows(w0, sc0, terms, w, sc)
+
+    def fp8_kernel_stacked():
+        from ryla.speed.kernels import dequantize_add_quantize_rows
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
+            w0, sc0 = fp8_originals[(n, s.start)]
+            w, sc = fp8_storage[(n, s.start)]
+            delta = torch.mm(up, down).mul_(scale)
+            delta.addmm_(up2, down2, alpha=0.8)
+            dequantize_add_quantize_rows(w0, sc0, delta, 1.0, w, sc)
+        torch.backends.cuda.matmul.allow_tf32 = False
+
     def differences_from_reference() -> dict:
         """Against bf16(original + scale * up @ down) computed in float64: the share of
         weights that differ. (Runs before 2026-12-01 also wrote a max_ulps figure whose formula
@@ -212,7 +262,12 @@ def main() -> None:
                "rank": args.rank, "parameters": params, "strategies": {}}
     for name, fn in (("current", current), ("split_addmm", split_addmm), ("mm_add", mm_add), ("fp32_acc", fp32_acc), ("chunked", chunked),
                      ("bf16_mm", bf16_mm), ("fp8_current", fp8_current), ("fp8_acc", fp8_acc),
-                     ("fp8_kernel", fp8_kernel), ("e4m3_grid", e4m3_grid)):
+                     ("fp8_kernel", fp8_kernel), ("e4m3_grid", e4m3_grid), ("e4m3_fused", e4m3_fused),
+                     ("fp8_fused", fp8_fused), ("e4m3_grid_stacked", e4m3_grid_stacked),
+                     ("e4m3_fused_stacked", lambda: e4m3_fused(True)), ("fp8_kernel_stacked", fp8_kernel_stacked),
+                     ("fp8_fused_stacked", lambda: fp8_fused(True))):
+        if args.only and name not in args.only.split(","):
+            continue
         fn()
         torch.cuda.synchronize()
         times = []
@@ -225,7 +280,7 @@ def main() -> None:
                                        "vs_float64_reference": None if name.startswith(("fp8", "e4m3"))
                                        else differences_from_reference(),
                                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-        if name == "e4m3_grid":  # every weight on the grid, within one grid step of the exact sum
+        if name.startswith("e4m3"):  # every weight on the grid, within one grid step of the exact sum
             on_grid = all(torch.equal(storage[n][s], storage[n][s].to(torch.float8_e4m3fn).to(torch.bfloat16))
                           for n, s, *_ in targets[::25])
             results["strategies"][name]["all_on_e4m3_grid"] = on_grid

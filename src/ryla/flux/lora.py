@@ -22,6 +22,7 @@ bits are not.
 
 from __future__ import annotations
 
+import logging
 import zlib
 
 import torch
@@ -44,6 +45,8 @@ def linear_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
                     shapes[f"{name}.{leaf}"] = (fused.out_features // 3, fused.in_features)
     return shapes
 
+
+log = logging.getLogger(__name__)
 
 # The attribute a loader sets on a module whose layers (these names, as LoRA files target
 # them) hold float8_e4m3fn values in a wider dtype, where ComfyUI would store them in fp8.
@@ -175,12 +178,33 @@ def _set_rows(layer, rows: slice, original, terms) -> None:
     """rows <- original + sum of scale * up @ down, the sum in float32, rounded once into the
     weight's dtype (torch.add computes a bf16 + float32 sum in float32 and writes bf16)."""
     if hasattr(layer, "set_rows"):  # fp8 storage (ryla.speed.fp8.Float8Linear)
+        if _try_fused(lambda: layer.set_rows_fused(rows, original, terms)):
+            return
         delta, scale = lora_delta(terms, layer.weight_fp8.device)
         layer.set_rows(rows, original, delta, scale)
         return
     weight = layer.weight
     delta, scale = lora_delta(terms, weight.device)
     torch.add(original, delta, alpha=scale, out=weight[rows])
+
+
+_fused_kernels_failed = False
+
+
+def _try_fused(run) -> bool:
+    """Run a one-pass LoRA kernel (ryla.speed.kernels), which returns False where it does not
+    apply (a CPU, no Triton, more LoRAs or a wider rank than it takes). Should it fail on some
+    GPU, the two-step path (the product, then the add) serves from then on, with a warning."""
+    global _fused_kernels_failed
+    if _fused_kernels_failed:
+        return False
+    try:
+        return run()
+    except Exception:  # a kernel that cannot compile here: nothing was written
+        log.warning("the one-pass LoRA kernels failed on this GPU; LoRA switches compute the product first "
+                    "from now on", exc_info=True)
+        _fused_kernels_failed = True
+        return False
 
 
 def layer_seed(name: str) -> int:
@@ -209,10 +233,13 @@ def round_to_e4m3_grid(value: torch.Tensor, seed: int) -> torch.Tensor:
 def _set_rows_on_e4m3_grid(layer, rows: slice, original: torch.Tensor, terms, seed: int) -> None:
     """rows <- original + the LoRAs' sum, in float32, stochastically rounded onto the e4m3
     grid and stored in the weight's dtype (exact: every e4m3 value is a bf16 value). On a GPU
-    with Triton one kernel reads the fp8 original and the product once and writes the rows."""
+    with Triton one kernel computes the sum tile by tile and writes the rows (or, where it does
+    not apply, one kernel adds the product computed first)."""
     weight = layer.weight
-    delta, factor = lora_delta(terms, weight.device)
     out = weight[rows]
+    if weight.is_cuda and _try_fused(lambda: _e4m3_grid_fused(original, terms, seed, out)):
+        return
+    delta, factor = lora_delta(terms, weight.device)
     if weight.is_cuda:
         try:
             from ryla.speed.kernels import add_round_to_e4m3_grid
@@ -222,3 +249,15 @@ def _set_rows_on_e4m3_grid(layer, rows: slice, original: torch.Tensor, terms, se
             add_round_to_e4m3_grid(original, delta, factor, seed, out)
             return
     out.copy_(round_to_e4m3_grid(torch.add(original.float(), delta, alpha=factor), seed))
+
+
+def _e4m3_grid_fused(original: torch.Tensor, terms, seed: int, out: torch.Tensor) -> bool:
+    try:
+        from ryla.speed.kernels import fused_lora_fits, lora_onto_e4m3_grid
+    except ImportError:  # no Triton
+        return False
+    terms = [(down.to(out.device), up.to(out.device), scale) for down, up, scale in terms]
+    if not (out.is_contiguous() and fused_lora_fits(terms, *out.shape)):
+        return False
+    lora_onto_e4m3_grid(original, terms, seed, out)
+    return True

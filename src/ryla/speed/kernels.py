@@ -531,3 +531,147 @@ def add_round_to_e4m3_grid(original: torch.Tensor, delta: torch.Tensor, factor: 
     quarter = 1024
     _add_round_to_e4m3_grid_kernel[(triton.cdiv(numel, 4 * quarter),)](
         original, delta, out, float(factor), int(seed), numel, QUARTER=quarter, num_warps=8)
+
+
+# LoRA switches in one pass (ryla.flux.lora): each program computes its tile of
+# sum_t scale_t * up_t @ down_t with tl.dot (TF32: exact products for factors that came from
+# 16-bit files, float32 sums), adds it to the original and writes the new weights. The product
+# never goes to memory: a switch reads each original once and writes each weight once, where
+# the product first written in float32 and then read again moved 8 more bytes a weight.
+# Up to MAX_LORA_TERMS LoRAs on one layer; ranks up to 256, each masked to its own width.
+
+MAX_LORA_TERMS = 4
+
+
+@triton.jit
+def _lora_term(acc, up_ptr, down_ptr, rank, scale, offs_m, offs_n, mask_m, mask_n, cols,
+               RANK_BLOCK: tl.constexpr):
+    r = tl.arange(0, RANK_BLOCK)
+    up = tl.load(up_ptr + offs_m[:, None] * rank + r[None, :], mask=mask_m[:, None] & (r[None, :] < rank), other=0.0)
+    down = tl.load(down_ptr + r[:, None] * cols + offs_n[None, :], mask=(r[:, None] < rank) & mask_n[None, :],
+                   other=0.0)
+    return acc + scale * tl.dot(up.to(tl.float32), down.to(tl.float32), input_precision="tf32")
+
+
+@triton.jit
+def _lora_sum(up0, down0, rank0, scale0, up1, down1, rank1, scale1, up2, down2, rank2, scale2,
+              up3, down3, rank3, scale3, offs_m, offs_n, mask_m, mask_n, cols, N_TERMS: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, RANK_BLOCK: tl.constexpr):
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _lora_term(acc, up0, down0, rank0, scale0, offs_m, offs_n, mask_m, mask_n, cols, RANK_BLOCK)
+    if N_TERMS > 1:
+        acc = _lora_term(acc, up1, down1, rank1, scale1, offs_m, offs_n, mask_m, mask_n, cols, RANK_BLOCK)
+    if N_TERMS > 2:
+        acc = _lora_term(acc, up2, down2, rank2, scale2, offs_m, offs_n, mask_m, mask_n, cols, RANK_BLOCK)
+    if N_TERMS > 3:
+        acc = _lora_term(acc, up3, down3, rank3, scale3, offs_m, offs_n, mask_m, mask_n, cols, RANK_BLOCK)
+    return acc
+
+
+@triton.jit
+def _lora_onto_e4m3_grid_kernel(w_ptr, out_ptr, seed, rows, cols, quarter,
+                                up0, down0, rank0, scale0, up1, down1, rank1, scale1,
+                                up2, down2, rank2, scale2, up3, down3, rank3, scale3,
+                                N_TERMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                RANK_BLOCK: tl.constexpr):
+    """out = stochastic_e4m3(w + sum of the LoRA terms). Each row is cut into four quarters;
+    a program owns the same BM x BN tile in all four, and one Philox draw (tl.rand4x) at
+    counter row * quarter + column-in-quarter serves the four: the numbers depend on the seed
+    and the element's position only, not on the tiling."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_q = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask_m = offs_m < rows
+    mask_q = offs_q < quarter
+    noise = tl.rand4x(seed, offs_m[:, None] * quarter + offs_q[None, :])
+    for part in tl.static_range(4):
+        offs_n = part * quarter + offs_q
+        acc = _lora_sum(up0, down0, rank0, scale0, up1, down1, rank1, scale1, up2, down2, rank2, scale2,
+                        up3, down3, rank3, scale3, offs_m, offs_n, mask_m, mask_q, cols, N_TERMS, BM, BN,
+                        RANK_BLOCK)
+        index = offs_m[:, None] * cols + offs_n[None, :]
+        mask = mask_m[:, None] & mask_q[None, :]
+        y = tl.load(w_ptr + index, mask=mask, other=0.0).to(tl.float32) + acc
+        tl.store(out_ptr + index, _e4m3_stochastic(y, noise[part]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lora_onto_fp8_rows_kernel(w_ptr, w_scale_ptr, out_ptr, out_scale_ptr, rows, cols,
+                               up0, down0, rank0, scale0, up1, down1, rank1, scale1,
+                               up2, down2, rank2, scale2, up3, down3, rank3, scale3,
+                               N_TERMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                               RANK_BLOCK: tl.constexpr, FP8_LIMIT: tl.constexpr):
+    """BM rows a program: y = w_fp8 * w_scale + sum of the LoRA terms, quantised with each
+    row's new scale (max |y| / FP8_LIMIT). Two sweeps over the columns, the first for the
+    maxima; the terms are computed in both (cheaper than storing them)."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    mask_m = offs_m < rows
+    w_scale = tl.load(w_scale_ptr + offs_m, mask=mask_m, other=0.0)
+    running_max = tl.zeros((BM,), dtype=tl.float32)
+    for start in range(0, cols, BN):
+        offs_n = start + tl.arange(0, BN)
+        mask_n = offs_n < cols
+        mask = mask_m[:, None] & mask_n[None, :]
+        y = tl.load(w_ptr + offs_m[:, None] * cols + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) \
+            * w_scale[:, None] + _lora_sum(up0, down0, rank0, scale0, up1, down1, rank1, scale1, up2, down2, rank2,
+                                           scale2, up3, down3, rank3, scale3, offs_m, offs_n, mask_m, mask_n, cols,
+                                           N_TERMS, BM, BN, RANK_BLOCK)
+        running_max = tl.maximum(running_max, tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1))
+    scale = tl.maximum(running_max, 1e-12) / FP8_LIMIT
+    for start in range(0, cols, BN):
+        offs_n = start + tl.arange(0, BN)
+        mask_n = offs_n < cols
+        mask = mask_m[:, None] & mask_n[None, :]
+        y = tl.load(w_ptr + offs_m[:, None] * cols + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) \
+            * w_scale[:, None] + _lora_sum(up0, down0, rank0, scale0, up1, down1, rank1, scale1, up2, down2, rank2,
+                                           scale2, up3, down3, rank3, scale3, offs_m, offs_n, mask_m, mask_n, cols,
+                                           N_TERMS, BM, BN, RANK_BLOCK)
+        tl.store(out_ptr + offs_m[:, None] * cols + offs_n[None, :],
+                 tl.clamp(y / scale[:, None], -FP8_LIMIT, FP8_LIMIT).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_scale_ptr + offs_m, scale, mask=mask_m)
+
+
+def _lora_term_args(terms: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[list, int]:
+    """The kernels' 16 term arguments (up, down, rank, scale, four times; unused terms repeat
+    the first with scale 0 and are never read) and the rank block (a power of two, >= 16)."""
+    args = []
+    for down, up, scale in terms + [terms[0][:2] + (0.0,)] * (MAX_LORA_TERMS - len(terms)):
+        args += [up, down, down.shape[0], float(scale)]
+    return args, max(16, triton.next_power_of_2(max(down.shape[0] for down, _, _ in terms)))
+
+
+def fused_lora_fits(terms: list, rows: int, cols: int) -> bool:
+    """Whether the one-pass kernels take these terms (each (down [r, cols], up [rows, r], scale),
+    float32 or 16-bit, contiguous, on one device): at most MAX_LORA_TERMS, ranks up to 256, a
+    width divisible by 4. Otherwise ryla.flux.lora computes the product first."""
+    return (0 < len(terms) <= MAX_LORA_TERMS and cols % 4 == 0
+            and all(down.shape == (down.shape[0], cols) and up.shape == (rows, down.shape[0]) and down.shape[0] <= 256
+                    and down.is_contiguous() and up.is_contiguous() for down, up, _ in terms))
+
+
+def lora_onto_e4m3_grid(original: torch.Tensor, terms: list, seed: int, out: torch.Tensor) -> None:
+    """out <- original + sum of scale * up @ down over `terms`, stochastically rounded onto the
+    float8_e4m3fn grid (see _e4m3_stochastic), in one pass. original and out are [rows, cols]
+    with contiguous rows; out may be bf16, fp8, or float32 (the CPU tests)."""
+    rows, cols = original.shape
+    if not (original.is_contiguous() and out.is_contiguous() and fused_lora_fits(terms, rows, cols)):
+        raise ValueError("lora_onto_e4m3_grid: check fused_lora_fits first")
+    term_args, rank_block = _lora_term_args(terms)
+    quarter, block_m, block_n = cols // 4, 64, 32
+    _lora_onto_e4m3_grid_kernel[(triton.cdiv(rows, block_m), triton.cdiv(quarter, block_n))](
+        original, out, int(seed), rows, cols, quarter, *term_args, N_TERMS=len(terms), BM=block_m, BN=block_n,
+        RANK_BLOCK=rank_block, num_warps=4)
+
+
+def lora_onto_fp8_rows(weight_fp8: torch.Tensor, weight_scale: torch.Tensor, terms: list, out: torch.Tensor,
+                       out_scale: torch.Tensor) -> None:
+    """out, out_scale <- quantise_rows(weight_fp8 * weight_scale[:, None] + sum of scale * up @
+    down over `terms`), in one kernel (the fast mode's fp8 rows, ryla.speed.fp8.Float8Linear).
+    A float32 `out` keeps the scaled values unrounded (the CPU tests)."""
+    rows, cols = weight_fp8.shape
+    if not (weight_fp8.is_contiguous() and out.is_contiguous() and fused_lora_fits(terms, rows, cols)):
+        raise ValueError("lora_onto_fp8_rows: check fused_lora_fits first")
+    term_args, rank_block = _lora_term_args(terms)
+    block_m = 32
+    _lora_onto_fp8_rows_kernel[(triton.cdiv(rows, block_m),)](
+        weight_fp8, weight_scale, out, out_scale, rows, cols, *term_args, N_TERMS=len(terms), BM=block_m, BN=128,
+        RANK_BLOCK=rank_block, FP8_LIMIT=FP8_MAX, num_warps=4)
