@@ -23,10 +23,12 @@ in float32. One switch makes every layer original + scale * up @ down. Strategie
             ComfyUI keeps fp8 storage): originals kept in fp8, delta = up @ down (TF32), then one
             Triton kernel adds it and rounds stochastically onto the e4m3 grid into the bf16
             weight (ryla.speed.kernels.add_round_to_e4m3_grid)
-  e4m3_fused, fp8_fused  ryla's one-pass kernels now (ryla.speed.kernels.lora_onto_e4m3_grid,
-            lora_onto_fp8_rows): the product computed tile by tile with tl.dot and never written
-            to memory; *_stacked: two LoRAs on every layer, fused vs the product first (mm,
-            addmm, then the kernel)
+  e4m3_fused the one-pass kernel (ryla.speed.kernels.lora_onto_e4m3_grid): the LoRAs' sum
+            computed tile by tile with tl.dot, never written to memory; ryla uses it for
+            stacked LoRAs only (e4m3_fused_stacked vs e4m3_grid_stacked: two LoRAs on every
+            layer, the products first by mm and addmm, then the rounding kernel).
+            fp8_fused and fp8_fused_stacked in lora_patch.json: the same for fast mode's fp8 rows,
+            measured on 2026-12-02, slower, and removed (git history has it)
   fp8_current, fp8_acc  the same two ways for the fast mode's fp8 rows (dequantise, add,
             quantise again with new row scales); fp8_kernel: ryla's now, the product then one
             Triton kernel (ryla.speed.kernels.dequantize_add_quantize_rows)
@@ -225,15 +227,6 @@ def main() -> None:
                                    storage[n][s])
         torch.backends.cuda.matmul.allow_tf32 = False
 
-    def fp8_fused(stacked=False):
-        from ryla.speed.kernels import lora_onto_fp8_rows
-
-        for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
-            w0, sc0 = fp8_originals[(n, s.start)]
-            w, sc = fp8_storage[(n, s.start)]
-            terms = [(down, up, scale)] + ([(down2, up2, 0.8)] if stacked else [])
-            lora_onto_fp8_rows(w0, sc0, terms, w, sc)
-
     def fp8_kernel_stacked():
         from ryla.speed.kernels import dequantize_add_quantize_rows
 
@@ -263,9 +256,8 @@ def main() -> None:
     for name, fn in (("current", current), ("split_addmm", split_addmm), ("mm_add", mm_add), ("fp32_acc", fp32_acc), ("chunked", chunked),
                      ("bf16_mm", bf16_mm), ("fp8_current", fp8_current), ("fp8_acc", fp8_acc),
                      ("fp8_kernel", fp8_kernel), ("e4m3_grid", e4m3_grid), ("e4m3_fused", e4m3_fused),
-                     ("fp8_fused", fp8_fused), ("e4m3_grid_stacked", e4m3_grid_stacked),
-                     ("e4m3_fused_stacked", lambda: e4m3_fused(True)), ("fp8_kernel_stacked", fp8_kernel_stacked),
-                     ("fp8_fused_stacked", lambda: fp8_fused(True))):
+                     ("e4m3_grid_stacked", e4m3_grid_stacked),
+                     ("e4m3_fused_stacked", lambda: e4m3_fused(True)), ("fp8_kernel_stacked", fp8_kernel_stacked)):
         if args.only and name not in args.only.split(","):
             continue
         fn()

@@ -167,10 +167,9 @@ for source in (original, original.bfloat16()):
         add_round_to_e4m3_grid(source, delta, 0.7, 11, other)
         assert torch.equal(other.float(), out)
 
-# The one-pass kernels: the LoRAs' product computed tile by tile (one to four terms, ranks
+# The one-pass kernel: the LoRAs' sum computed tile by tile (one to four terms, ranks
 # that are not powers of two, 16-bit and float32 factors), never written to memory.
-from ryla.speed.fp8 import quantize_rows
-from ryla.speed.kernels import fused_lora_fits, lora_onto_e4m3_grid, lora_onto_fp8_rows
+from ryla.speed.kernels import fused_lora_fits, lora_onto_e4m3_grid
 generator = torch.Generator().manual_seed(4)
 rows, cols = original.shape
 terms = [((torch.randn(rank, cols, generator=generator) * 0.3).half(), (torch.randn(rows, rank, generator=generator) * 0.3).half(), s)
@@ -186,14 +185,6 @@ for count in (1, 2, 4):
     again = torch.empty(rows, cols, dtype=torch.bfloat16)
     lora_onto_e4m3_grid(original.bfloat16(), chosen, 11, again)
     assert torch.equal(again.float(), got)
-    # fast mode's fp8 rows: the same sum, quantised with each row's new scale
-    weight, scale = quantize_rows(original.float())
-    values, scales = torch.empty(rows, cols), torch.empty(rows)
-    lora_onto_fp8_rows(weight, scale, chosen, values, scales)
-    expected = weight.float() * scale[:, None] + sum(s * (up.double() @ down.double()) for down, up, s in chosen).float()
-    expected_scale = expected.abs().amax(1) / 448
-    assert torch.allclose(scales, expected_scale, rtol=1e-5)
-    assert torch.allclose(values, expected / expected_scale[:, None], rtol=1e-4, atol=1e-3)
 assert not fused_lora_fits(terms + terms[:1], rows, cols)  # five LoRAs: the product first
 assert not fused_lora_fits(terms[:1], rows, cols - 1)
 print("ok")

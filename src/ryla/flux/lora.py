@@ -178,8 +178,6 @@ def _set_rows(layer, rows: slice, original, terms) -> None:
     """rows <- original + sum of scale * up @ down, the sum in float32, rounded once into the
     weight's dtype (torch.add computes a bf16 + float32 sum in float32 and writes bf16)."""
     if hasattr(layer, "set_rows"):  # fp8 storage (ryla.speed.fp8.Float8Linear)
-        if _try_fused(lambda: layer.set_rows_fused(rows, original, terms)):
-            return
         delta, scale = lora_delta(terms, layer.weight_fp8.device)
         layer.set_rows(rows, original, delta, scale)
         return
@@ -192,9 +190,10 @@ _fused_kernels_failed = False
 
 
 def _try_fused(run) -> bool:
-    """Run a one-pass LoRA kernel (ryla.speed.kernels), which returns False where it does not
-    apply (a CPU, no Triton, more LoRAs or a wider rank than it takes). Should it fail on some
-    GPU, the two-step path (the product, then the add) serves from then on, with a warning."""
+    """Run the one-pass kernel for stacked LoRAs (ryla.speed.kernels), which returns False
+    where it does not apply (one LoRA, a CPU, no Triton, more LoRAs or a wider rank than it
+    takes). Should it fail on some GPU, the two-step path (the product, then the add) serves
+    from then on, with a warning."""
     global _fused_kernels_failed
     if _fused_kernels_failed:
         return False
@@ -233,8 +232,8 @@ def round_to_e4m3_grid(value: torch.Tensor, seed: int) -> torch.Tensor:
 def _set_rows_on_e4m3_grid(layer, rows: slice, original: torch.Tensor, terms, seed: int) -> None:
     """rows <- original + the LoRAs' sum, in float32, stochastically rounded onto the e4m3
     grid and stored in the weight's dtype (exact: every e4m3 value is a bf16 value). On a GPU
-    with Triton one kernel computes the sum tile by tile and writes the rows (or, where it does
-    not apply, one kernel adds the product computed first)."""
+    with Triton one kernel adds the product computed first and rounds; for stacked LoRAs one
+    kernel computes their sum tile by tile and writes the rows (faster there, not for one)."""
     weight = layer.weight
     out = weight[rows]
     if weight.is_cuda and _try_fused(lambda: _e4m3_grid_fused(original, terms, seed, out)):
@@ -252,6 +251,8 @@ def _set_rows_on_e4m3_grid(layer, rows: slice, original: torch.Tensor, terms, se
 
 
 def _e4m3_grid_fused(original: torch.Tensor, terms, seed: int, out: torch.Tensor) -> bool:
+    if len(terms) < 2:  # one LoRA: the product first is faster (ryla.speed.kernels)
+        return False
     try:
         from ryla.speed.kernels import fused_lora_fits, lora_onto_e4m3_grid
     except ImportError:  # no Triton

@@ -32,6 +32,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _row_kernel = False  # set by quantize_linear_layers, outside compiled code
+FP8_BIAS_EPILOGUE_ROWS = 64  # fewer rows than this: the bias is added after the fp8 GEMM
 
 
 def _load_row_quantization_kernel() -> None:
@@ -92,19 +93,17 @@ class Float8Linear(nn.Module):
         if x_scale.numel() == 1:
             x_scale = x_scale.reshape(1, 1).expand(x_fp8.shape[0], 1).contiguous()
         if x_fp8.is_cuda:
-            rows = x_fp8.shape[0]
-            padding = -rows % 16
-            if padding:
-                # cuBLASLt's fp8 GEMM refused 8 rows (InfuseNet's identity tokens, in a block
-                # compiled by Inductor; CUBLAS_STATUS_NOT_SUPPORTED on the H200): pad to 16.
-                x_fp8 = torch.cat([x_fp8, x_fp8.new_zeros(padding, x_fp8.shape[1])])
-                x_scale = torch.cat([x_scale, x_scale.new_ones(padding, 1)])
+            # cuBLASLt's fp8 GEMM with row-wise scales refuses a bias epilogue for a few rows
+            # (CUBLAS_STATUS_NOT_SUPPORTED, H200 with CUDA 13: 8 and 16 rows of K=12288 refused,
+            # 48 and more taken; InfuseNet's 8 identity tokens hit it): below
+            # FP8_BIAS_EPILOGUE_ROWS rows the bias is added after, which costs nothing there.
+            separate_bias = bias_or_none is not None and x_fp8.shape[0] < FP8_BIAS_EPILOGUE_ROWS
             # Fast accumulation: Hopper's fp8 tensor-core accumulate mode, as torchao uses for
             # inference; the result is still bf16.
             out = torch._scaled_mm(x_fp8, self.weight_fp8[:, columns].t(), scale_a=x_scale,
-                                   scale_b=self.weight_scale[None, :], bias=bias_or_none, out_dtype=out_dtype,
-                                   use_fast_accum=True)
-            return out[:rows] if padding else out
+                                   scale_b=self.weight_scale[None, :], bias=None if separate_bias else bias_or_none,
+                                   out_dtype=out_dtype, use_fast_accum=True)
+            return out + bias_or_none if separate_bias else out
         x = (x_fp8.float() * x_scale).to(out_dtype)
         return F.linear(x, self.dequantized()[:, columns].to(out_dtype), bias_or_none)
 
@@ -132,24 +131,6 @@ class Float8Linear(nn.Module):
             return
         weight, scale = quantize_rows(torch.add(weight_fp8.float() * weight_scale[:, None], delta, alpha=factor))
         self.weight_fp8[rows], self.weight_scale[rows] = weight, scale
-
-
-    def set_rows_fused(self, rows: slice, original, terms) -> bool:
-        """rows <- the saved original rows plus the LoRA terms ((down, up, scale) each),
-        quantised again with new row scales, in one Triton kernel that never writes the
-        product to memory (ryla.speed.kernels.lora_onto_fp8_rows). False where it does not
-        apply (a CPU, no Triton, terms it does not take): then set_rows serves."""
-        weight_fp8, weight_scale = original
-        if not (_row_kernel and weight_fp8.is_cuda):
-            return False
-        from ryla.speed.kernels import fused_lora_fits, lora_onto_fp8_rows
-
-        out = self.weight_fp8[rows]
-        terms = [(down.to(out.device), up.to(out.device), scale) for down, up, scale in terms]
-        if not (out.is_contiguous() and fused_lora_fits(terms, *out.shape)):
-            return False
-        lora_onto_fp8_rows(weight_fp8, weight_scale, terms, out, self.weight_scale[rows])
-        return True
 
 
 def quantize_linear_layers(module: nn.Module, include) -> int:

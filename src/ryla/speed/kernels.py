@@ -533,11 +533,14 @@ def add_round_to_e4m3_grid(original: torch.Tensor, delta: torch.Tensor, factor: 
         original, delta, out, float(factor), int(seed), numel, QUARTER=quarter, num_warps=8)
 
 
-# LoRA switches in one pass (ryla.flux.lora): each program computes its tile of
+# Stacked LoRAs in one pass (ryla.flux.lora): each program computes its tile of
 # sum_t scale_t * up_t @ down_t with tl.dot (TF32: exact products for factors that came from
-# 16-bit files, float32 sums), adds it to the original and writes the new weights. The product
-# never goes to memory: a switch reads each original once and writes each weight once, where
-# the product first written in float32 and then read again moved 8 more bytes a weight.
+# 16-bit files, float32 sums), adds it to the original and writes the new weights; the sum
+# never goes to memory. Measured on the H200 (bench/lora_patch.py, 494 full-size layers): two
+# rank-64 LoRAs 90 ms against 103 ms for the products first (mm, addmm, then the rounding
+# kernel), but one LoRA 49 ms against 44 ms, so ryla uses it from two LoRAs on. The same
+# structure for fast mode's fp8 rows (two sweeps for the row maxima) was slower both ways
+# (82 and 142 ms against 46 and 104) and was removed.
 # Up to MAX_LORA_TERMS LoRAs on one layer; ranks up to 256, each masked to its own width.
 
 MAX_LORA_TERMS = 4
@@ -594,44 +597,8 @@ def _lora_onto_e4m3_grid_kernel(w_ptr, out_ptr, seed, rows, cols, quarter,
         tl.store(out_ptr + index, _e4m3_stochastic(y, noise[part]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _lora_onto_fp8_rows_kernel(w_ptr, w_scale_ptr, out_ptr, out_scale_ptr, rows, cols,
-                               up0, down0, rank0, scale0, up1, down1, rank1, scale1,
-                               up2, down2, rank2, scale2, up3, down3, rank3, scale3,
-                               N_TERMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                               RANK_BLOCK: tl.constexpr, FP8_LIMIT: tl.constexpr):
-    """BM rows a program: y = w_fp8 * w_scale + sum of the LoRA terms, quantised with each
-    row's new scale (max |y| / FP8_LIMIT). Two sweeps over the columns, the first for the
-    maxima; the terms are computed in both (cheaper than storing them)."""
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    mask_m = offs_m < rows
-    w_scale = tl.load(w_scale_ptr + offs_m, mask=mask_m, other=0.0)
-    running_max = tl.zeros((BM,), dtype=tl.float32)
-    for start in range(0, cols, BN):
-        offs_n = start + tl.arange(0, BN)
-        mask_n = offs_n < cols
-        mask = mask_m[:, None] & mask_n[None, :]
-        y = tl.load(w_ptr + offs_m[:, None] * cols + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) \
-            * w_scale[:, None] + _lora_sum(up0, down0, rank0, scale0, up1, down1, rank1, scale1, up2, down2, rank2,
-                                           scale2, up3, down3, rank3, scale3, offs_m, offs_n, mask_m, mask_n, cols,
-                                           N_TERMS, BM, BN, RANK_BLOCK)
-        running_max = tl.maximum(running_max, tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1))
-    scale = tl.maximum(running_max, 1e-12) / FP8_LIMIT
-    for start in range(0, cols, BN):
-        offs_n = start + tl.arange(0, BN)
-        mask_n = offs_n < cols
-        mask = mask_m[:, None] & mask_n[None, :]
-        y = tl.load(w_ptr + offs_m[:, None] * cols + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) \
-            * w_scale[:, None] + _lora_sum(up0, down0, rank0, scale0, up1, down1, rank1, scale1, up2, down2, rank2,
-                                           scale2, up3, down3, rank3, scale3, offs_m, offs_n, mask_m, mask_n, cols,
-                                           N_TERMS, BM, BN, RANK_BLOCK)
-        tl.store(out_ptr + offs_m[:, None] * cols + offs_n[None, :],
-                 tl.clamp(y / scale[:, None], -FP8_LIMIT, FP8_LIMIT).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_scale_ptr + offs_m, scale, mask=mask_m)
-
-
 def _lora_term_args(terms: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[list, int]:
-    """The kernels' 16 term arguments (up, down, rank, scale, four times; unused terms repeat
+    """The kernel's 16 term arguments (up, down, rank, scale, four times; unused terms repeat
     the first with scale 0 and are never read) and the rank block (a power of two, >= 16)."""
     args = []
     for down, up, scale in terms + [terms[0][:2] + (0.0,)] * (MAX_LORA_TERMS - len(terms)):
@@ -640,7 +607,7 @@ def _lora_term_args(terms: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tu
 
 
 def fused_lora_fits(terms: list, rows: int, cols: int) -> bool:
-    """Whether the one-pass kernels take these terms (each (down [r, cols], up [rows, r], scale),
+    """Whether the one-pass kernel takes these terms (each (down [r, cols], up [rows, r], scale),
     float32 or 16-bit, contiguous, on one device): at most MAX_LORA_TERMS, ranks up to 256, a
     width divisible by 4. Otherwise ryla.flux.lora computes the product first."""
     return (0 < len(terms) <= MAX_LORA_TERMS and cols % 4 == 0
@@ -660,18 +627,3 @@ def lora_onto_e4m3_grid(original: torch.Tensor, terms: list, seed: int, out: tor
     _lora_onto_e4m3_grid_kernel[(triton.cdiv(rows, block_m), triton.cdiv(quarter, block_n))](
         original, out, int(seed), rows, cols, quarter, *term_args, N_TERMS=len(terms), BM=block_m, BN=block_n,
         RANK_BLOCK=rank_block, num_warps=4)
-
-
-def lora_onto_fp8_rows(weight_fp8: torch.Tensor, weight_scale: torch.Tensor, terms: list, out: torch.Tensor,
-                       out_scale: torch.Tensor) -> None:
-    """out, out_scale <- quantise_rows(weight_fp8 * weight_scale[:, None] + sum of scale * up @
-    down over `terms`), in one kernel (the fast mode's fp8 rows, ryla.speed.fp8.Float8Linear).
-    A float32 `out` keeps the scaled values unrounded (the CPU tests)."""
-    rows, cols = weight_fp8.shape
-    if not (weight_fp8.is_contiguous() and out.is_contiguous() and fused_lora_fits(terms, rows, cols)):
-        raise ValueError("lora_onto_fp8_rows: check fused_lora_fits first")
-    term_args, rank_block = _lora_term_args(terms)
-    block_m = 32
-    _lora_onto_fp8_rows_kernel[(triton.cdiv(rows, block_m),)](
-        weight_fp8, weight_scale, out, out_scale, rows, cols, *term_args, N_TERMS=len(terms), BM=block_m, BN=128,
-        RANK_BLOCK=rank_block, FP8_LIMIT=FP8_MAX, num_warps=4)
