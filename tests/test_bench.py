@@ -90,6 +90,26 @@ def test_adapters_bench_runs_every_arm_over_http_on_the_tiny_set(tmp_path):
     assert "POST /flux-instantid -> 200" in (tmp_path / "adapters_serve_eager.log").read_text()
 
 
+def test_lora_kernels_check_runs_in_tritons_interpreter(tmp_path):
+    """bench/lora_kernels_check.py on small shapes in Triton's CPU interpreter: the checks it
+    reports on the GPU come out true here too (one and two LoRAs on the e4m3 grid, within one
+    grid step of the float64 sum, the same bits again; WeightPatcher's switches and restore)."""
+    pytest.importorskip("triton")
+    import json
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "lora_kernels_check.py"), "--tiny", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "lora_kernels_check.json").read_text())
+    for case in (report["one_lora"], report["two_stacked"], report["weight_patcher"]["one"],
+                 report["weight_patcher"]["two"]):
+        assert case["on_e4m3_grid"] and case["max_abs_steps"] < 1 and abs(case["mean_steps"]) < 0.01
+    assert report["one_lora"]["same_bits_again"] and report["two_stacked"]["same_bits_again"]
+    assert report["weight_patcher"]["same_bits_after_switching"] and report["weight_patcher"]["restored_exactly"]
+    assert report["fp8_linear_8_rows_with_bias"]["relative_error"] < 0.05
+
+
 @pytest.mark.slow
 def test_aot_blocks_bench_loads_packaged_blocks_without_the_compile_stack(tmp_path):
     """bench/aot_blocks.py's CPU dry run: exact mode's two block types exported and packaged by
