@@ -28,6 +28,7 @@ import zlib
 import torch
 
 from ryla.speed.modes import FUSED_PROJECTION_ROWS
+from ryla.speed.probes import FP8, FP8_MAX, triton_kernels_available
 
 
 def linear_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 # The attribute a loader sets on a module whose layers (these names, as LoRA files target
 # them) hold float8_e4m3fn values in a wider dtype, where ComfyUI would store them in fp8.
 E4M3_VALUED_LAYERS = "ryla_e4m3_valued_layers"
-E4M3 = torch.float8_e4m3fn
 
 
 class WeightPatcher:
@@ -71,7 +71,7 @@ class WeightPatcher:
         as that format does."""
         if hasattr(layer, "set_rows"):
             return False
-        return name in self.e4m3_valued or layer.weight.dtype == E4M3
+        return name in self.e4m3_valued or layer.weight.dtype == FP8
 
     def _target(self, name: str) -> tuple[torch.nn.Module, slice]:
         """The layer holding `name`'s weights, and its rows. After fuse_qkv_projections, q, k
@@ -163,7 +163,7 @@ def _save_rows(layer, rows: slice, on_e4m3_grid: bool = False):
     if hasattr(layer, "save_rows"):
         return layer.save_rows(rows)
     if on_e4m3_grid:  # fp8 values: kept in fp8, exactly and in half the memory
-        return layer.weight[rows].detach().to(E4M3, copy=True)
+        return layer.weight[rows].detach().to(FP8, copy=True)
     return layer.weight[rows].detach().clone()
 
 
@@ -186,26 +186,6 @@ def _set_rows(layer, rows: slice, original, terms) -> None:
     torch.add(original, delta, alpha=scale, out=weight[rows])
 
 
-_fused_kernels_failed = False
-
-
-def _try_fused(run) -> bool:
-    """Run the one-pass kernel for stacked LoRAs (ryla.speed.kernels), which returns False
-    where it does not apply (one LoRA, a CPU, no Triton, more LoRAs or a wider rank than it
-    takes). Should it fail on some GPU, the two-step path (the product, then the add) serves
-    from then on, with a warning."""
-    global _fused_kernels_failed
-    if _fused_kernels_failed:
-        return False
-    try:
-        return run()
-    except Exception:  # a kernel that cannot compile here: nothing was written
-        log.warning("the one-pass LoRA kernels failed on this GPU; LoRA switches compute the product first "
-                    "from now on", exc_info=True)
-        _fused_kernels_failed = True
-        return False
-
-
 def layer_seed(name: str) -> int:
     """A stable seed per layer name (CRC-32, as ComfyUI's comfy/utils.py string_to_seed; not
     Python's hash(), which changes per process)."""
@@ -225,7 +205,7 @@ def round_to_e4m3_grid(value: torch.Tensor, seed: int) -> torch.Tensor:
     spacing = torch.ldexp(torch.ones_like(magnitude), exponent - 3)  # three mantissa bits
     generator = torch.Generator(device=value.device).manual_seed(seed)
     noise = torch.rand(value.shape, generator=generator, device=value.device)
-    rounded = torch.floor(magnitude / spacing + noise).mul_(spacing).clamp_(max=torch.finfo(E4M3).max)
+    rounded = torch.floor(magnitude / spacing + noise).mul_(spacing).clamp_(max=FP8_MAX)
     return torch.where(value < 0, -rounded, rounded)
 
 
@@ -236,29 +216,37 @@ def _set_rows_on_e4m3_grid(layer, rows: slice, original: torch.Tensor, terms, se
     kernel computes their sum tile by tile and writes the rows (faster there, not for one)."""
     weight = layer.weight
     out = weight[rows]
-    if weight.is_cuda and _try_fused(lambda: _e4m3_grid_fused(original, terms, seed, out)):
+    kernels = weight.is_cuda and triton_kernels_available()
+    if kernels and len(terms) > 1 and _stacked_in_one_pass(original, terms, seed, out):
         return
     delta, factor = lora_delta(terms, weight.device)
-    if weight.is_cuda:
-        try:
-            from ryla.speed.kernels import add_round_to_e4m3_grid
-        except ImportError:  # no Triton
-            pass
-        else:
-            add_round_to_e4m3_grid(original, delta, factor, seed, out)
-            return
+    if kernels:
+        from ryla.speed.kernels import add_round_to_e4m3_grid
+
+        add_round_to_e4m3_grid(original, delta, factor, seed, out)
+        return
     out.copy_(round_to_e4m3_grid(torch.add(original.float(), delta, alpha=factor), seed))
 
 
-def _e4m3_grid_fused(original: torch.Tensor, terms, seed: int, out: torch.Tensor) -> bool:
-    if len(terms) < 2:  # one LoRA: the product first is faster (ryla.speed.kernels)
+_one_pass_kernel_failed = False
+
+
+def _stacked_in_one_pass(original: torch.Tensor, terms, seed: int, out: torch.Tensor) -> bool:
+    """Stacked LoRAs by ryla.speed.kernels.lora_onto_e4m3_grid; False where it does not take
+    them (more LoRAs or a wider rank than it handles). Should the kernel fail on some GPU (it
+    fails to compile before writing anything), the two-step path serves from then on, with a
+    warning."""
+    global _one_pass_kernel_failed
+    from ryla.speed.kernels import fused_lora_fits, lora_onto_e4m3_grid
+
+    terms = [(down.to(out.device), up.to(out.device), scale) for down, up, scale in terms]
+    if _one_pass_kernel_failed or not (out.is_contiguous() and fused_lora_fits(terms, *out.shape)):
         return False
     try:
-        from ryla.speed.kernels import fused_lora_fits, lora_onto_e4m3_grid
-    except ImportError:  # no Triton
+        lora_onto_e4m3_grid(original, terms, seed, out)
+    except Exception:  # a Triton that cannot compile it here
+        log.warning("the one-pass kernel for stacked LoRAs failed on this GPU; stacked LoRAs compute the "
+                    "product first from now on", exc_info=True)
+        _one_pass_kernel_failed = True
         return False
-    terms = [(down.to(out.device), up.to(out.device), scale) for down, up, scale in terms]
-    if not (out.is_contiguous() and fused_lora_fits(terms, *out.shape)):
-        return False
-    lora_onto_e4m3_grid(original, terms, seed, out)
     return True
