@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--speed", default="exact")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one plain and one identity run (identity_profile.json): GPU time by "
+                             "kernel, both runs' kernel time against their wall time")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,8 +102,42 @@ def main() -> None:
                "flux_dev": base, "flux_instantid": ident, "ratio": ident["median_s"] / base["median_s"],
                "flux_dev_after_identity": base_after, "plain_after_identity_ratio": base_after["median_s"] / base["median_s"]}
     (out / "identity_speed.json").write_text(json.dumps(results, indent=2, default=str))
+    if args.profile:
+        with torch.inference_mode():
+            profile = {"plain": profile_run(lambda: run(plain)), "identity": profile_run(lambda: run(identity))}
+        kernels = set(profile["plain"]["kernels"]) | set(profile["identity"]["kernels"])
+        extra = {name: profile["identity"]["kernels"].get(name, [0, 0.0])[1] - profile["plain"]["kernels"].get(name, [0, 0.0])[1]
+                 for name in kernels}
+        profile["identity_extra_ms_by_kernel"] = dict(sorted(extra.items(), key=lambda item: -abs(item[1]))[:60])
+        for run_name in ("plain", "identity"):
+            top = sorted(profile[run_name]["kernels"].items(), key=lambda item: -item[1][1])[:40]
+            profile[run_name]["kernels"] = dict(top)
+        (out / "identity_profile.json").write_text(json.dumps(profile, indent=2))
+        print(json.dumps({k: {key: v[key] for key in ("wall_ms", "kernel_ms")} for k, v in profile.items()
+                          if k in ("plain", "identity")}))
     print(json.dumps({k: results[k] for k in ("gpu", "infusenet_parameters_b", "ratio", "plain_after_identity_ratio")}),
           statistics.median(base["runs_s"]), statistics.median(ident["runs_s"]))
+
+
+def profile_run(fn) -> dict:
+    """One run under torch.profiler: wall time, summed GPU kernel time, and per kernel name
+    [calls, milliseconds] (names cut to 120 characters)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels: dict[str, list] = {}
+    for event in prof.events():
+        if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name[:120], [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time / 1000
+    return {"wall_ms": wall * 1000, "kernel_ms": sum(v[1] for v in kernels.values()), "kernels": kernels}
 
 
 if __name__ == "__main__":

@@ -30,8 +30,12 @@ in float32. One switch makes every layer original + scale * up @ down. Strategie
             fp8_fused and fp8_fused_stacked in lora_patch.json: the same for fast mode's fp8 rows,
             measured on 2026-12-02, slower, and removed (git history has it)
   fp8_current, fp8_acc  the same two ways for the fast mode's fp8 rows (dequantise, add,
-            quantise again with new row scales); fp8_kernel: ryla's now, the product then one
-            Triton kernel (ryla.speed.kernels.dequantize_add_quantize_rows)
+            quantise again with new row scales); fp8_kernel: the float32 product (TF32) then
+            one Triton kernel (ryla.speed.kernels.dequantize_add_quantize_rows), ryla's for one
+            LoRA; fp8_kernel_side_by_side_stacked: ryla's for stacked LoRAs
+            (ryla.flux.lora.lora_delta_side_by_side), one TF32 GEMM of their factors side by side
+            (scaled ups), so the float32 product is written once; fp8_kernel_bf16 and its
+            _stacked form: the same written in bf16, tried (slower for one LoRA: 52 vs 45 ms)
 
 Reported: median seconds per switch, and how far the weights are from the reference
 bf16(original + scale * up @ down computed in float64).
@@ -239,6 +243,29 @@ def main() -> None:
             dequantize_add_quantize_rows(w0, sc0, delta, 1.0, w, sc)
         torch.backends.cuda.matmul.allow_tf32 = False
 
+    def fp8_kernel_bf16(stacked=False):  # tried, not taken for one LoRA: the product written in bf16
+        from ryla.speed.kernels import dequantize_add_quantize_rows
+
+        for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
+            w0, sc0 = fp8_originals[(n, s.start)]
+            w, sc = fp8_storage[(n, s.start)]
+            terms = [(down, up, scale)] + ([(down2, up2, 0.8)] if stacked else [])
+            ups = torch.cat([u * f for _, u, f in terms], dim=1).to(torch.bfloat16)
+            delta = torch.mm(ups, torch.cat([d for d, _, _ in terms]).to(torch.bfloat16))
+            dequantize_add_quantize_rows(w0, sc0, delta, 1.0, w, sc)
+
+    def fp8_kernel_side_by_side_stacked():  # ryla's Float8Linear.set_rows path now, for stacked LoRAs
+        from ryla.flux.lora import lora_delta_side_by_side
+        from ryla.speed.kernels import dequantize_add_quantize_rows
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
+            w0, sc0 = fp8_originals[(n, s.start)]
+            w, sc = fp8_storage[(n, s.start)]
+            delta, factor = lora_delta_side_by_side([(down, up, scale), (down2, up2, 0.8)], device)
+            dequantize_add_quantize_rows(w0, sc0, delta, factor, w, sc)
+        torch.backends.cuda.matmul.allow_tf32 = False
+
     def differences_from_reference() -> dict:
         """Against bf16(original + scale * up @ down) computed in float64: the share of
         weights that differ. (Runs before 2026-12-01 also wrote a max_ulps figure whose formula
@@ -257,7 +284,9 @@ def main() -> None:
                      ("bf16_mm", bf16_mm), ("fp8_current", fp8_current), ("fp8_acc", fp8_acc),
                      ("fp8_kernel", fp8_kernel), ("e4m3_grid", e4m3_grid), ("e4m3_fused", e4m3_fused),
                      ("e4m3_grid_stacked", e4m3_grid_stacked),
-                     ("e4m3_fused_stacked", lambda: e4m3_fused(True)), ("fp8_kernel_stacked", fp8_kernel_stacked)):
+                     ("e4m3_fused_stacked", lambda: e4m3_fused(True)), ("fp8_kernel_stacked", fp8_kernel_stacked),
+                     ("fp8_kernel_bf16", fp8_kernel_bf16), ("fp8_kernel_bf16_stacked", lambda: fp8_kernel_bf16(True)),
+                     ("fp8_kernel_side_by_side_stacked", fp8_kernel_side_by_side_stacked)):
         if args.only and name not in args.only.split(","):
             continue
         fn()

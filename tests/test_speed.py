@@ -759,7 +759,8 @@ def test_lora_switches_write_original_plus_the_products_rounded_once():
     written from the saved original in one pass (no restore first): a switch to another LoRA
     equals applying it alone; layers only the previous LoRA touched get their original bits;
     stacking sums both products; going back to no LoRA restores every bit. The fp8 layer gets
-    quantize_rows of its dequantised original plus the product."""
+    quantize_rows of its dequantised original plus the product, stacked LoRAs as one GEMM of
+    their side-by-side factors."""
     from ryla.flux.lora import WeightPatcher
     from ryla.speed.fp8 import Float8Linear
 
@@ -787,8 +788,8 @@ def test_lora_switches_write_original_plus_the_products_rounded_once():
     patcher.apply(("b",), [(b, 0.8)])
     assert torch.equal(model[0].weight, expected_linear((b["0"], 0.8)))
     down, up, scale = b["1"]
-    fp8, fp8_scale = quantize_rows(originals["1.weight_fp8"].float() * originals["1.weight_scale"][:, None]
-                                   + 0.8 * scale * (up @ down))
+    dequantized = originals["1.weight_fp8"].float() * originals["1.weight_scale"][:, None]
+    fp8, fp8_scale = quantize_rows(dequantized + 0.8 * scale * (up @ down))
     assert torch.equal(model[1].weight_fp8.view(torch.uint8), fp8.view(torch.uint8))
     torch.testing.assert_close(model[1].weight_scale, fp8_scale)
     patcher.apply(("a",), [(a, 1.0)])  # layer 1 was only b's: its original comes back
@@ -796,6 +797,32 @@ def test_lora_switches_write_original_plus_the_products_rounded_once():
     patcher.apply(("a", "b"), [(a, 1.0), (b, -0.5)])
     torch.testing.assert_close(model[0].weight.float(), expected_linear((a["0"], 1.0), (b["0"], -0.5)).float(),
                                rtol=0, atol=2 ** -8)  # fp32 sums in another order: at most one bf16 step
+    patcher.apply(("b", "b"), [(b, 0.8), (b, -0.3)])  # stacked on the fp8 layer: one GEMM of rank 8
+    stacked = torch.cat([up * 0.5 * 0.8, up * 0.5 * -0.3], dim=1) @ torch.cat([down, down])
+    fp8, fp8_scale = quantize_rows(dequantized + stacked)
+    assert torch.equal(model[1].weight_fp8.view(torch.uint8), fp8.view(torch.uint8))
+    # ... which is the float32 sum to within fp8 rounding (3 mantissa bits of each row's scale)
+    within = (model[1].weight_fp8.float() * model[1].weight_scale[:, None] - (dequantized + 0.5 * 0.5 * (up @ down))).abs()
+    assert (within <= model[1].weight_scale[:, None] * 448 * 2 ** -4).all()
+    # One matrix product for the two stacked LoRAs on the fp8 layer (two on the bf16 one: its
+    # float32 sum keeps ComfyUI's order).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountProducts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                products.append(args[0].shape if func.overloadpacket is torch.ops.aten.mm else args[1].shape)
+            return func(*args, **(kwargs or {}))
+
+    products = []
+    patcher.apply((), [])
+    with CountProducts():
+        patcher.apply(("a", "b"), [(a, 1.0), (b, -0.5)])
+    assert sorted(products) == [(32, 4), (64, 4), (64, 4)], products  # layer 1: rank 4, a has no layer 1
+    products.clear()
+    with CountProducts():
+        patcher.apply(("b", "b"), [(b, 0.8), (b, -0.3)])
+    assert sorted(products) == [(32, 8), (64, 4), (64, 4)], products  # layer 1: one product, rank 4 + 4
     patcher.apply((), [])
     for name, value in model.state_dict().items():
         assert torch.equal(value.view(torch.uint8) if value.dtype == FP8 else value, originals[name].view(

@@ -119,7 +119,7 @@ class Float8Linear(nn.Module):
 
     def set_rows(self, rows: slice, original, delta: torch.Tensor, factor: float) -> None:
         """rows <- the saved original rows (fp8, scales), dequantised, plus factor * delta (a
-        LoRA product in float32), quantised again with new row scales. On a GPU with Triton
+        LoRA product, bf16 or float32), quantised again with new row scales. On a GPU with Triton
         one kernel reads each row's fp8 values and product and writes the new fp8 row and its
         scale (ryla.speed.kernels.dequantize_add_quantize_rows)."""
         weight_fp8, weight_scale = original

@@ -460,14 +460,14 @@ def _dequantize_add_quantize_rows_kernel(w_ptr, w_scale_ptr, delta_ptr, out_ptr,
         cols = start + tl.arange(0, BLOCK)
         mask = cols < N_COLS
         y = (tl.load(w_row + cols, mask=mask, other=0.0).to(tl.float32) * w_scale
-             + factor * tl.load(delta_row + cols, mask=mask, other=0.0))
+             + factor * tl.load(delta_row + cols, mask=mask, other=0.0).to(tl.float32))
         running_max = tl.maximum(running_max, tl.where(mask, tl.abs(y), 0.0))
     scale = tl.maximum(tl.max(running_max, axis=0), 1e-12) / FP8_LIMIT
     for start in range(0, N_COLS, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < N_COLS
         y = (tl.load(w_row + cols, mask=mask, other=0.0).to(tl.float32) * w_scale
-             + factor * tl.load(delta_row + cols, mask=mask, other=0.0))
+             + factor * tl.load(delta_row + cols, mask=mask, other=0.0).to(tl.float32))
         tl.store(out_row + cols, tl.clamp(y / scale, -FP8_LIMIT, FP8_LIMIT).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(out_scale_ptr + row, scale)
 
@@ -476,7 +476,7 @@ def dequantize_add_quantize_rows(weight_fp8: torch.Tensor, weight_scale: torch.T
                                  factor: float, out: torch.Tensor, out_scale: torch.Tensor) -> None:
     """A LoRA onto fp8 rows (ryla.speed.fp8.Float8Linear.set_rows): out, out_scale <-
     quantise_rows(weight_fp8 * weight_scale[:, None] + factor * delta), each row's fp8 values
-    and float32 product read once from memory (the second pass from cache). weight_fp8, delta
+    and product (bf16 or float32) read once from memory (the second pass from cache). weight_fp8, delta
     and out are [rows, K] with contiguous rows; a float32 `out` keeps the scaled values
     unrounded (the CPU tests' check, as for gelu_quantize_rows)."""
     rows, cols = weight_fp8.shape
