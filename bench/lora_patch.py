@@ -32,10 +32,10 @@ in float32. One switch makes every layer original + scale * up @ down. Strategie
   fp8_current, fp8_acc  the same two ways for the fast mode's fp8 rows (dequantise, add,
             quantise again with new row scales); fp8_kernel: the float32 product (TF32) then
             one Triton kernel (ryla.speed.kernels.dequantize_add_quantize_rows), ryla's for one
-            LoRA; fp8_kernel_side_by_side_stacked: ryla's for stacked LoRAs
-            (ryla.flux.lora.lora_delta_side_by_side), one TF32 GEMM of their factors side by side
-            (scaled ups), so the float32 product is written once; fp8_kernel_bf16 and its
-            _stacked form: the same written in bf16, tried (slower for one LoRA: 52 vs 45 ms)
+            LoRA; fp8_kernel_bf16_stacked: ryla's for stacked LoRAs
+            (ryla.flux.lora.lora_delta_side_by_side), one bf16 GEMM of their factors side by side
+            (scaled ups), the product written once; fp8_kernel_side_by_side_stacked: the same in
+            float32 (TF32), and fp8_kernel_bf16: one LoRA's product in bf16, both slower
 
 Reported: median seconds per switch, and how far the weights are from the reference
 bf16(original + scale * up @ down computed in float64).
@@ -243,27 +243,28 @@ def main() -> None:
             dequantize_add_quantize_rows(w0, sc0, delta, 1.0, w, sc)
         torch.backends.cuda.matmul.allow_tf32 = False
 
-    def fp8_kernel_bf16(stacked=False):  # tried, not taken for one LoRA: the product written in bf16
+    def fp8_kernel_bf16(stacked=False):  # the product written in bf16: ryla's for stacked LoRAs only
+        from ryla.flux.lora import lora_delta_side_by_side
         from ryla.speed.kernels import dequantize_add_quantize_rows
 
         for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
             w0, sc0 = fp8_originals[(n, s.start)]
             w, sc = fp8_storage[(n, s.start)]
-            terms = [(down, up, scale)] + ([(down2, up2, 0.8)] if stacked else [])
-            ups = torch.cat([u * f for _, u, f in terms], dim=1).to(torch.bfloat16)
-            delta = torch.mm(ups, torch.cat([d for d, _, _ in terms]).to(torch.bfloat16))
-            dequantize_add_quantize_rows(w0, sc0, delta, 1.0, w, sc)
+            if stacked:  # as Float8Linear.set_rows gets it
+                delta, factor = lora_delta_side_by_side([(down, up, scale), (down2, up2, 0.8)], device)
+            else:
+                delta, factor = torch.mm(up.to(torch.bfloat16), down.to(torch.bfloat16)), scale
+            dequantize_add_quantize_rows(w0, sc0, delta, factor, w, sc)
 
-    def fp8_kernel_side_by_side_stacked():  # ryla's Float8Linear.set_rows path now, for stacked LoRAs
-        from ryla.flux.lora import lora_delta_side_by_side
+    def fp8_kernel_side_by_side_stacked():  # tried: the side-by-side product in float32 (TF32)
         from ryla.speed.kernels import dequantize_add_quantize_rows
 
         torch.backends.cuda.matmul.allow_tf32 = True
         for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
             w0, sc0 = fp8_originals[(n, s.start)]
             w, sc = fp8_storage[(n, s.start)]
-            delta, factor = lora_delta_side_by_side([(down, up, scale), (down2, up2, 0.8)], device)
-            dequantize_add_quantize_rows(w0, sc0, delta, factor, w, sc)
+            delta = torch.mm(torch.cat([up * scale, up2 * 0.8], dim=1), torch.cat([down, down2]))
+            dequantize_add_quantize_rows(w0, sc0, delta, 1.0, w, sc)
         torch.backends.cuda.matmul.allow_tf32 = False
 
     def differences_from_reference() -> dict:

@@ -86,6 +86,11 @@ def test_adapters_bench_runs_every_arm_over_http_on_the_tiny_set(tmp_path):
     eager = json.loads((tmp_path / "adapters.json").read_text())["eager"]
     for arm in ("same", "cycling", "stacked", "identity"):
         assert len(eager[arm]["generation_s"]) == 2 and eager[arm]["generation_ratio"] > 0
+        assert eager[arm]["generation_ratio_vs_first_base"] > 0
+    # base measured again after the other arms; ratios are to the mean of both medians
+    assert len(eager["base_after"]["generation_s"]) == 2
+    mean = (eager["base"]["generation_median_s"] + eager["base_after"]["generation_median_s"]) / 2
+    assert abs(eager["same"]["generation_ratio"] - eager["same"]["generation_median_s"] / mean) < 1e-9
     assert "InfuseNet" in result.stdout and "switching_cost_ratio" in eager
     assert "POST /flux-instantid -> 200" in (tmp_path / "adapters_serve_eager.log").read_text()
 

@@ -759,8 +759,8 @@ def test_lora_switches_write_original_plus_the_products_rounded_once():
     written from the saved original in one pass (no restore first): a switch to another LoRA
     equals applying it alone; layers only the previous LoRA touched get their original bits;
     stacking sums both products; going back to no LoRA restores every bit. The fp8 layer gets
-    quantize_rows of its dequantised original plus the product, stacked LoRAs as one GEMM of
-    their side-by-side factors."""
+    quantize_rows of its dequantised original plus the product, stacked LoRAs as one bf16 GEMM
+    of their side-by-side factors."""
     from ryla.flux.lora import WeightPatcher
     from ryla.speed.fp8 import Float8Linear
 
@@ -798,8 +798,8 @@ def test_lora_switches_write_original_plus_the_products_rounded_once():
     torch.testing.assert_close(model[0].weight.float(), expected_linear((a["0"], 1.0), (b["0"], -0.5)).float(),
                                rtol=0, atol=2 ** -8)  # fp32 sums in another order: at most one bf16 step
     patcher.apply(("b", "b"), [(b, 0.8), (b, -0.3)])  # stacked on the fp8 layer: one GEMM of rank 8
-    stacked = torch.cat([up * 0.5 * 0.8, up * 0.5 * -0.3], dim=1) @ torch.cat([down, down])
-    fp8, fp8_scale = quantize_rows(dequantized + stacked)
+    stacked = torch.cat([up * 0.5 * 0.8, up * 0.5 * -0.3], dim=1).bfloat16() @ torch.cat([down, down]).bfloat16()
+    fp8, fp8_scale = quantize_rows(dequantized + stacked.float())
     assert torch.equal(model[1].weight_fp8.view(torch.uint8), fp8.view(torch.uint8))
     # ... which is the float32 sum to within fp8 rounding (3 mantissa bits of each row's scale)
     within = (model[1].weight_fp8.float() * model[1].weight_scale[:, None] - (dequantized + 0.5 * 0.5 * (up @ down))).abs()
