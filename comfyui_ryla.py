@@ -176,6 +176,9 @@ class Ryla:
         # model code, torch.compile's) are restored from the snapshot instead of repeated on
         # every cold start. Without a GPU snapshot, imports only: no GPU is attached while a
         # CPU snapshot is taken.
+        from ryla import startup
+
+        startup.begin()  # the collector held back while importing and loading (ryla/startup.py)
         from ryla.api import app as api_app
         from ryla.flux.engine import import_model_code
 
@@ -221,6 +224,9 @@ class Ryla:
         self.runtime.loras.on_miss = sync.reload
         self.runtime.loras.on_list = sync.reload_if_stale
         self.web_app = create_app(self.runtime, ServerSettings.from_env())
+        from ryla import startup
+
+        startup.finish()  # what the start built kept out of later collections
 
     @modal.asgi_app(requires_proxy_auth=PROXY_AUTH)
     def api(self):

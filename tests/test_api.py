@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
+import re
 import subprocess
 import sys
 import time
@@ -124,6 +125,10 @@ def test_health_models_object_info_metrics(server):
     metrics = httpx.get(server.url + "/metrics").text
     assert 'ryla_requests_total{method="POST",route="/flux-dev",status="200"}' in metrics
     assert "ryla_queue_depth" in metrics and "ryla_generation_seconds_bucket" in metrics
+    # The server's start (imports, models) was frozen out of garbage collections (ryla.startup)
+    frozen = re.search(r"^ryla_gc_frozen_objects (\S+)$", metrics, re.M)
+    assert frozen and float(frozen.group(1)) > 100_000, frozen
+    assert 'python_gc_collections_total{generation="2"}' in metrics
     assert httpx.get(server.url + "/docs").status_code == 200
     assert "/flux-dev" in httpx.get(server.url + "/openapi.json").json()["paths"]
 

@@ -133,3 +133,19 @@ def test_aot_blocks_bench_loads_packaged_blocks_without_the_compile_stack(tmp_pa
     for block in fresh["block_types"].values():
         assert block["max_abs_difference"] < 1e-5 and block["after_in_place_patch"] < 1e-5
         assert block["patch_changed_output_by"] > 1e-3
+
+
+def test_startup_gc_bench_starts_both_kinds_of_server(tmp_path):
+    """bench/startup_gc.py, one start of each kind: the held-back start runs far fewer
+    collections before /health and has frozen its objects; the other has frozen none."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "startup_gc.py"), "--runs", "1", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((tmp_path / "startup_gc.json").read_text())
+    as_is, held_back = summary["collector_as_is"], summary["held_back"]
+    assert held_back["frozen_objects"] > 100_000 and as_is["frozen_objects"] == 0
+    assert held_back["gen0_collections_at_health"] * 5 < as_is["gen0_collections_at_health"]

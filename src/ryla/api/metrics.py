@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import gc
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, generate_latest
 
 
 class Metrics:
@@ -17,6 +19,11 @@ class Metrics:
         self.queue_wait_seconds = Histogram(
             "ryla_queue_wait_seconds", "Time a request waited for the GPU", buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
             registry=self.registry)
+        # Python's garbage collector: collections and their objects per generation (prometheus
+        # client's own collector), and the objects the start froze out of them (ryla.startup).
+        GCCollector(registry=self.registry)
+        Gauge("ryla_gc_frozen_objects", "Objects from the server's start that garbage collections skip",
+              registry=self.registry).set_function(gc.get_freeze_count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

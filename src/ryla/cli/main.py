@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ryla import catalogue
+from ryla import catalogue, startup
 from ryla.cli.common import CliError, accept_anywhere, add_param, lora_line, output_paths, prefixed_paths, run_cli
 from ryla.files import write_atomic
 
@@ -354,6 +354,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)  # the app's start-up (models loaded), then the socket bound
             if not self.should_exit:
+                startup.finish()
                 log.info("ready on %s  (API docs %s/docs)", url, url)
 
     # Connections beyond limit_concurrency get 503 at once; idle keep-alive connections close
@@ -824,6 +825,7 @@ def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    startup.begin()  # before the heavy imports: `serve` finishes the start once its models are loaded
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
