@@ -122,6 +122,7 @@ def test_health_models_object_info_metrics(server):
     assert {"KSampler", "CheckpointLoaderSimple", "SaveImage", "SamplerCustomAdvanced"} <= set(info)
     assert httpx.get(server.url + "/object_info/KSampler").json()["KSampler"]["output"] == ["LATENT"]
     assert httpx.get(server.url + "/object_info/Nope").json() == {}  # as ComfyUI answers
+    assert httpx.post(server.url + "/flux-dev", json=SMALL, timeout=300).status_code == 200  # counted below
     metrics = httpx.get(server.url + "/metrics").text
     assert 'ryla_requests_total{method="POST",route="/flux-dev",status="200"}' in metrics
     assert "ryla_queue_depth" in metrics and "ryla_generation_seconds_bucket" in metrics
