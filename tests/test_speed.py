@@ -732,7 +732,8 @@ def test_dequantize_add_quantize_kernel_runs_in_tritons_interpreter(tmp_path):
     """The fast mode's LoRA kernel (ryla.speed.kernels.dequantize_add_quantize_rows) in
     Triton's CPU interpreter: fp8 rows times their scales plus factor x the LoRA product, then
     new row scales and values, against PyTorch's quantize_rows of the same sum; rows wider than
-    one block and a row slice of a fused layer. float32 output, as for gelu_quantize_rows."""
+    one block, a row slice of a fused layer, and a bf16 product (stacked LoRAs in fast mode).
+    float32 output, as for gelu_quantize_rows."""
     pytest.importorskip("triton")
     run_in_tritons_interpreter(tmp_path, """
 import torch
@@ -742,10 +743,11 @@ torch.manual_seed(0)
 weight = torch.randn(12, 5000) * 0.05
 fp8, scale = quantize_rows(weight)
 delta = torch.randn(12, 5000) * 0.01
-for rows in (slice(None), slice(4, 8)):
+for rows, product in ((slice(None), delta), (slice(4, 8), delta), (slice(None), delta.bfloat16())):
+    # a bf16 product (stacked LoRAs' side-by-side GEMM) is read as it is, added in float32
     out, out_scale = torch.empty(fp8[rows].shape), torch.empty(fp8[rows].shape[0])
-    dequantize_add_quantize_rows(fp8[rows], scale[rows], delta[rows], 0.7, out, out_scale)
-    y = fp8[rows].float() * scale[rows, None] + 0.7 * delta[rows]
+    dequantize_add_quantize_rows(fp8[rows], scale[rows], product[rows], 0.7, out, out_scale)
+    y = fp8[rows].float() * scale[rows, None] + 0.7 * product[rows].float()
     expected_scale = y.abs().amax(1) / FP8_MAX
     torch.testing.assert_close(out_scale, expected_scale, rtol=1e-6, atol=0)
     torch.testing.assert_close(out, y / expected_scale[:, None], rtol=1e-5, atol=1e-4)
