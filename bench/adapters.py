@@ -144,20 +144,6 @@ def start(python: str, store: Path, cache: Path, speed: str, port: int, log: Pat
                              "--timeout", "900"], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> float:
-    import httpx
-
-    start_time = time.perf_counter()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-3000:])
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return time.perf_counter() - start_time
-        except httpx.HTTPError:
-            time.sleep(0.5)
-
-
 def post(url: str, path: str, body: dict) -> tuple[float, float]:
     """(server generation seconds, client wall seconds) of one request."""
     import httpx
@@ -288,6 +274,8 @@ def main() -> None:
         log = out / f"adapters_serve_{speed}.log"
         proc = start(python, store, work / f"compile-cache-{speed}", speed, 8111, log)
         try:
+            from cold_start import wait_healthy
+
             health = wait_healthy(proc, "http://127.0.0.1:8111", log)
             results[speed] = {"health_s": health, **measure("http://127.0.0.1:8111", ids, request, runs, reference)}
         finally:

@@ -35,7 +35,8 @@ in float32. One switch makes every layer original + scale * up @ down. Strategie
             LoRA; fp8_kernel_bf16_stacked: ryla's for stacked LoRAs
             (ryla.flux.lora.lora_delta_side_by_side), one bf16 GEMM of their factors side by side
             (scaled ups), the product written once; fp8_kernel_side_by_side_stacked: the same in
-            float32 (TF32), and fp8_kernel_bf16: one LoRA's product in bf16, both slower
+            float32 (TF32), within the bf16 form's spread between machines; fp8_kernel_bf16:
+            one LoRA's product in bf16, slower than fp8_kernel
 
 Reported: median seconds per switch, and how far the weights are from the reference
 bf16(original + scale * up @ down computed in float64).

@@ -56,21 +56,6 @@ def start(config: str, gpus: int, store: Path, cache: Path, port: int, log: Path
                              "--max-queue", "32", *args], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path, limit_s: float = 900) -> float:
-    import httpx
-
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < limit_s:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-4000:])
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return time.perf_counter() - t0
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise RuntimeError("no /health in time:\n" + log.read_text()[-4000:])
-
-
 def request(url: str, seed: int = 1) -> tuple[float, float, bytes]:
     import httpx
 
@@ -113,6 +98,7 @@ def main() -> None:
 
         results["store_written_s"] = round(write_store(store), 1)
     import torch
+    from cold_start import wait_healthy
 
     results["machine"] = {"gpus": torch.cuda.device_count(), "name": torch.cuda.get_device_name(0),
                           "torch": torch.__version__}
@@ -123,7 +109,7 @@ def main() -> None:
         launched = time.perf_counter()
         proc = start(config, args.gpus, store, cache, port, log)
         try:
-            health_s = wait_healthy(proc, url, log)
+            health_s = wait_healthy(proc, url, log, limit_s=900)
             warm = [request(url) for _ in range(2)]
             timed = [request(url) for _ in range(5)]
             entry = {"health_s": round(health_s, 1),

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cold_start import wait_healthy  # noqa: E402  (the benches' one wait for a started server)
+
 SERVE = ("import sys, ryla.startup as startup\n"
          "{patch}"
          "from ryla.cli.main import main\n"
@@ -48,20 +51,14 @@ def start_once(tiny: Path, held_back: bool) -> dict:
     env = dict(os.environ, RYLA_MODELS_DIR=tempfile.mkdtemp(), RYLA_TINY_MODELS_DIR=str(tiny),
                RYLA_DATA_DIR=tempfile.mkdtemp())
     code = SERVE.format(patch="" if held_back else NO_STARTUP_GC)
+    log = Path(env["RYLA_DATA_DIR"]) / "serve.log"
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("the server exited")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        health = time.perf_counter() - start
+        wait_healthy(proc, url, log, poll_s=0.05)
+        health = time.perf_counter() - start  # from before the process started
         metrics = httpx.get(url + "/metrics").text
         response = httpx.post(url + "/flux-dev", json={"prompt": "a fox", "width": 64, "height": 64, "steps": 2},
                               timeout=300)

@@ -165,9 +165,9 @@ def lora_delta_side_by_side(terms: list[tuple[torch.Tensor, torch.Tensor, float]
     r1 + r2, written once in bf16. bf16 is enough here: the sum is then rounded to e4m3 with
     the row's scale (3 mantissa bits of the row's largest weight), far coarser than bf16's
     8 bits of the product. One LoRA: the float32 product alone (TF32), its scale applied while
-    adding. Measured on the H200 (bench/lora_patch.py, 494 layers): two stacked 69 ms this way,
-    89 ms side by side in float32, 104 ms as a product and an addmm; one LoRA 45 ms in float32,
-    52 ms in bf16."""
+    adding. Measured on H200s (bench/lora_patch.py, 494 layers): two stacked 69 and 108 ms this
+    way on two machines, 89 ms side by side in float32, 103-104 ms as a product and an addmm
+    (three runs); one LoRA 45 ms in float32, 52 ms in bf16."""
     if len(terms) == 1:
         return lora_delta(terms, device)
     ups = torch.cat([up.to(device, torch.float32) * scale for _, up, scale in terms], dim=1)
