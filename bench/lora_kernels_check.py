@@ -7,6 +7,10 @@ interpreter only.) Full-size FLUX.1-dev layer shapes, rank-64 factors from fp16:
                   error in grid steps near 0), the same bits from the same seed
   WeightPatcher   through ryla.flux.lora on a module whose layers hold fp8 values: one and two
                   LoRAs, switching back and forth gives the same bits, restore the original bits
+  fp8 rows        fast mode's storage (fp8, a scale per row) patched through WeightPatcher (the
+                  product, then ryla.speed.kernels.dequantize_add_quantize_rows), one LoRA and
+                  two stacked, against quantize_rows of the float64 sum; switching back and
+                  restoring give the same bits
   fp8 GEMM bias   ryla.speed.fp8.Float8Linear with a bias on 8 rows (InfuseNet's identity tokens)
                   against its dequantised weights
 
@@ -37,6 +41,44 @@ def rounding_report(got: torch.Tensor, exact: torch.Tensor) -> dict:
     steps = grid_steps(got, exact)
     return {"on_e4m3_grid": bool(torch.equal(got, got.to(torch.float8_e4m3fn).to(got.dtype))),
             "max_abs_steps": steps.abs().max().item(), "mean_steps": steps.mean().item()}
+
+
+def fp8_rows_report(weight: torch.Tensor, factors: list) -> dict:
+    """Fast mode's storage (ryla.speed.fp8.Float8Linear: fp8 with a scale per row) patched by
+    WeightPatcher, one LoRA (a float32 product, TF32) and two stacked (one bf16 product of their
+    factors side by side), against quantize_rows of the float64 sum: the share of fp8 values that differ, the
+    largest relative difference of a row scale, the largest error in units of the row's scale
+    (an fp8 value's spacing is at most 32 of them); then switching back and restoring."""
+    from ryla.flux.lora import WeightPatcher
+    from ryla.speed import fp8
+
+    rows, cols = weight.shape
+    linear = torch.nn.Linear(cols, rows, bias=False, device=weight.device, dtype=torch.bfloat16)
+    linear.weight.data.copy_(weight)
+    module = torch.nn.ModuleDict({"a": fp8.Float8Linear(linear)})
+    original_fp8, original_scale = module["a"].weight_fp8.clone(), module["a"].weight_scale.clone()
+    dequantized = original_fp8.double() * original_scale.double()[:, None]
+    patcher = WeightPatcher(module)
+    report = {}
+    states = {}
+    for name, count in (("one", 1), ("two", 2)):
+        patcher.apply((name,), [({"a": term}, 1.0) for term in factors[:count]])
+        exact = dequantized + sum(scale * (up.double() @ down.double()) for down, up, scale in factors[:count])
+        reference, reference_scale = fp8.quantize_rows(exact.float())
+        got, got_scale = module["a"].weight_fp8, module["a"].weight_scale
+        error = (got.double() * got_scale.double()[:, None] - exact).abs() / got_scale.double()[:, None]
+        report[name] = {"share_differing": (got.view(torch.uint8) != reference.view(torch.uint8)).double().mean().item(),
+                        "max_scale_relative_difference": ((got_scale - reference_scale).abs() / reference_scale).max().item(),
+                        "max_error_in_row_scales": error.max().item()}
+        states[name] = (got.clone(), got_scale.clone())
+    patcher.apply(("one",), [({"a": factors[0]}, 1.0)])
+    report["same_bits_after_switching"] = bool(torch.equal(module["a"].weight_fp8.view(torch.uint8),
+                                                           states["one"][0].view(torch.uint8))
+                                               and torch.equal(module["a"].weight_scale, states["one"][1]))
+    patcher.restore()
+    report["restored_exactly"] = bool(torch.equal(module["a"].weight_fp8.view(torch.uint8), original_fp8.view(torch.uint8))
+                                      and torch.equal(module["a"].weight_scale, original_scale))
+    return report
 
 
 def main() -> None:
@@ -89,6 +131,7 @@ def main() -> None:
                                 "restored_exactly": bool(torch.equal(module["a"].weight.float(), original.float()))}
 
     fp8._load_row_quantization_kernel()
+    report["fp8_rows"] = fp8_rows_report(original.to(torch.bfloat16), factors)
     linear = torch.nn.Linear(cols, rows, device=device, dtype=torch.bfloat16)
     layer = fp8.Float8Linear(linear)
     x = torch.randn(8, cols, device=device, dtype=torch.bfloat16)

@@ -36,7 +36,10 @@ in float32. One switch makes every layer original + scale * up @ down. Strategie
             (ryla.flux.lora.lora_delta_side_by_side), one bf16 GEMM of their factors side by side
             (scaled ups), the product written once; fp8_kernel_side_by_side_stacked: the same in
             float32 (TF32), within the bf16 form's spread between machines; fp8_kernel_bf16:
-            one LoRA's product in bf16, slower than fp8_kernel
+            one LoRA's product in bf16, slower than fp8_kernel. fp8_tiled* in lora_patch.json:
+            tried on 2026-12-02 and removed (git history has it): two kernels over 2-D tiles that
+            compute the product with tl.dot (the first for the row maxima, the second to write),
+            slower or no faster than the product first
 
 Reported: median seconds per switch, and how far the weights are from the reference
 bf16(original + scale * up @ down computed in float64).
@@ -280,6 +283,25 @@ def main() -> None:
             total += got.numel()
         return {"share_differing": differ / total}
 
+    def fp8_differences_from_reference(stacked: bool) -> dict:
+        """Fast mode's rows against quantize_rows of the sum computed in float64 (the second
+        LoRA too where `stacked`): the share of fp8 values that differ (a product rounded
+        before the sum moves some values across a rounding boundary) and the largest relative
+        difference of a row scale."""
+        differ = total = 0
+        worst_scale = 0.0
+        for (n, s, up, down, scale), (down2, up2) in list(zip(targets, second))[::25]:
+            w0, sc0 = fp8_originals[(n, s.start)]
+            exact = w0.double() * sc0.double()[:, None] + scale * (up.double() @ down.double())
+            if stacked:
+                exact += 0.8 * (up2.double() @ down2.double())
+            ref, ref_scale = quantize_rows(exact.float())
+            w, sc = fp8_storage[(n, s.start)]
+            differ += (w.view(torch.uint8) != ref.view(torch.uint8)).sum().item()
+            total += w.numel()
+            worst_scale = max(worst_scale, ((sc - ref_scale).abs() / ref_scale).max().item())
+        return {"share_differing": differ / total, "max_scale_relative_difference": worst_scale}
+
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": len(targets),
                "rank": args.rank, "parameters": params, "strategies": {}}
     for name, fn in (("current", current), ("split_addmm", split_addmm), ("mm_add", mm_add), ("fp32_acc", fp32_acc), ("chunked", chunked),
@@ -303,6 +325,8 @@ def main() -> None:
                                        "vs_float64_reference": None if name.startswith(("fp8", "e4m3"))
                                        else differences_from_reference(),
                                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        if name.startswith("fp8_kernel"):
+            results["strategies"][name]["vs_reference"] = fp8_differences_from_reference("stacked" in name)
         if name.startswith("e4m3"):  # every weight on the grid, within one grid step of the exact sum
             on_grid = all(torch.equal(storage[n][s], storage[n][s].to(torch.float8_e4m3fn).to(torch.bfloat16))
                           for n, s, *_ in targets[::25])

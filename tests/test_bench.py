@@ -98,7 +98,8 @@ def test_adapters_bench_runs_every_arm_over_http_on_the_tiny_set(tmp_path):
 def test_lora_kernels_check_runs_in_tritons_interpreter(tmp_path):
     """bench/lora_kernels_check.py on small shapes in Triton's CPU interpreter: the checks it
     reports on the GPU come out true here too (one and two LoRAs on the e4m3 grid, within one
-    grid step of the float64 sum, the same bits again; WeightPatcher's switches and restore)."""
+    grid step of the float64 sum, the same bits again; WeightPatcher's switches and restore, on
+    e4m3-valued layers and on fast mode's fp8 rows)."""
     pytest.importorskip("triton")
     import json
 
@@ -112,6 +113,10 @@ def test_lora_kernels_check_runs_in_tritons_interpreter(tmp_path):
         assert case["on_e4m3_grid"] and case["max_abs_steps"] < 1 and abs(case["mean_steps"]) < 0.01
     assert report["one_lora"]["same_bits_again"] and report["two_stacked"]["same_bits_again"]
     assert report["weight_patcher"]["same_bits_after_switching"] and report["weight_patcher"]["restored_exactly"]
+    fp8_rows = report["fp8_rows"]  # fast mode's storage: one LoRA rounds as quantize_rows of the exact sum
+    assert fp8_rows["one"]["share_differing"] < 1e-3 and fp8_rows["two"]["share_differing"] < 0.05
+    assert fp8_rows["one"]["max_error_in_row_scales"] <= 16.5 and fp8_rows["two"]["max_error_in_row_scales"] <= 17
+    assert fp8_rows["same_bits_after_switching"] and fp8_rows["restored_exactly"]
     assert report["fp8_linear_8_rows_with_bias"]["relative_error"] < 0.05
 
 
