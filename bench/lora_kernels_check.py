@@ -7,10 +7,11 @@ interpreter only.) Full-size FLUX.1-dev layer shapes, rank-64 factors from fp16:
                   error in grid steps near 0), the same bits from the same seed
   WeightPatcher   through ryla.flux.lora on a module whose layers hold fp8 values: one and two
                   LoRAs, switching back and forth gives the same bits, restore the original bits
-  fp8 rows        fast mode's storage (fp8, a scale per row) patched through WeightPatcher (the
-                  product, then ryla.speed.kernels.dequantize_add_quantize_rows), one LoRA and
-                  two stacked, against quantize_rows of the float64 sum; switching back and
-                  restoring give the same bits
+  fp8 rows        fast mode's storage (fp8, a scale per row) patched through WeightPatcher
+                  (ryla.flux.lora.patch_fp8_rows: a bf16 product, then
+                  ryla.speed.kernels.add_quantize_rows_grouped), one LoRA and two stacked,
+                  against quantize_rows of the float64 sum; switching back and restoring give
+                  the same bits
   fp8 GEMM bias   ryla.speed.fp8.Float8Linear with a bias on 8 rows (InfuseNet's identity tokens)
                   against its dequantised weights
 
@@ -45,8 +46,8 @@ def rounding_report(got: torch.Tensor, exact: torch.Tensor) -> dict:
 
 def fp8_rows_report(weight: torch.Tensor, factors: list) -> dict:
     """Fast mode's storage (ryla.speed.fp8.Float8Linear: fp8 with a scale per row) patched by
-    WeightPatcher, one LoRA (a float32 product, TF32) and two stacked (one bf16 product of their
-    factors side by side), against quantize_rows of the float64 sum: the share of fp8 values that differ, the
+    WeightPatcher, one LoRA and two stacked (one bf16 product of their factors side by side),
+    against quantize_rows of the float64 sum: the share of fp8 values that differ, the
     largest relative difference of a row scale, the largest error in units of the row's scale
     (an fp8 value's spacing is at most 32 of them); then switching back and restoring."""
     from ryla.flux.lora import WeightPatcher

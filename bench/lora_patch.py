@@ -31,15 +31,24 @@ in float32. One switch makes every layer original + scale * up @ down. Strategie
             measured on 2026-12-02, slower, and removed (git history has it)
   fp8_current, fp8_acc  the same two ways for the fast mode's fp8 rows (dequantise, add,
             quantise again with new row scales); fp8_kernel: the float32 product (TF32) then
-            one Triton kernel (ryla.speed.kernels.dequantize_add_quantize_rows), ryla's for one
-            LoRA; fp8_kernel_bf16_stacked: ryla's for stacked LoRAs
-            (ryla.flux.lora.lora_delta_side_by_side), one bf16 GEMM of their factors side by side
-            (scaled ups), the product written once; fp8_kernel_side_by_side_stacked: the same in
-            float32 (TF32), within the bf16 form's spread between machines; fp8_kernel_bf16:
-            one LoRA's product in bf16, slower than fp8_kernel. fp8_tiled* in lora_patch.json:
-            tried on 2026-12-02 and removed (git history has it): two kernels over 2-D tiles that
-            compute the product with tl.dot (the first for the row maxima, the second to write),
-            slower or no faster than the product first
+            one Triton kernel a layer (ryla.speed.kernels.dequantize_add_quantize_rows), ryla's
+            for one LoRA until fp8_grouped; fp8_kernel_bf16_stacked: ryla's for stacked LoRAs until
+            then, one bf16 GEMM of their factors side by side (scaled ups), the product written
+            once; fp8_kernel_side_by_side_stacked: the same in float32 (TF32); fp8_kernel_bf16:
+            one LoRA's product in bf16. Under --profile these turned out bound by the host
+            issuing their ~1,000-2,000 launches (bf16: 26 ms of GPU work in a 72 ms switch).
+            fp8_tiled* in lora_patch.json: tried on 2026-12-02 and removed (git history has it):
+            two kernels over 2-D tiles that compute the product with tl.dot (the first for the
+            row maxima, the second to write), slower or no faster than the product first
+  fp8_grouped, fp8_grouped_stacked  ryla's now (ryla.flux.lora.patch_fp8_rows): layers of one
+            shape and one set of LoRA ranks and scales together, their factors stacked, one
+            batched bf16 GEMM of the side-by-side factors and one launch of the row kernel over
+            all of them (ryla.speed.kernels.add_quantize_rows_grouped), in launches of at most
+            FP8_ROWS_GROUP_BYTES of products
+  fp8_kernel_BLOCKxWARPS  (--row-kernel-configs) fp8_kernel with other settings of the row
+            kernel: the chunk width of a row and the warps of a program
+
+Use --profile for GPU time by kernel against each switch's wall time.
 
 Reported: median seconds per switch, and how far the weights are from the reference
 bf16(original + scale * up @ down computed in float64).
@@ -89,6 +98,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--only", default="", help="comma-separated strategies to run (default: all)")
+    parser.add_argument("--row-kernel-configs", default="",
+                        help="BLOCKxWARPS settings of fast mode's row kernel to time as fp8_kernel_BLOCKxWARPS "
+                             "and fp8_grouped(_stacked)_BLOCKxWARPS, comma-separated")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more switch per strategy under torch.profiler: GPU time by kernel (top 8) and "
+                             "all kernels' sum against the switch's wall time")
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -189,15 +204,36 @@ def main() -> None:
             sc.copy_(new_sc)
         torch.backends.cuda.matmul.allow_tf32 = False
 
-    def fp8_kernel():  # ryla's Float8Linear.set_rows now: the product, then one Triton kernel a layer
+    def fp8_kernel(block: int = 2048, warps: int = 4):  # ryla's until fp8_grouped: the product, then one kernel
         from ryla.speed.kernels import dequantize_add_quantize_rows
 
         torch.backends.cuda.matmul.allow_tf32 = True
         for n, s, up, down, scale in targets:
             w0, sc0 = fp8_originals[(n, s.start)]
             w, sc = fp8_storage[(n, s.start)]
-            dequantize_add_quantize_rows(w0, sc0, torch.mm(up, down), scale, w, sc)
+            dequantize_add_quantize_rows(w0, sc0, torch.mm(up, down), scale, w, sc, block=block, num_warps=warps)
         torch.backends.cuda.matmul.allow_tf32 = False
+
+    def with_row_kernel(block: int, warps: int, fn):
+        """fn with the row kernel's settings changed for the call (ryla.speed.kernels' module
+        settings, which patch_fp8_rows uses)."""
+        from ryla.speed import kernels
+
+        saved = kernels.ROW_KERNEL_BLOCK, kernels.ROW_KERNEL_WARPS
+        kernels.ROW_KERNEL_BLOCK, kernels.ROW_KERNEL_WARPS = block, warps
+        try:
+            fn()
+        finally:
+            kernels.ROW_KERNEL_BLOCK, kernels.ROW_KERNEL_WARPS = saved
+
+    row_kernel_configs = {}  # the row kernel's chunk width and warps
+    for spec in filter(None, args.row_kernel_configs.split(",")):
+        block, warps = (int(v) for v in spec.split("x"))
+        row_kernel_configs[f"fp8_kernel_{spec}"] = lambda block=block, warps=warps: fp8_kernel(block, warps)
+        row_kernel_configs[f"fp8_grouped_{spec}"] = lambda block=block, warps=warps: with_row_kernel(
+            block, warps, fp8_grouped)
+        row_kernel_configs[f"fp8_grouped_stacked_{spec}"] = lambda block=block, warps=warps: with_row_kernel(
+            block, warps, lambda: fp8_grouped(True))
 
     e4m3_originals = {key: value.to(torch.float8_e4m3fn) for key, value in originals.items()}
 
@@ -248,14 +284,15 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
     def fp8_kernel_bf16(stacked=False):  # the product written in bf16: ryla's for stacked LoRAs only
-        from ryla.flux.lora import lora_delta_side_by_side
         from ryla.speed.kernels import dequantize_add_quantize_rows
 
         for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
             w0, sc0 = fp8_originals[(n, s.start)]
             w, sc = fp8_storage[(n, s.start)]
-            if stacked:  # as Float8Linear.set_rows gets it
-                delta, factor = lora_delta_side_by_side([(down, up, scale), (down2, up2, 0.8)], device)
+            if stacked:  # the product of the side-by-side factors, written in bf16
+                delta = torch.mm(torch.cat([up * scale, up2 * 0.8], dim=1).to(torch.bfloat16),
+                                 torch.cat([down, down2]).to(torch.bfloat16))
+                factor = 1.0
             else:
                 delta, factor = torch.mm(up.to(torch.bfloat16), down.to(torch.bfloat16)), scale
             dequantize_add_quantize_rows(w0, sc0, delta, factor, w, sc)
@@ -270,6 +307,15 @@ def main() -> None:
             delta = torch.mm(torch.cat([up * scale, up2 * 0.8], dim=1), torch.cat([down, down2]))
             dequantize_add_quantize_rows(w0, sc0, delta, 1.0, w, sc)
         torch.backends.cuda.matmul.allow_tf32 = False
+
+    def fp8_grouped(stacked: bool = False):  # ryla's now: ryla.flux.lora.patch_fp8_rows
+        from ryla.flux.lora import patch_fp8_rows
+
+        jobs = []
+        for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
+            terms = [(down, up, scale)] + ([(down2, up2, 0.8)] if stacked else [])
+            jobs.append((fp8_originals[(n, s.start)], fp8_storage[(n, s.start)], terms))
+        patch_fp8_rows(jobs)
 
     def differences_from_reference() -> dict:
         """Against bf16(original + scale * up @ down) computed in float64: the share of
@@ -310,7 +356,9 @@ def main() -> None:
                      ("e4m3_grid_stacked", e4m3_grid_stacked),
                      ("e4m3_fused_stacked", lambda: e4m3_fused(True)), ("fp8_kernel_stacked", fp8_kernel_stacked),
                      ("fp8_kernel_bf16", fp8_kernel_bf16), ("fp8_kernel_bf16_stacked", lambda: fp8_kernel_bf16(True)),
-                     ("fp8_kernel_side_by_side_stacked", fp8_kernel_side_by_side_stacked)):
+                     ("fp8_kernel_side_by_side_stacked", fp8_kernel_side_by_side_stacked),
+                     ("fp8_grouped", fp8_grouped), ("fp8_grouped_stacked", lambda: fp8_grouped(True)),
+                     *row_kernel_configs.items()):
         if args.only and name not in args.only.split(","):
             continue
         fn()
@@ -325,7 +373,9 @@ def main() -> None:
                                        "vs_float64_reference": None if name.startswith(("fp8", "e4m3"))
                                        else differences_from_reference(),
                                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-        if name.startswith("fp8_kernel"):
+        if args.profile:
+            results["strategies"][name]["profile"] = profile_switch(fn)
+        if name.startswith(("fp8_kernel", "fp8_grouped")):
             results["strategies"][name]["vs_reference"] = fp8_differences_from_reference("stacked" in name)
         if name.startswith("e4m3"):  # every weight on the grid, within one grid step of the exact sum
             on_grid = all(torch.equal(storage[n][s], storage[n][s].to(torch.float8_e4m3fn).to(torch.bfloat16))
@@ -335,6 +385,26 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "lora_patch.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def profile_switch(fn) -> dict:
+    """One switch under torch.profiler: wall ms, the sum of its GPU kernels' ms, and the eight
+    kernels (by name, cut to 100 characters) that took most, as [calls, ms]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels: dict[str, list] = {}
+    for event in prof.events():
+        if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name[:100], [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time / 1000
+    top = dict(sorted(kernels.items(), key=lambda item: -item[1][1])[:8])
+    return {"wall_ms": wall * 1000, "kernel_ms": sum(v[1] for v in kernels.values()), "kernels": top}
 
 
 if __name__ == "__main__":

@@ -113,8 +113,8 @@ def test_lora_kernels_check_runs_in_tritons_interpreter(tmp_path):
         assert case["on_e4m3_grid"] and case["max_abs_steps"] < 1 and abs(case["mean_steps"]) < 0.01
     assert report["one_lora"]["same_bits_again"] and report["two_stacked"]["same_bits_again"]
     assert report["weight_patcher"]["same_bits_after_switching"] and report["weight_patcher"]["restored_exactly"]
-    fp8_rows = report["fp8_rows"]  # fast mode's storage: one LoRA rounds as quantize_rows of the exact sum
-    assert fp8_rows["one"]["share_differing"] < 1e-3 and fp8_rows["two"]["share_differing"] < 0.05
+    fp8_rows = report["fp8_rows"]  # fast mode's storage: a bf16 product moves few values by a rounding step
+    assert fp8_rows["one"]["share_differing"] < 0.02 and fp8_rows["two"]["share_differing"] < 0.02
     assert fp8_rows["one"]["max_error_in_row_scales"] <= 16.5 and fp8_rows["two"]["max_error_in_row_scales"] <= 17
     assert fp8_rows["same_bits_after_switching"] and fp8_rows["restored_exactly"]
     assert report["fp8_linear_8_rows_with_bias"]["relative_error"] < 0.05

@@ -729,30 +729,82 @@ print(sorted(late))
 
 
 def test_dequantize_add_quantize_kernel_runs_in_tritons_interpreter(tmp_path):
-    """The fast mode's LoRA kernel (ryla.speed.kernels.dequantize_add_quantize_rows) in
-    Triton's CPU interpreter: fp8 rows times their scales plus factor x the LoRA product, then
-    new row scales and values, against PyTorch's quantize_rows of the same sum; rows wider than
-    one block, a row slice of a fused layer, and a bf16 product (stacked LoRAs in fast mode).
-    float32 output, as for gelu_quantize_rows."""
+    """The fast mode's LoRA kernel (ryla.speed.kernels.add_quantize_rows_grouped) in Triton's
+    CPU interpreter: fp8 rows times their scales plus factor x the LoRA product, then new row
+    scales and values, against PyTorch's quantize_rows of the same sum; rows wider than one
+    block, a row slice of a fused layer, a bf16 product (ryla's), and three layers in one
+    launch, each at its own place in memory. float32 output, as for gelu_quantize_rows."""
     pytest.importorskip("triton")
     run_in_tritons_interpreter(tmp_path, """
 import torch
 from ryla.speed.fp8 import quantize_rows
-from ryla.speed.kernels import FP8_MAX, dequantize_add_quantize_rows
+from ryla.speed.kernels import FP8_MAX, add_quantize_rows_grouped, dequantize_add_quantize_rows
 torch.manual_seed(0)
+
+def check(fp8, scale, product, factor, out, out_scale):
+    y = fp8.float() * scale[:, None] + factor * product.float()
+    expected_scale = y.abs().amax(1) / FP8_MAX
+    torch.testing.assert_close(out_scale, expected_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out, y / expected_scale[:, None], rtol=1e-5, atol=1e-4)
+
 weight = torch.randn(12, 5000) * 0.05
 fp8, scale = quantize_rows(weight)
 delta = torch.randn(12, 5000) * 0.01
 for rows, product in ((slice(None), delta), (slice(4, 8), delta), (slice(None), delta.bfloat16())):
-    # a bf16 product (stacked LoRAs' side-by-side GEMM) is read as it is, added in float32
     out, out_scale = torch.empty(fp8[rows].shape), torch.empty(fp8[rows].shape[0])
-    dequantize_add_quantize_rows(fp8[rows], scale[rows], product[rows], 0.7, out, out_scale)
-    y = fp8[rows].float() * scale[rows, None] + 0.7 * product[rows].float()
-    expected_scale = y.abs().amax(1) / FP8_MAX
-    torch.testing.assert_close(out_scale, expected_scale, rtol=1e-6, atol=0)
-    torch.testing.assert_close(out, y / expected_scale[:, None], rtol=1e-5, atol=1e-4)
+    dequantize_add_quantize_rows(fp8[rows], scale[rows], product[rows], 0.7, out, out_scale, block=2048)
+    check(fp8[rows], scale[rows], product[rows], 0.7, out, out_scale)
+# three layers of 4 rows in one launch: two whole layers and rows 4-7 of a fused one
+layers = [quantize_rows(torch.randn(4, 300) * 0.05) for _ in range(2)]
+fused, fused_scale = quantize_rows(torch.randn(12, 300) * 0.05)
+originals = layers + [(fused[4:8], fused_scale[4:8])]
+products = (torch.randn(3, 4, 300) * 0.01).bfloat16()
+outs = [(torch.empty(4, 300), torch.empty(4)) for _ in range(3)]
+add_quantize_rows_grouped(originals, products, 1.0, outs, block=128, num_warps=4)
+for (w, s), product, (out, out_scale) in zip(originals, products, outs):
+    check(w, s, product, 1.0, out, out_scale)
 print("ok")
 """, timeout=240)
+
+
+def test_fast_mode_layers_take_loras_in_groups_of_one_shape():
+    """WeightPatcher on fast mode's fp8 layers: layers of one shape and one set of LoRA ranks and
+    scales get their products from one batched GEMM (in launches of at most
+    FP8_ROWS_GROUP_BYTES of products), and each comes out as patching it alone would: layers of
+    two shapes, a LoRA covering some of them, another with a different scale on the rest."""
+    from unittest import mock
+
+    from ryla.flux import lora
+    from ryla.flux.lora import WeightPatcher
+    from ryla.speed.fp8 import Float8Linear
+
+    torch.manual_seed(0)
+    shapes = [(32, 48)] * 4 + [(16, 32)] * 2
+    model = torch.nn.ModuleDict({str(i): Float8Linear(torch.nn.Linear(i_, o, dtype=torch.bfloat16))
+                                 for i, (o, i_) in enumerate(shapes)})
+    originals = {name: (m.weight_fp8.clone(), m.weight_scale.clone()) for name, m in model.items()}
+
+    def factors(name, rank):
+        rows, cols = shapes[int(name)]
+        return (torch.randn(rank, cols).half().float(), torch.randn(rows, rank).half().float())
+
+    a = {name: (*factors(name, 4), 0.25) for name in ("0", "1", "2", "4", "5")}
+    b = {name: (*factors(name, 8), 0.5) for name in ("3",)}
+    batched = []
+    real_bmm = torch.bmm
+    with mock.patch.object(lora, "FP8_ROWS_GROUP_BYTES", 2 * 32 * 48 * 2), \
+            mock.patch.object(torch, "bmm", side_effect=lambda x, y: batched.append(x.shape[0]) or real_bmm(x, y)):
+        WeightPatcher(model).apply(("a", "b"), [(a, 0.8), (b, 1.0)])
+    # shape 32x48 with a: layers 0, 1, 2 in launches of two; with b: layer 3; shape 16x32: 4 and 5
+    assert sorted(batched) == [1, 1, 2, 2], batched
+    for name, m in model.items():
+        down, up, scale = a[name] if name in a else b[name]
+        strength = 0.8 if name in a else 1.0
+        product = ((up * (scale * strength)).bfloat16().float() @ down.bfloat16().float()).bfloat16().float()
+        weight_fp8, weight_scale = originals[name]
+        expected, expected_scale = quantize_rows(weight_fp8.float() * weight_scale[:, None] + product)
+        assert torch.equal(m.weight_fp8.view(torch.uint8), expected.view(torch.uint8)), name
+        torch.testing.assert_close(m.weight_scale, expected_scale, rtol=0, atol=0)
 
 
 def test_lora_switches_write_original_plus_the_products_rounded_once():
@@ -761,8 +813,8 @@ def test_lora_switches_write_original_plus_the_products_rounded_once():
     written from the saved original in one pass (no restore first): a switch to another LoRA
     equals applying it alone; layers only the previous LoRA touched get their original bits;
     stacking sums both products; going back to no LoRA restores every bit. The fp8 layer gets
-    quantize_rows of its dequantised original plus the product, stacked LoRAs as one bf16 GEMM
-    of their side-by-side factors."""
+    quantize_rows of its dequantised original plus the product, one bf16 GEMM of the LoRAs'
+    factors side by side (one LoRA's too)."""
     from ryla.flux.lora import WeightPatcher
     from ryla.speed.fp8 import Float8Linear
 
@@ -791,7 +843,11 @@ def test_lora_switches_write_original_plus_the_products_rounded_once():
     assert torch.equal(model[0].weight, expected_linear((b["0"], 0.8)))
     down, up, scale = b["1"]
     dequantized = originals["1.weight_fp8"].float() * originals["1.weight_scale"][:, None]
-    fp8, fp8_scale = quantize_rows(dequantized + 0.8 * scale * (up @ down))
+
+    def bf16_product(ups, downs):  # factors in bf16 (ups scaled first), summed in float32, written in bf16
+        return (torch.cat(ups, dim=1).bfloat16().float() @ torch.cat(downs).bfloat16().float()).bfloat16().float()
+
+    fp8, fp8_scale = quantize_rows(dequantized + bf16_product([up * (0.8 * scale)], [down]))
     assert torch.equal(model[1].weight_fp8.view(torch.uint8), fp8.view(torch.uint8))
     torch.testing.assert_close(model[1].weight_scale, fp8_scale)
     patcher.apply(("a",), [(a, 1.0)])  # layer 1 was only b's: its original comes back
@@ -800,8 +856,7 @@ def test_lora_switches_write_original_plus_the_products_rounded_once():
     torch.testing.assert_close(model[0].weight.float(), expected_linear((a["0"], 1.0), (b["0"], -0.5)).float(),
                                rtol=0, atol=2 ** -8)  # fp32 sums in another order: at most one bf16 step
     patcher.apply(("b", "b"), [(b, 0.8), (b, -0.3)])  # stacked on the fp8 layer: one GEMM of rank 8
-    stacked = torch.cat([up * 0.5 * 0.8, up * 0.5 * -0.3], dim=1).bfloat16() @ torch.cat([down, down]).bfloat16()
-    fp8, fp8_scale = quantize_rows(dequantized + stacked.float())
+    fp8, fp8_scale = quantize_rows(dequantized + bf16_product([up * 0.5 * 0.8, up * 0.5 * -0.3], [down, down]))
     assert torch.equal(model[1].weight_fp8.view(torch.uint8), fp8.view(torch.uint8))
     # ... which is the float32 sum to within fp8 rounding (3 mantissa bits of each row's scale)
     within = (model[1].weight_fp8.float() * model[1].weight_scale[:, None] - (dequantized + 0.5 * 0.5 * (up @ down))).abs()
@@ -812,8 +867,10 @@ def test_lora_switches_write_original_plus_the_products_rounded_once():
 
     class CountProducts(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-                products.append(args[0].shape if func.overloadpacket is torch.ops.aten.mm else args[1].shape)
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm,
+                                       torch.ops.aten.addmm_):
+                products.append(tuple(args[0].shape[-2:] if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm)
+                                      else args[1].shape))
             return func(*args, **(kwargs or {}))
 
     products = []

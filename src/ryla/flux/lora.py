@@ -2,7 +2,8 @@
 transformer and CLIP-L.
 
 The weights of the targeted layers are patched in place,
-W <- W + strength * (alpha / rank) * up @ down, computed in float32 and rounded once. The untouched originals
+W <- W + strength * (alpha / rank) * up @ down, computed in float32 and rounded once (fast
+mode's fp8 rows: a bf16 product, then requantised; patch_fp8_rows). The untouched originals
 are kept (only for layers some LoRA has touched), so switching LoRAs or going back to the
 base model restores the exact original bits: no drift over many swaps, strength 0 is the
 base model exactly, and a compiled transformer keeps its graph (same tensors, new values).
@@ -23,6 +24,7 @@ bits are not.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 
 import torch
@@ -63,13 +65,16 @@ class WeightPatcher:
         self.applied_key: tuple = ()
         self.touched: set[str] = set()
         self.e4m3_valued: frozenset[str] = frozenset(getattr(module, E4M3_VALUED_LAYERS, ()))
+        # name -> views of fast mode's fp8 rows and scales that a patch writes into: the same on
+        # every switch (patches write in place), so made once
+        self.fp8_row_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _on_e4m3_grid(self, name: str, layer: torch.nn.Module) -> bool:
         """Whether `name`'s patched weights go back onto the e4m3 grid: plain layers whose
         values are fp8 (an fp8 file where ComfyUI keeps fp8 storage) or stored in fp8 (fp8
         weight_dtype). Layers with their own fp8 format (fast mode's per-row scales) round
         as that format does."""
-        if hasattr(layer, "set_rows"):
+        if hasattr(layer, "rows_view"):
             return False
         return name in self.e4m3_valued or layer.weight.dtype == FP8
 
@@ -97,6 +102,7 @@ class WeightPatcher:
         first and patched after, so a switch reads and writes each weight once."""
         if key == self.applied_key:
             return
+        start = time.perf_counter()
         terms: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
         for layers, strength in patches:
             if strength == 0:
@@ -106,16 +112,27 @@ class WeightPatcher:
         for name in self.touched - terms.keys():
             layer, rows = self._target(name)
             _load_rows(layer, rows, self.originals[name])
+        fp8_rows = []  # fast mode's layers, patched together after the loop
         with _exact_tf32():
             for name, layer_terms in terms.items():
                 layer, rows = self._target(name)
                 on_grid = self._on_e4m3_grid(name, layer)
                 if name not in self.originals:  # untouched until now: the weights are the original
                     self.originals[name] = _save_rows(layer, rows, on_grid)
-                if on_grid:
+                if hasattr(layer, "rows_view"):  # fp8 storage with row scales (ryla.speed.fp8.Float8Linear)
+                    views = self.fp8_row_views.get(name)
+                    if views is None:
+                        views = self.fp8_row_views[name] = layer.rows_view(rows)
+                    fp8_rows.append((self.originals[name], views, layer_terms))
+                elif on_grid:
                     _set_rows_on_e4m3_grid(layer, rows, self.originals[name], layer_terms, layer_seed(name))
                 else:
                     _set_rows(layer, rows, self.originals[name], layer_terms)
+        launches = patch_fp8_rows(fp8_rows)
+        # The host's part: the kernels are queued, not done (a GPU-bound switch queues fast)
+        log.info("LoRA switch: %d layers patched, %d restored (%d fp8 layers in %d launches), queued in %.1f ms",
+                 len(terms), len(self.touched - terms.keys()), len(fp8_rows), launches,
+                 (time.perf_counter() - start) * 1000)
         self.touched = set(terms)
         self.applied_key = key
 
@@ -157,22 +174,64 @@ def lora_delta(terms: list[tuple[torch.Tensor, torch.Tensor, float]], device: to
     return delta, 1.0
 
 
-def lora_delta_side_by_side(terms: list[tuple[torch.Tensor, torch.Tensor, float]],
-                            device: torch.device) -> tuple[torch.Tensor, float]:
-    """The LoRAs' sum for a layer stored in fp8 with a scale per row (fast mode), as
-    (product, factor). Stacked LoRAs are one GEMM of their factors side by side, each `up`
-    scaled first: sum_i s_i up_i @ down_i = [s_1 up_1 | s_2 up_2] @ [down_1; down_2], rank
-    r1 + r2, written once in bf16. bf16 is enough here: the sum is then rounded to e4m3 with
-    the row's scale (3 mantissa bits of the row's largest weight), far coarser than bf16's
-    8 bits of the product. One LoRA: the float32 product alone (TF32), its scale applied while
-    adding. Measured on H200s (bench/lora_patch.py, 494 layers): two stacked 69 and 108 ms this
-    way on two machines, 89 ms side by side in float32, 103-104 ms as a product and an addmm
-    (three runs); one LoRA 45 ms in float32, 52 ms in bf16."""
-    if len(terms) == 1:
-        return lora_delta(terms, device)
-    ups = torch.cat([up.to(device, torch.float32) * scale for _, up, scale in terms], dim=1)
-    downs = torch.cat([down.to(device, torch.bfloat16) for down, _, _ in terms], dim=0)
-    return torch.mm(ups.to(torch.bfloat16), downs), 1.0
+# Fast mode's layers are patched in groups of one shape and one set of LoRA ranks and scales,
+# each group's products in one batched GEMM and its rows in one kernel launch: one LoRA's 494
+# layers take ~50 launches of the row kernel (~350 in all) instead of ~1,000-2,000. Done layer
+# by layer, the switch was bound by the host issuing kernels, not by the GPU running them
+# (bench/lora_patch.py --profile on the H200: 63-72 ms for 26 ms of GPU work with bf16 products;
+# grouped, 24 ms). At most this many bytes of products a launch.
+FP8_ROWS_GROUP_BYTES = 512 << 20
+
+
+def patch_fp8_rows(jobs: list[tuple[tuple, tuple, list]]) -> int:
+    """Fast mode's layers (ryla.speed.fp8.Float8Linear: fp8 weights with one scale per row)
+    with LoRAs: each job is (original (fp8 rows, scales), out (the layer's fp8 rows, scales),
+    terms [(down, up, scale)]), and out becomes quantize_rows(original dequantised + sum of
+    scale * up @ down). The product is one bf16 GEMM of the LoRAs' factors side by side,
+    each `up` scaled first: sum_i s_i up_i @ down_i = [s_1 up_1 | s_2 up_2] @ [down_1; down_2],
+    exact products summed in float32, written in bf16. bf16 is enough here: the sum is then
+    rounded to e4m3 with the row's scale, 3 mantissa bits of the row's largest weight, far
+    coarser than bf16's 8 bits of the product. Returns the number of row-kernel launches."""
+    groups: dict[tuple, list] = {}
+    launches = 0
+    for original, out, terms in jobs:
+        key = (tuple(out[0].shape), out[0].device, tuple((down.shape[0], scale) for down, _, scale in terms))
+        groups.setdefault(key, []).append((original, out, [(down, up) for down, up, _ in terms]))
+    for ((rows, cols), device, term_keys), members in groups.items():
+        per_launch = max(1, FP8_ROWS_GROUP_BYTES // (rows * cols * 2))
+        rank = sum(term_rank for term_rank, _ in term_keys)
+        for start in range(0, len(members), per_launch):
+            chunk = members[start:start + per_launch]
+            # each LoRA's factors stacked, scaled and written in bf16 straight into its columns
+            # (up) or rows (down) of the side-by-side factors: four kernels a LoRA, none to join them
+            up = torch.empty(len(chunk), rows, rank, device=device, dtype=torch.bfloat16)
+            down = torch.empty(len(chunk), rank, cols, device=device, dtype=torch.bfloat16)
+            offset = 0
+            for i, (term_rank, scale) in enumerate(term_keys):
+                torch.mul(torch.stack([factors[i][1] for _, _, factors in chunk]).to(device, torch.float32), scale,
+                          out=up[:, :, offset:offset + term_rank])
+                down[:, offset:offset + term_rank] = torch.stack([factors[i][0] for _, _, factors in chunk]).to(device)
+                offset += term_rank
+            delta = torch.bmm(up, down)
+            _add_quantize_rows([original for original, _, _ in chunk], delta, [out for _, out, _ in chunk])
+            launches += 1
+    return launches
+
+
+def _add_quantize_rows(originals: list, delta: torch.Tensor, outs: list) -> None:
+    """outs[i] <- quantize_rows(originals[i] dequantised + delta[i]): one Triton kernel for the
+    group on a GPU, PyTorch layer by layer elsewhere."""
+    if delta.is_cuda and triton_kernels_available():
+        from ryla.speed.kernels import add_quantize_rows_grouped
+
+        add_quantize_rows_grouped(originals, delta, 1.0, outs)
+        return
+    from ryla.speed.fp8 import quantize_rows
+
+    for (weight_fp8, weight_scale), product, (out, out_scale) in zip(originals, delta, outs):
+        weight, scale = quantize_rows(weight_fp8.float() * weight_scale[:, None] + product.float())
+        out.copy_(weight)
+        out_scale.copy_(scale)
 
 
 # Row operations on a plain Linear, or on a layer that provides its own (Float8Linear).
@@ -195,10 +254,6 @@ def _load_rows(layer, rows: slice, saved) -> None:
 def _set_rows(layer, rows: slice, original, terms) -> None:
     """rows <- original + sum of scale * up @ down, the sum in float32, rounded once into the
     weight's dtype (torch.add computes a bf16 + float32 sum in float32 and writes bf16)."""
-    if hasattr(layer, "set_rows"):  # fp8 storage with row scales (ryla.speed.fp8.Float8Linear)
-        delta, scale = lora_delta_side_by_side(terms, layer.weight_fp8.device)
-        layer.set_rows(rows, original, delta, scale)
-        return
     weight = layer.weight
     delta, scale = lora_delta(terms, weight.device)
     torch.add(original, delta, alpha=scale, out=weight[rows])

@@ -117,20 +117,10 @@ class Float8Linear(nn.Module):
     def load_rows(self, rows: slice, saved) -> None:
         self.weight_fp8[rows], self.weight_scale[rows] = saved
 
-    def set_rows(self, rows: slice, original, delta: torch.Tensor, factor: float) -> None:
-        """rows <- the saved original rows (fp8, scales), dequantised, plus factor * delta (a
-        LoRA product, bf16 or float32), quantised again with new row scales. On a GPU with Triton
-        one kernel reads each row's fp8 values and product and writes the new fp8 row and its
-        scale (ryla.speed.kernels.dequantize_add_quantize_rows)."""
-        weight_fp8, weight_scale = original
-        if _row_kernel and weight_fp8.is_cuda:
-            from ryla.speed.kernels import dequantize_add_quantize_rows
-
-            dequantize_add_quantize_rows(weight_fp8, weight_scale, delta, factor, self.weight_fp8[rows],
-                                         self.weight_scale[rows])
-            return
-        weight, scale = quantize_rows(torch.add(weight_fp8.float() * weight_scale[:, None], delta, alpha=factor))
-        self.weight_fp8[rows], self.weight_scale[rows] = weight, scale
+    def rows_view(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' fp8 values and scales, as views a LoRA patch writes into
+        (ryla.flux.lora.patch_fp8_rows)."""
+        return self.weight_fp8[rows], self.weight_scale[rows]
 
 
 def quantize_linear_layers(module: nn.Module, include) -> int:

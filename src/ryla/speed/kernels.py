@@ -444,17 +444,21 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.T
 
 
 @triton.jit
-def _dequantize_add_quantize_rows_kernel(w_ptr, w_scale_ptr, delta_ptr, out_ptr, out_scale_ptr, factor,
-                                         w_row_stride, delta_row_stride, out_row_stride, N_COLS: tl.constexpr,
-                                         FP8_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per row: y = w_fp8 * w_scale + factor * delta, then y quantised with the
-    row's new scale (max |y| / FP8_LIMIT). Two passes over BLOCK-wide chunks: the maximum,
-    then the cast, the second reading the row again from cache."""
+def _add_quantize_rows_grouped_kernel(pointers_ptr, delta_ptr, factor, layers, rows, N_COLS: tl.constexpr,
+                                      OUT_TYPE: tl.constexpr, FP8_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row of one layer (program ids: row, layer): y = w_fp8 * w_scale + factor *
+    delta, then y quantised with the row's new scale (max |y| / FP8_LIMIT). The layers' tensors
+    are anywhere in memory: pointers_ptr holds four addresses a layer (fp8 rows, their scales,
+    the output rows, their scales), rows N_COLS apart; delta is [layers, rows, N_COLS]. Two
+    passes over BLOCK-wide chunks: the maximum, then the cast, the second reading the row
+    again from cache."""
     row = tl.program_id(0).to(tl.int64)
-    w_row = w_ptr + row * w_row_stride
-    delta_row = delta_ptr + row * delta_row_stride
-    out_row = out_ptr + row * out_row_stride
-    w_scale = tl.load(w_scale_ptr + row)
+    layer = tl.program_id(1).to(tl.int64)
+    w_row = tl.load(pointers_ptr + layer).to(tl.pointer_type(tl.float8e4nv), bitcast=True) + row * N_COLS
+    w_scale = tl.load(tl.load(pointers_ptr + layers + layer).to(tl.pointer_type(tl.float32), bitcast=True) + row)
+    out_row = tl.load(pointers_ptr + 2 * layers + layer).to(tl.pointer_type(OUT_TYPE), bitcast=True) + row * N_COLS
+    out_scale_ptr = tl.load(pointers_ptr + 3 * layers + layer).to(tl.pointer_type(tl.float32), bitcast=True)
+    delta_row = delta_ptr + (layer * rows + row) * N_COLS
     running_max = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N_COLS, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -468,21 +472,51 @@ def _dequantize_add_quantize_rows_kernel(w_ptr, w_scale_ptr, delta_ptr, out_ptr,
         mask = cols < N_COLS
         y = (tl.load(w_row + cols, mask=mask, other=0.0).to(tl.float32) * w_scale
              + factor * tl.load(delta_row + cols, mask=mask, other=0.0).to(tl.float32))
-        tl.store(out_row + cols, tl.clamp(y / scale, -FP8_LIMIT, FP8_LIMIT).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_row + cols, tl.clamp(y / scale, -FP8_LIMIT, FP8_LIMIT).to(OUT_TYPE), mask=mask)
     tl.store(out_scale_ptr + row, scale)
 
 
+# Row chunk width and warps of the row kernel: of 1024x4 to 16384x16, 4096x4 was the fastest on
+# the H200 for ryla's grouped switch with bf16 products (bench/lora_patch.py
+# --row-kernel-configs: one LoRA's 494 layers in 24.3 ms, 29.8 at 8192x8, 30.4 at 2048x4).
+ROW_KERNEL_BLOCK, ROW_KERNEL_WARPS = 4096, 4
+
+
+def add_quantize_rows_grouped(originals: list[tuple[torch.Tensor, torch.Tensor]], delta: torch.Tensor, factor: float,
+                              outs: list[tuple[torch.Tensor, torch.Tensor]], block: int | None = None,
+                              num_warps: int | None = None) -> None:
+    """LoRAs onto the fp8 rows of several layers of one shape in one launch (ryla.flux.lora):
+    outs[i] <- quantise_rows(originals[i] fp8 * their row scales + factor * delta[i]). Each
+    original and out is ([rows, cols] with contiguous rows, [rows] float32 scales); delta is
+    [layers, rows, cols], contiguous, bf16 or float32; an out may be float32 instead of fp8
+    (the CPU tests' check, as for gelu_quantize_rows: the scaled values unrounded). Each row's
+    fp8 values and product are read once from memory (the second pass from cache)."""
+    layers, rows, cols = delta.shape
+    if len(originals) != layers or len(outs) != layers or not delta.is_contiguous():
+        raise ValueError("add_quantize_rows_grouped: one original and one out per layer of a contiguous delta")
+    out_dtype = outs[0][0].dtype
+    for (weight, scale), (out, out_scale) in zip(originals, outs):
+        if not (weight.shape == out.shape == (rows, cols) and weight.stride() == out.stride() == (cols, 1)
+                and weight.dtype == FP8 and out.dtype == out_dtype and scale.is_contiguous()
+                and out_scale.is_contiguous()):
+            raise ValueError("add_quantize_rows_grouped: fp8 [rows, cols] layers with contiguous rows")
+    pointers = torch.tensor([t.data_ptr() for t in (*(w for w, _ in originals), *(s for _, s in originals),
+                                                    *(o for o, _ in outs), *(s for _, s in outs))],
+                            dtype=torch.int64)
+    if delta.is_cuda:  # pinned, so the copy neither waits for the GPU nor holds up this thread
+        pointers = pointers.pin_memory().to(delta.device, non_blocking=True)
+    _add_quantize_rows_grouped_kernel[(rows, layers)](
+        pointers, delta, float(factor), layers, rows, N_COLS=cols,
+        OUT_TYPE=tl.float8e4nv if out_dtype == FP8 else tl.float32, FP8_LIMIT=FP8_MAX,
+        BLOCK=block or ROW_KERNEL_BLOCK, num_warps=num_warps or ROW_KERNEL_WARPS)
+
+
 def dequantize_add_quantize_rows(weight_fp8: torch.Tensor, weight_scale: torch.Tensor, delta: torch.Tensor,
-                                 factor: float, out: torch.Tensor, out_scale: torch.Tensor) -> None:
-    """A LoRA onto fp8 rows (ryla.speed.fp8.Float8Linear.set_rows): out, out_scale <-
-    quantise_rows(weight_fp8 * weight_scale[:, None] + factor * delta), each row's fp8 values
-    and product (bf16 or float32) read once from memory (the second pass from cache). weight_fp8, delta
-    and out are [rows, K] with contiguous rows; a float32 `out` keeps the scaled values
-    unrounded (the CPU tests' check, as for gelu_quantize_rows)."""
-    rows, cols = weight_fp8.shape
-    _dequantize_add_quantize_rows_kernel[(rows,)](
-        weight_fp8, weight_scale, delta, out, out_scale, float(factor), weight_fp8.stride(0), delta.stride(0),
-        out.stride(0), N_COLS=cols, FP8_LIMIT=FP8_MAX, BLOCK=2048, num_warps=4)
+                                 factor: float, out: torch.Tensor, out_scale: torch.Tensor,
+                                 block: int | None = None, num_warps: int | None = None) -> None:
+    """add_quantize_rows_grouped for one layer (delta [rows, cols])."""
+    add_quantize_rows_grouped([(weight_fp8, weight_scale)], delta.contiguous()[None], factor, [(out, out_scale)],
+                              block, num_warps)
 
 
 @triton.jit
