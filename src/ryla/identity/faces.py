@@ -168,6 +168,7 @@ def bundled_model(name: str) -> Path:
 
 YUNET = "face_detection_yunet_2023mar_int8bq.onnx"
 SFACE = "face_recognition_sface_2021dec_int8bq.onnx"
+SFACE_INPUT = "data"  # the image input's name in that file's graph (the others are its weights)
 
 
 class YuNetAnalyzer(Analyzer):
@@ -186,9 +187,10 @@ class YuNetAnalyzer(Analyzer):
                                                   score_threshold=DETECTION_SCORE, nms_threshold=0.3, top_k=5000)
         self.sface = cv2.FaceRecognizerSF.create(str(bundled_model(SFACE)), "")  # for alignCrop
         # SFace's features come from our own network object: this ONNX file lists its weights
-        # as graph inputs, which OpenCV 5's new DNN engine refuses ("empty name can only be
-        # used to set input if there is just one input", in FaceRecognizerSF.feature); its
-        # classic engine, and OpenCV 4, run it as before.
+        # as graph inputs, which OpenCV 5's new DNN engine counts as inputs ("empty name can
+        # only be used to set input if there is just one input", in FaceRecognizerSF.feature).
+        # The image goes to the input by its name (SFACE_INPUT) on every version; OpenCV 5.0's
+        # classic engine, where there is one (5.1 has none), and OpenCV 4 run it as before.
         classic = getattr(cv2.dnn, "ENGINE_CLASSIC", None)
         self.sface_net = (cv2.dnn.readNetFromONNX(str(bundled_model(SFACE))) if classic is None
                           else cv2.dnn.readNetFromONNX(str(bundled_model(SFACE)), engine=classic))
@@ -237,7 +239,8 @@ class YuNetAnalyzer(Analyzer):
     def _sface_feature(self, aligned_bgr: np.ndarray) -> np.ndarray:
         """SFace's 128-d feature of a 112x112 aligned face, computed as OpenCV's
         FaceRecognizerSF.feature does (face_recognize.cpp: blobFromImage, RGB, no scaling)."""
-        self.sface_net.setInput(self._cv2.dnn.blobFromImage(aligned_bgr, 1.0, (112, 112), (0, 0, 0), True, False))
+        self.sface_net.setInput(self._cv2.dnn.blobFromImage(aligned_bgr, 1.0, (112, 112), (0, 0, 0), True, False),
+                                SFACE_INPUT)
         return self.sface_net.forward().reshape(-1).astype(np.float32)
 
     @torch.no_grad()
