@@ -388,23 +388,13 @@ def main() -> None:
 
 
 def profile_switch(fn) -> dict:
-    """One switch under torch.profiler: wall ms, the sum of its GPU kernels' ms, and the eight
-    kernels (by name, cut to 100 characters) that took most, as [calls, ms]."""
-    from torch.profiler import ProfilerActivity, profile
+    """One switch under torch.profiler (identity_speed.profile_run: wall ms, the sum of its GPU
+    kernels' ms), with the eight kernels that took most, as [calls, ms]."""
+    from identity_speed import profile_run
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-    kernels: dict[str, list] = {}
-    for event in prof.events():
-        if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            entry = kernels.setdefault(event.name[:100], [0, 0.0])
-            entry[0] += 1
-            entry[1] += event.device_time / 1000
-    top = dict(sorted(kernels.items(), key=lambda item: -item[1][1])[:8])
-    return {"wall_ms": wall * 1000, "kernel_ms": sum(v[1] for v in kernels.values()), "kernels": top}
+    profiled = profile_run(fn)
+    profiled["kernels"] = dict(sorted(profiled["kernels"].items(), key=lambda item: -item[1][1])[:8])
+    return profiled
 
 
 if __name__ == "__main__":
