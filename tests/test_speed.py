@@ -733,12 +733,14 @@ def test_dequantize_add_quantize_kernel_runs_in_tritons_interpreter(tmp_path):
     CPU interpreter: fp8 rows times their scales plus factor x the LoRA product, then new row
     scales and values, against PyTorch's quantize_rows of the same sum; rows wider than one
     block, a row slice of a fused layer, a bf16 product (ryla's), and three layers in one
-    launch, each at its own place in memory. float32 output, as for gelu_quantize_rows."""
+    launch, each at its own place in memory, then again through one table of their addresses
+    made once (as a kept SwitchPlan launches). float32 output, as for gelu_quantize_rows."""
     pytest.importorskip("triton")
     run_in_tritons_interpreter(tmp_path, """
 import torch
 from ryla.speed.fp8 import quantize_rows
-from ryla.speed.kernels import FP8_MAX, add_quantize_rows_grouped, dequantize_add_quantize_rows
+from ryla.speed.kernels import (FP8_MAX, add_quantize_rows_grouped, add_quantize_rows_table, dequantize_add_quantize_rows,
+                                row_pointer_table)
 torch.manual_seed(0)
 
 def check(fp8, scale, product, factor, out, out_scale):
@@ -763,6 +765,13 @@ outs = [(torch.empty(4, 300), torch.empty(4)) for _ in range(3)]
 add_quantize_rows_grouped(originals, products, 1.0, outs, block=128, num_warps=4)
 for (w, s), product, (out, out_scale) in zip(originals, products, outs):
     check(w, s, product, 1.0, out, out_scale)
+# one table of the layers' addresses, made once, serves later launches with other products
+table = row_pointer_table(originals, outs)
+for _ in range(2):
+    products = (torch.randn(3, 4, 300) * 0.01).bfloat16()
+    add_quantize_rows_table(table, products, 0.5, torch.float32, block=128, num_warps=4)
+    for (w, s), product, (out, out_scale) in zip(originals, products, outs):
+        check(w, s, product, 0.5, out, out_scale)
 print("ok")
 """, timeout=240)
 
@@ -805,6 +814,75 @@ def test_fast_mode_layers_take_loras_in_groups_of_one_shape():
         expected, expected_scale = quantize_rows(weight_fp8.float() * weight_scale[:, None] + product)
         assert torch.equal(m.weight_fp8.view(torch.uint8), expected.view(torch.uint8)), name
         torch.testing.assert_close(m.weight_scale, expected_scale, rtol=0, atol=0)
+
+
+def test_fast_mode_switch_plans_are_kept_and_give_the_same_bits():
+    """A set of LoRAs met again switches from its kept SwitchPlan (factors stacked, scaled and
+    cast once, nothing stacked again) to the same bits as the first time; a switch to a LoRA on
+    fewer layers and the switch back to none restore the originals bit for bit (one
+    multi-tensor copy); a plan larger than the patcher's memory bound is not kept."""
+    from unittest import mock
+
+    from ryla.flux.lora import WeightPatcher
+    from ryla.speed.fp8 import Float8Linear
+
+    torch.manual_seed(0)
+    shapes = [(32, 48)] * 3 + [(16, 32)]
+    model = torch.nn.ModuleDict({str(i): Float8Linear(torch.nn.Linear(i_, o, dtype=torch.bfloat16))
+                                 for i, (o, i_) in enumerate(shapes)})
+
+    def bits():
+        return {name: (m.weight_fp8.view(torch.uint8).clone(), m.weight_scale.clone()) for name, m in model.items()}
+
+    def lora(names, rank=4):
+        return {n: (torch.randn(rank, shapes[int(n)][1]).half().float(),
+                    torch.randn(shapes[int(n)][0], rank).half().float(), 0.5) for n in names}
+
+    def same(x, y):
+        return all(torch.equal(x[n][0], y[n][0]) and torch.equal(x[n][1], y[n][1]) for n in x)
+
+    base = bits()
+    a, b = lora("0123"), lora("12")
+    patcher = WeightPatcher(model)
+    stacks = []
+    real_stack = torch.stack
+    with mock.patch.object(torch, "stack", side_effect=lambda *x, **k: stacks.append(1) or real_stack(*x, **k)):
+        patcher.apply(("a",), [(a, 1.0)])
+        first_a = bits()
+        patcher.apply(("b",), [(b, 1.0)])
+        first_b = bits()
+        assert same({n: first_b[n] for n in "03"}, {n: base[n] for n in "03"})  # only a touched them
+        planned = len(stacks)
+        assert planned and len(patcher.plans) == 2
+        for _ in range(3):
+            patcher.apply(("a",), [(a, 1.0)])
+            assert same(bits(), first_a)
+            patcher.apply(("b",), [(b, 1.0)])
+            assert same(bits(), first_b)
+        assert len(stacks) == planned  # every switch after the first two from kept plans
+        patcher.apply((), [])
+        assert same(bits(), base)
+        patcher.plans.clear()
+        patcher.plans.max_bytes = patcher.plans.size = 1  # no plan fits
+        patcher.apply(("a",), [(a, 1.0)])
+        assert same(bits(), first_a) and len(patcher.plans) == 0 and len(stacks) > planned
+
+
+def test_lru_cache_bounds_entries_by_count_and_by_bytes():
+    from ryla.caches import LruCache
+
+    cache = LruCache(3, max_bytes=100)
+    for key, size in (("a", 40), ("b", 40), ("c", 10)):
+        cache.put(key, key.upper(), size)
+    assert cache.get("a") == "A" and cache.bytes == 90
+    cache.put("d", "D", 30)  # 120 bytes: the least recently used (b) leaves
+    assert cache.get("b") is None and cache.bytes == 80 and len(cache) == 3
+    cache.put("e", "E", 5)  # four entries: c, now the oldest, leaves
+    assert cache.get("c") is None and [cache.get(k) for k in "ade"] == ["A", "D", "E"]
+    cache.put("f", "F", 101)  # larger than the bound alone: not kept, nothing else lost
+    assert cache.get("f") is None and cache.bytes == 75
+    cache.put("a", "A2", 1)  # replacing an entry counts its new size only
+    assert cache.get("a") == "A2" and cache.bytes == 36
 
 
 def test_lora_switches_write_original_plus_the_products_rounded_once():

@@ -29,6 +29,7 @@ import zlib
 
 import torch
 
+from ryla.caches import LruCache
 from ryla.speed.modes import FUSED_PROJECTION_ROWS
 from ryla.speed.probes import FP8, FP8_MAX, triton_kernels_available
 
@@ -56,6 +57,29 @@ log = logging.getLogger(__name__)
 E4M3_VALUED_LAYERS = "ryla_e4m3_valued_layers"
 
 
+# What a module keeps of its recent switches (SwitchPlan): at most this many sets of LoRAs, and
+# at most this share of the GPU's memory for their fp8 factors (one rank-64 LoRA on all of
+# FLUX.1-dev's 494 block layers: ~0.7 GB in bf16; two stacked ~1.4 GB; 7 GB on an H200 holds
+# a studio's handful of characters).
+SWITCH_PLANS = 8
+SWITCH_PLAN_MEMORY_SHARE = 0.05
+
+
+class SwitchPlan:
+    """What switching a module to one set of LoRAs takes, worked out once and kept for the next
+    time the set comes (the key says the files, their versions and strengths): the layers it
+    targets, where each is (so no lookups by name), and for fast mode's fp8 layers their LoRA
+    factors already stacked, scaled and in bf16 with the table of the layers' addresses, so a
+    switch is two launches a group of layers and almost no Python (Fp8RowsChunk)."""
+
+    def __init__(self, names: frozenset, targets: dict, fp8_chunks: list):
+        self.names = names
+        self.targets = targets  # name -> (layer, rows, on the e4m3 grid) of the layers not in fp8_chunks
+        self.fp8_chunks = fp8_chunks
+        self.fp8_layers = sum(len(chunk.outs) for chunk in fp8_chunks)
+        self.nbytes = sum(chunk.nbytes for chunk in fp8_chunks)
+
+
 class WeightPatcher:
     """Applies a set of (LoraWeights, strength) to one module's layers, restoring exactly."""
 
@@ -68,6 +92,7 @@ class WeightPatcher:
         # name -> views of fast mode's fp8 rows and scales that a patch writes into: the same on
         # every switch (patches write in place), so made once
         self.fp8_row_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.plans = LruCache(SWITCH_PLANS, _plan_memory(module))
 
     def _on_e4m3_grid(self, name: str, layer: torch.nn.Module) -> bool:
         """Whether `name`'s patched weights go back onto the e4m3 grid: plain layers whose
@@ -109,40 +134,77 @@ class WeightPatcher:
                 continue
             for name, (down, up, scale) in layers.items():
                 terms.setdefault(name, []).append((down, up, scale * strength))
-        for name in self.touched - terms.keys():
-            layer, rows = self._target(name)
-            _load_rows(layer, rows, self.originals[name])
-        fp8_rows = []  # fast mode's layers, patched together after the loop
+        plan = self.plans.get(key)
+        cached = plan is not None
+        if plan is None:
+            plan = self._plan(terms)
+            self.plans.put(key, plan, plan.nbytes)
+        restored = self.touched - plan.names
+        self._restore(restored)
         with _exact_tf32():
-            for name, layer_terms in terms.items():
-                layer, rows = self._target(name)
-                on_grid = self._on_e4m3_grid(name, layer)
-                if name not in self.originals:  # untouched until now: the weights are the original
-                    self.originals[name] = _save_rows(layer, rows, on_grid)
-                if hasattr(layer, "rows_view"):  # fp8 storage with row scales (ryla.speed.fp8.Float8Linear)
-                    views = self.fp8_row_views.get(name)
-                    if views is None:
-                        views = self.fp8_row_views[name] = layer.rows_view(rows)
-                    fp8_rows.append((self.originals[name], views, layer_terms))
-                elif on_grid:
-                    _set_rows_on_e4m3_grid(layer, rows, self.originals[name], layer_terms, layer_seed(name))
+            for name, (layer, rows, on_grid) in plan.targets.items():
+                if on_grid:
+                    _set_rows_on_e4m3_grid(layer, rows, self.originals[name], terms[name], layer_seed(name))
                 else:
-                    _set_rows(layer, rows, self.originals[name], layer_terms)
-        launches = patch_fp8_rows(fp8_rows)
+                    _set_rows(layer, rows, self.originals[name], terms[name])
+        run_fp8_rows(plan.fp8_chunks)
         # The host's part: the kernels are queued, not done (a GPU-bound switch queues fast)
-        log.info("LoRA switch: %d layers patched, %d restored (%d fp8 layers in %d launches), queued in %.1f ms",
-                 len(terms), len(self.touched - terms.keys()), len(fp8_rows), launches,
-                 (time.perf_counter() - start) * 1000)
-        self.touched = set(terms)
+        log.info("LoRA switch: %d layers patched, %d restored (%d fp8 layers in %d launches, %s), queued in %.1f ms",
+                 len(plan.names), len(restored), plan.fp8_layers, len(plan.fp8_chunks),
+                 "planned before" if cached else "planned now", (time.perf_counter() - start) * 1000)
+        self.touched = set(plan.names)
         self.applied_key = key
+
+    def _plan(self, terms: dict[str, list]) -> SwitchPlan:
+        """The SwitchPlan for these layers' LoRA terms. Saves the originals of layers no LoRA
+        touched until now (their weights are the original)."""
+        targets, fp8_jobs = {}, []
+        for name, layer_terms in terms.items():
+            layer, rows = self._target(name)
+            on_grid = self._on_e4m3_grid(name, layer)
+            if name not in self.originals:
+                self.originals[name] = _save_rows(layer, rows, on_grid)
+            if hasattr(layer, "rows_view"):  # fp8 storage with row scales (ryla.speed.fp8.Float8Linear)
+                fp8_jobs.append((self.originals[name], self._fp8_rows(name, layer, rows), layer_terms))
+            else:
+                targets[name] = (layer, rows, on_grid)
+        return SwitchPlan(frozenset(terms), targets, plan_fp8_rows(fp8_jobs))
+
+    def _fp8_rows(self, name: str, layer, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        views = self.fp8_row_views.get(name)
+        if views is None:
+            views = self.fp8_row_views[name] = layer.rows_view(rows)
+        return views
+
+    def _restore(self, names) -> None:
+        """The originals back into these layers: fast mode's fp8 rows and scales by one
+        multi-tensor copy (a few launches for hundreds of layers), others layer by layer."""
+        destinations, sources = [], []
+        for name in names:
+            views = self.fp8_row_views.get(name)
+            if views is not None:
+                destinations.extend(views)
+                sources.extend(self.originals[name])
+            else:
+                layer, rows = self._target(name)
+                _load_rows(layer, rows, self.originals[name])
+        if destinations:
+            torch._foreach_copy_(destinations, sources)
 
     @torch.no_grad()
     def restore(self) -> None:
-        for name in self.touched:
-            layer, rows = self._target(name)
-            _load_rows(layer, rows, self.originals[name])
+        self._restore(self.touched)
         self.touched = set()
         self.applied_key = ()
+
+
+def _plan_memory(module: torch.nn.Module) -> int | None:
+    """SWITCH_PLAN_MEMORY_SHARE of the module's GPU, in bytes; no bound off the GPU (the CPU
+    path keeps no fp8 stacks worth counting: the tiny models)."""
+    parameter = next(module.parameters(), None)
+    if parameter is None or parameter.device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(parameter.device).total_memory * SWITCH_PLAN_MEMORY_SHARE)
 
 
 class _exact_tf32:
@@ -183,27 +245,56 @@ def lora_delta(terms: list[tuple[torch.Tensor, torch.Tensor, float]], device: to
 FP8_ROWS_GROUP_BYTES = 512 << 20
 
 
-def patch_fp8_rows(jobs: list[tuple[tuple, tuple, list]]) -> int:
+class Fp8RowsChunk:
+    """Layers of one shape patched by one batched product and one row-kernel launch: their LoRA
+    factors side by side ([L, rows, rank] ups, each LoRA's scaled, and [L, rank, cols] downs, in
+    bf16), their originals and outs, and on a GPU with Triton the table of their addresses."""
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor, originals: list, outs: list):
+        self.up, self.down, self.originals, self.outs = up, down, originals, outs
+        self.pointers = None
+        if up.is_cuda and triton_kernels_available():
+            from ryla.speed.kernels import row_pointer_table
+
+            self.pointers = row_pointer_table(originals, outs)
+        self.nbytes = up.nbytes + down.nbytes
+
+    def run(self) -> None:
+        delta = torch.bmm(self.up, self.down)
+        if self.pointers is not None:
+            from ryla.speed.kernels import add_quantize_rows_table
+
+            add_quantize_rows_table(self.pointers, delta, 1.0, self.outs[0][0].dtype)
+            return
+        from ryla.speed.fp8 import quantize_rows
+
+        for (weight_fp8, weight_scale), product, (out, out_scale) in zip(self.originals, delta, self.outs):
+            weight, scale = quantize_rows(weight_fp8.float() * weight_scale[:, None] + product.float())
+            out.copy_(weight)
+            out_scale.copy_(scale)
+
+
+def plan_fp8_rows(jobs: list[tuple[tuple, tuple, list]]) -> list[Fp8RowsChunk]:
     """Fast mode's layers (ryla.speed.fp8.Float8Linear: fp8 weights with one scale per row)
-    with LoRAs: each job is (original (fp8 rows, scales), out (the layer's fp8 rows, scales),
-    terms [(down, up, scale)]), and out becomes quantize_rows(original dequantised + sum of
-    scale * up @ down). The product is one bf16 GEMM of the LoRAs' factors side by side,
-    each `up` scaled first: sum_i s_i up_i @ down_i = [s_1 up_1 | s_2 up_2] @ [down_1; down_2],
-    exact products summed in float32, written in bf16. bf16 is enough here: the sum is then
-    rounded to e4m3 with the row's scale, 3 mantissa bits of the row's largest weight, far
-    coarser than bf16's 8 bits of the product. Returns the number of row-kernel launches."""
+    with LoRAs, grouped into Fp8RowsChunks: each job is (original (fp8 rows, scales), out (the
+    layer's fp8 rows, scales), terms [(down, up, scale)]), and running the chunks makes out
+    quantize_rows(original dequantised + sum of scale * up @ down). The product is one bf16
+    GEMM of the LoRAs' factors side by side, each `up` scaled first: sum_i s_i up_i @ down_i =
+    [s_1 up_1 | s_2 up_2] @ [down_1; down_2], exact products summed in float32, written in bf16.
+    bf16 is enough here: the sum is then rounded to e4m3 with the row's scale, 3 mantissa bits
+    of the row's largest weight, far coarser than bf16's 8 bits of the product."""
     groups: dict[tuple, list] = {}
-    launches = 0
     for original, out, terms in jobs:
         key = (tuple(out[0].shape), out[0].device, tuple((down.shape[0], scale) for down, _, scale in terms))
         groups.setdefault(key, []).append((original, out, [(down, up) for down, up, _ in terms]))
+    chunks = []
     for ((rows, cols), device, term_keys), members in groups.items():
         per_launch = max(1, FP8_ROWS_GROUP_BYTES // (rows * cols * 2))
         rank = sum(term_rank for term_rank, _ in term_keys)
         for start in range(0, len(members), per_launch):
             chunk = members[start:start + per_launch]
             # each LoRA's factors stacked, scaled and written in bf16 straight into its columns
-            # (up) or rows (down) of the side-by-side factors: four kernels a LoRA, none to join them
+            # (up) or rows (down) of the side-by-side factors
             up = torch.empty(len(chunk), rows, rank, device=device, dtype=torch.bfloat16)
             down = torch.empty(len(chunk), rank, cols, device=device, dtype=torch.bfloat16)
             offset = 0
@@ -212,26 +303,21 @@ def patch_fp8_rows(jobs: list[tuple[tuple, tuple, list]]) -> int:
                           out=up[:, :, offset:offset + term_rank])
                 down[:, offset:offset + term_rank] = torch.stack([factors[i][0] for _, _, factors in chunk]).to(device)
                 offset += term_rank
-            delta = torch.bmm(up, down)
-            _add_quantize_rows([original for original, _, _ in chunk], delta, [out for _, out, _ in chunk])
-            launches += 1
-    return launches
+            chunks.append(Fp8RowsChunk(up, down, [original for original, _, _ in chunk], [out for _, out, _ in chunk]))
+    return chunks
 
 
-def _add_quantize_rows(originals: list, delta: torch.Tensor, outs: list) -> None:
-    """outs[i] <- quantize_rows(originals[i] dequantised + delta[i]): one Triton kernel for the
-    group on a GPU, PyTorch layer by layer elsewhere."""
-    if delta.is_cuda and triton_kernels_available():
-        from ryla.speed.kernels import add_quantize_rows_grouped
+def run_fp8_rows(chunks: list[Fp8RowsChunk]) -> None:
+    for chunk in chunks:
+        chunk.run()
 
-        add_quantize_rows_grouped(originals, delta, 1.0, outs)
-        return
-    from ryla.speed.fp8 import quantize_rows
 
-    for (weight_fp8, weight_scale), product, (out, out_scale) in zip(originals, delta, outs):
-        weight, scale = quantize_rows(weight_fp8.float() * weight_scale[:, None] + product.float())
-        out.copy_(weight)
-        out_scale.copy_(scale)
+def patch_fp8_rows(jobs: list[tuple[tuple, tuple, list]]) -> int:
+    """plan_fp8_rows, then run: the layers patched at once. Returns the number of row-kernel
+    launches."""
+    chunks = plan_fp8_rows(jobs)
+    run_fp8_rows(chunks)
+    return len(chunks)
 
 
 # Row operations on a plain Linear, or on a layer that provides its own (Float8Linear).

@@ -482,33 +482,54 @@ def _add_quantize_rows_grouped_kernel(pointers_ptr, delta_ptr, factor, layers, r
 ROW_KERNEL_BLOCK, ROW_KERNEL_WARPS = 4096, 4
 
 
-def add_quantize_rows_grouped(originals: list[tuple[torch.Tensor, torch.Tensor]], delta: torch.Tensor, factor: float,
-                              outs: list[tuple[torch.Tensor, torch.Tensor]], block: int | None = None,
-                              num_warps: int | None = None) -> None:
-    """LoRAs onto the fp8 rows of several layers of one shape in one launch (ryla.flux.lora):
-    outs[i] <- quantise_rows(originals[i] fp8 * their row scales + factor * delta[i]). Each
-    original and out is ([rows, cols] with contiguous rows, [rows] float32 scales); delta is
-    [layers, rows, cols], contiguous, bf16 or float32; an out may be float32 instead of fp8
-    (the CPU tests' check, as for gelu_quantize_rows: the scaled values unrounded). Each row's
-    fp8 values and product are read once from memory (the second pass from cache)."""
-    layers, rows, cols = delta.shape
-    if len(originals) != layers or len(outs) != layers or not delta.is_contiguous():
-        raise ValueError("add_quantize_rows_grouped: one original and one out per layer of a contiguous delta")
-    out_dtype = outs[0][0].dtype
+def row_pointer_table(originals: list[tuple[torch.Tensor, torch.Tensor]],
+                      outs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The table of addresses add_quantize_rows_grouped's kernel reads its layers through: four
+    a layer (fp8 rows, their scales, the output rows, their scales), on the layers' device. Made
+    once for a set of layers, it serves every launch over them while the tensors live (the
+    caller keeps them alive). Each original and out is ([rows, cols] with contiguous rows,
+    [rows] float32 scales), all of one shape; an out may be float32 instead of fp8 (the CPU
+    tests' check, as for gelu_quantize_rows: the scaled values unrounded)."""
+    if not originals or len(originals) != len(outs):
+        raise ValueError("row_pointer_table: one out per original, at least one")
+    shape, out_dtype = originals[0][0].shape, outs[0][0].dtype
     for (weight, scale), (out, out_scale) in zip(originals, outs):
-        if not (weight.shape == out.shape == (rows, cols) and weight.stride() == out.stride() == (cols, 1)
-                and weight.dtype == FP8 and out.dtype == out_dtype and scale.is_contiguous()
-                and out_scale.is_contiguous()):
+        if not (weight.dim() == 2 and weight.shape == out.shape == shape
+                and weight.stride() == out.stride() == (shape[1], 1) and weight.dtype == FP8
+                and out.dtype == out_dtype and scale.is_contiguous() and out_scale.is_contiguous()):
             raise ValueError("add_quantize_rows_grouped: fp8 [rows, cols] layers with contiguous rows")
     pointers = torch.tensor([t.data_ptr() for t in (*(w for w, _ in originals), *(s for _, s in originals),
                                                     *(o for o, _ in outs), *(s for _, s in outs))],
                             dtype=torch.int64)
-    if delta.is_cuda:  # pinned, so the copy neither waits for the GPU nor holds up this thread
-        pointers = pointers.pin_memory().to(delta.device, non_blocking=True)
+    device = originals[0][0].device
+    if device.type == "cuda":  # pinned, so the copy neither waits for the GPU nor holds up this thread
+        pointers = pointers.pin_memory().to(device, non_blocking=True)
+    return pointers
+
+
+def add_quantize_rows_table(pointers: torch.Tensor, delta: torch.Tensor, factor: float, out_dtype: torch.dtype,
+                            block: int | None = None, num_warps: int | None = None) -> None:
+    """add_quantize_rows_grouped over layers given by their row_pointer_table: one launch."""
+    layers, rows, cols = delta.shape
+    if pointers.numel() != 4 * layers or not delta.is_contiguous():
+        raise ValueError("add_quantize_rows_grouped: one layer of the table per layer of a contiguous delta")
     _add_quantize_rows_grouped_kernel[(rows, layers)](
         pointers, delta, float(factor), layers, rows, N_COLS=cols,
         OUT_TYPE=tl.float8e4nv if out_dtype == FP8 else tl.float32, FP8_LIMIT=FP8_MAX,
         BLOCK=block or ROW_KERNEL_BLOCK, num_warps=num_warps or ROW_KERNEL_WARPS)
+
+
+def add_quantize_rows_grouped(originals: list[tuple[torch.Tensor, torch.Tensor]], delta: torch.Tensor, factor: float,
+                              outs: list[tuple[torch.Tensor, torch.Tensor]], block: int | None = None,
+                              num_warps: int | None = None) -> None:
+    """LoRAs onto the fp8 rows of several layers of one shape in one launch (ryla.flux.lora):
+    outs[i] <- quantise_rows(originals[i] fp8 * their row scales + factor * delta[i]), delta
+    [layers, rows, cols], contiguous, bf16 or float32 (row_pointer_table says what the layers
+    may be). Each row's fp8 values and product are read once from memory (the second pass from
+    cache)."""
+    if len(originals) != delta.shape[0] or tuple(originals[0][0].shape) != tuple(delta.shape[1:]):
+        raise ValueError("add_quantize_rows_grouped: one original and one out per layer of a contiguous delta")
+    add_quantize_rows_table(row_pointer_table(originals, outs), delta, factor, outs[0][0].dtype, block, num_warps)
 
 
 def dequantize_add_quantize_rows(weight_fp8: torch.Tensor, weight_scale: torch.Tensor, delta: torch.Tensor,
