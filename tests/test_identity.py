@@ -215,3 +215,35 @@ def test_run_workflow_cli_with_an_image(cli_env, astronaut, tmp_path):
     assert missing.returncode == 1 and "node 11 (LoadImage)" in missing.stderr
     bad = ryla("--image", "reference")
     assert bad.returncode == 1 and "NAME=PATH" in bad.stderr
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_infusenet_steps_give_the_models_residuals_bit_for_bit(tiny_store, strength):
+    """InfuseNetSteps (InfuseNet's step-invariant inputs computed once a sampling run) gives
+    what calling diffusers' FluxControlNetModel gives, every step, bit for bit: the tiny
+    InfuseNet, two steps of different timesteps, a batch of two, with and without a
+    conditioning scale."""
+    from ryla.identity.adapter import IdentityAdapter, load_infusenet
+
+    torch = pytest.importorskip("torch")
+    model = load_infusenet(tiny_store.folder("controlnet") / "InfuseNetModel", torch.device("cpu"), torch.bfloat16)
+    config = model.config
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randn(1, 8, config.joint_attention_dim, generator=generator).bfloat16()
+    adapter = IdentityAdapter(model, tokens, None, None, strength, 0.0, 1.0)
+    batch, image_tokens = 2, 16
+    control = torch.randn(1, image_tokens, config.in_channels, generator=generator).bfloat16()
+    img_ids = torch.randn(image_tokens, 3, generator=generator).bfloat16()
+    pooled = torch.randn(batch, config.pooled_projection_dim, generator=generator).bfloat16()
+    guidance = torch.full((batch,), 3.5, dtype=torch.bfloat16)
+    steps = adapter.steps()
+    with torch.no_grad():
+        for sigma in (1.0, 0.6):
+            latent = torch.randn(batch, image_tokens, config.in_channels, generator=generator).bfloat16()
+            timestep = torch.full((batch,), sigma, dtype=torch.bfloat16)
+            expected = adapter.residuals(latent, control, timestep, img_ids, guidance, pooled, batch)
+            got = steps(latent, control, timestep, img_ids, guidance, pooled, batch)
+            for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
+                assert len(got[name]) == len(expected[name])
+                assert all(torch.equal(a, b) for a, b in zip(got[name], expected[name])), name
+    assert len(steps.fixed) == 1  # computed once for both steps

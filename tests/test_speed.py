@@ -159,12 +159,49 @@ def test_lean_block_forwards_compute_what_diffusers_blocks_do(fp8):
     if fp8 == "linear+attention":
         use_fp8_attention(stock)
     lean = copy.deepcopy(stock)
-    assert use_lean_forwards(lean) == 5  # the single block; the double block's two feed-forwards and their GELUs
+    assert use_lean_forwards(lean) == 6  # the two blocks; the double block's two feed-forwards and their GELUs
     image, text, temb = torch.randn(1, 16, 64), torch.randn(1, 8, 64), torch.randn(1, 64)
     with torch.no_grad():
         for stock_block, lean_block in zip(stock, lean):
             for expected, got in zip(stock_block(image, text, temb), lean_block(image, text, temb)):
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_blocks_add_controlnet_residuals_as_diffusers_loop_does(repeat):
+    """A transformer whose blocks add their ControlNet residuals themselves
+    (ryla.speed.blocks.with_block_residuals) gives, bit for bit, what the same blocks give with
+    the residuals added in diffusers' FluxTransformer2DModel.forward loop: residuals
+    spread over the blocks as its loop spreads them (every ceil(blocks / residuals)-th block
+    the next one, or in turn for XLabs' repeat), with and without residuals, and none left on
+    the blocks after a call."""
+    import copy
+
+    from diffusers import FluxTransformer2DModel
+
+    from ryla.speed.blocks import RESIDUAL, use_lean_forwards
+
+    torch.manual_seed(0)
+    stock = FluxTransformer2DModel(in_channels=16, num_layers=3, num_single_layers=5, attention_head_dim=16,
+                                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
+                                   guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    use_lean_forwards(stock, block_residuals=False)  # lean blocks, residuals added in diffusers' loop
+    lean = copy.deepcopy(stock)
+    use_lean_forwards(lean)
+    tokens, text = 16, 8
+    inputs = dict(hidden_states=torch.randn(1, tokens, 16), encoder_hidden_states=torch.randn(1, text, 32),
+                  pooled_projections=torch.randn(1, 24), timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+                  img_ids=torch.randn(tokens, 3), txt_ids=torch.zeros(text, 3), return_dict=False)
+    residuals = dict(controlnet_block_samples=[torch.randn(1, tokens, 32) for _ in range(2)],
+                     controlnet_single_block_samples=[torch.randn(1, tokens, 32) for _ in range(2)],
+                     controlnet_blocks_repeat=repeat)
+    with torch.no_grad():
+        for given in (residuals, {}, residuals):
+            expected, got = stock(**inputs, **given)[0], lean(**inputs, **given)[0]
+            assert torch.equal(got, expected)
+            assert all(getattr(block, RESIDUAL) is None
+                       for block in [*lean.transformer_blocks, *lean.single_transformer_blocks])
+        assert not torch.equal(lean(**inputs, **residuals)[0], lean(**inputs)[0])
 
 
 def test_fp8_weight_storage_works_with_speed_modes(speed_store):

@@ -681,8 +681,10 @@ class FluxEngine:
         identity = model.identity
         ids: dict[tuple[int, int], torch.Tensor] = {}
         control = None
+        identity_steps = None
         if identity is not None:
             control = self.encode_control_image(identity.vae, identity.control_image, (w + w % 2) * 8, (h + h % 2) * 8)
+            identity_steps = identity.steps()  # InfuseNet's step-invariant inputs computed once a run
         concats: dict[int, torch.Tensor | None] = {}
         hint_inputs: dict[tuple[int, int, int], torch.Tensor] = {}
         references: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -760,8 +762,8 @@ class FluxEngine:
                                  sampling.pack_latents(sampling.pad_to_patches(x)).to(self.device, self.dtype))
                 parts = []
                 if use_identity:
-                    parts.append((identity.residuals(latent_tokens, control, timestep, ids[(padded_h, padded_w)],
-                                                     guidance_tensor, pooled, batch), formats.CONTROLNET_INSTANTX))
+                    parts.append((identity_steps(latent_tokens, control, timestep, ids[(padded_h, padded_w)],
+                                                 guidance_tensor, pooled, batch), formats.CONTROLNET_INSTANTX))
                 for hint in hints:
                     if (id(hint), padded_h, padded_w) not in hint_inputs:
                         hint_inputs[(id(hint), padded_h, padded_w)] = self._control_input(hint, h, w, padded_h,

@@ -124,6 +124,8 @@ class IdentityAdapter:
         return self.start <= fraction and (fraction < self.end or self.end >= 1.0)
 
     def residuals(self, hidden_states, control, timestep, img_ids, guidance, pooled, batch) -> dict:
+        """InfuseNet's residuals for one step, by calling the model (InfuseNetSteps computes the
+        same for every step of a request with less work a step)."""
         tokens = self.id_tokens.to(hidden_states.device, hidden_states.dtype).expand(batch, -1, -1)
         blocks, single = self.controlnet(
             hidden_states=hidden_states,
@@ -138,3 +140,78 @@ class IdentityAdapter:
             return_dict=False,
         )
         return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": single}
+
+    def steps(self) -> InfuseNetSteps:
+        """What computes the residuals over one sampling run's steps."""
+        return InfuseNetSteps(self)
+
+
+class InfuseNetSteps:
+    """IdentityAdapter.residuals over the steps of one sampling run, computing once what
+    diffusers' FluxControlNetModel.forward (0.42) computes again every step from inputs that do
+    not change between steps: the control image's embedding (controlnet_x_embedder), the identity
+    tokens' projection (context_embedder), the rotary embedding of the token positions
+    (pos_embed: some 35 small kernels), and the zero pooled vector's embedding. Each step then
+    computes the rest as that forward does, in its order, so the residuals are its bits (a
+    conditioning scale of 1, InfiniteYou's default, multiplies by nothing). Each kernel left out
+    is ~45 us of the host's time a step where launching is what limits (fast mode with identity:
+    bench/results/README.md). A model that forward treats otherwise (a hint block, Union modes)
+    is called as it is."""
+
+    def __init__(self, adapter: IdentityAdapter):
+        self.adapter = adapter
+        model = adapter.controlnet
+        self.direct = model.input_hint_block is not None or getattr(model, "union", False)
+        self.fixed: dict[tuple, tuple] = {}  # (size, batch, control) -> the step-invariant parts
+
+    def __call__(self, hidden_states, control, timestep, img_ids, guidance, pooled, batch) -> dict:
+        adapter, model = self.adapter, self.adapter.controlnet
+        if self.direct:
+            return adapter.residuals(hidden_states, control, timestep, img_ids, guidance, pooled, batch)
+        device, dtype = hidden_states.device, hidden_states.dtype
+        # the same tensors every step of a run (the engine keeps them per latent size)
+        key = (tuple(hidden_states.shape), id(control), id(img_ids), tuple(pooled.shape))
+        fixed = self.fixed.get(key)
+        if fixed is None:
+            tokens = adapter.id_tokens.to(device, dtype).expand(batch, -1, -1)
+            control_embedding = model.controlnet_x_embedder(control.to(device, dtype).expand(batch, -1, -1))
+            context = model.context_embedder(tokens)
+            txt_ids = torch.zeros(tokens.shape[1], 3, device=device, dtype=dtype)
+            rotary = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+            pooled_embedding = model.time_text_embed.text_embedder(torch.zeros_like(pooled))
+            fixed = self.fixed[key] = (control, img_ids, control_embedding, context, rotary, pooled_embedding)
+        _, _, control_embedding, context, rotary, pooled_embedding = fixed
+        hidden_states = model.x_embedder(hidden_states) + control_embedding
+        temb = self._time_embedding(model, timestep, guidance, pooled_embedding, dtype, pooled.dtype)
+        block_samples = []
+        encoder_hidden_states = context
+        for block in model.transformer_blocks:
+            encoder_hidden_states, hidden_states = block(hidden_states=hidden_states,
+                                                         encoder_hidden_states=encoder_hidden_states, temb=temb,
+                                                         image_rotary_emb=rotary)
+            block_samples.append(hidden_states)
+        single_samples = []
+        for block in model.single_transformer_blocks:
+            encoder_hidden_states, hidden_states = block(hidden_states=hidden_states,
+                                                         encoder_hidden_states=encoder_hidden_states, temb=temb,
+                                                         image_rotary_emb=rotary)
+            single_samples.append(hidden_states)
+        blocks = [projection(sample) for sample, projection in zip(block_samples, model.controlnet_blocks)]
+        single = [projection(sample) for sample, projection in zip(single_samples, model.controlnet_single_blocks)]
+        if adapter.strength != 1.0:
+            blocks = [sample * adapter.strength for sample in blocks]
+            single = [sample * adapter.strength for sample in single]
+        return {"controlnet_block_samples": blocks or None, "controlnet_single_block_samples": single or None}
+
+    @staticmethod
+    def _time_embedding(model, timestep, guidance, pooled_embedding, dtype, pooled_dtype):
+        """FluxControlNetModel's temb, the timestep's (and guidance's) part computed, the pooled
+        vector's given: CombinedTimestep(Guidance)TextProjEmbeddings.forward's sums in its order."""
+        embed = model.time_text_embed
+        timestep = timestep.to(dtype) * 1000
+        time_embedding = embed.timestep_embedder(embed.time_proj(timestep).to(dtype=pooled_dtype))
+        if guidance is not None and hasattr(embed, "guidance_embedder"):
+            guidance = guidance.to(dtype) * 1000
+            time_embedding = time_embedding + embed.guidance_embedder(
+                embed.time_proj(guidance).to(dtype=pooled_dtype))
+        return time_embedding + pooled_embedding

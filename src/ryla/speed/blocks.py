@@ -10,6 +10,10 @@ memory traffic around the MLP (the profile in bench/results/README.md says why).
   bf16 result: in the single blocks' proj_mlp and the double blocks' feed-forward.
 - With fp8 layers (`fast`), GELU runs inside the quantisation of the down projection's input
   instead (Float8Linear.forward_columns(gelu=True)): one pass over the activation, not two.
+- A ControlNet's residual (InfuseNet's, for identity) is added inside the block that it
+  follows, not after it in diffusers' FluxTransformer2DModel.forward loop: compiled, the add
+  joins the block's last elementwise kernel instead of being a kernel of its own, 57 a step
+  (the transformer's forward hands each block its residual: with_block_residuals).
 
 Weights are not copied or moved: the products read column ranges of the layers' own weights,
 so LoRA patching (which edits those weights in place) applies unchanged. Weights stored in
@@ -19,6 +23,9 @@ when a layer is called) are cast here, where a layer is used without being calle
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 import types
 from typing import Any
 
@@ -47,10 +54,73 @@ def _linear_columns(linear: nn.Module, x: torch.Tensor, columns: slice, bias: bo
     return F.linear(x, linear.weight[:, columns].to(x.dtype), bias_or_none)
 
 
+# The residual a block adds to its image tokens' output (None: none): set on every block for one
+# transformer call by with_block_residuals, read inside the block's (compiled) forward. Dynamo
+# guards on whether it is None and on its shape and dtype, so a step with residuals and one
+# without are two graphs per block class, not a recompile a step.
+RESIDUAL = "ryla_controlnet_residual"
+
+
+def _add_residual(block, hidden_states: torch.Tensor) -> torch.Tensor:
+    residual = getattr(block, RESIDUAL, None)
+    return hidden_states if residual is None else hidden_states + residual
+
+
+def double_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         joint_attention_kwargs: dict[str, Any] | None = None):
+    """diffusers' FluxTransformerBlock.forward, then the block's ControlNet residual added."""
+    encoder_hidden_states, hidden_states = type(self).forward(
+        self, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+        image_rotary_emb=image_rotary_emb, joint_attention_kwargs=joint_attention_kwargs)
+    return encoder_hidden_states, _add_residual(self, hidden_states)
+
+
+def _per_block(samples, blocks: int, repeat: bool) -> list:
+    """Which of a ControlNet's residuals each of `blocks` blocks adds, as diffusers'
+    FluxTransformer2DModel.forward picks them: every ceil(blocks / len)-th block moves to the next
+    residual, or (XLabs ControlNets: controlnet_blocks_repeat) the residuals repeat in turn."""
+    if samples is None:
+        return [None] * blocks
+    if repeat:
+        return [samples[i % len(samples)] for i in range(blocks)]
+    interval = int(math.ceil(blocks / len(samples)))
+    return [samples[i // interval] for i in range(blocks)]
+
+
+def with_block_residuals(model: nn.Module) -> bool:
+    """Make a FluxTransformer2DModel hand its ControlNet residuals to its blocks (which add them
+    in their own forwards, above) instead of adding them in its loop: the same sums, in the same
+    order. The model's forward keeps its signature; callers (the engine, context parallel's
+    wrapper) pass controlnet_block_samples as before. Returns whether the model takes them so
+    (a FluxControlNetModel, which makes residuals, does not)."""
+    forward = model.forward
+    if "controlnet_block_samples" not in inspect.signature(forward).parameters:
+        return False
+    doubles, singles = list(model.transformer_blocks), list(model.single_transformer_blocks)
+
+    @functools.wraps(forward)
+    def forward_with_block_residuals(*args, controlnet_block_samples=None, controlnet_single_block_samples=None,
+                                     controlnet_blocks_repeat=False, **kwargs):
+        given = list(zip(doubles, _per_block(controlnet_block_samples, len(doubles), controlnet_blocks_repeat)))
+        given += zip(singles, _per_block(controlnet_single_block_samples, len(singles), False))
+        for block, residual in given:
+            setattr(block, RESIDUAL, residual)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            for block, _ in given:
+                setattr(block, RESIDUAL, None)
+
+    model.forward = forward_with_block_residuals
+    return True
+
+
 def single_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                          image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
                          joint_attention_kwargs: dict[str, Any] | None = None):
-    """diffusers' FluxSingleTransformerBlock.forward (0.42), with proj_out split along K."""
+    """diffusers' FluxSingleTransformerBlock.forward (0.42), with proj_out split along K, then the
+    block's ControlNet residual added to its image tokens."""
     text_seq_len = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
@@ -77,7 +147,7 @@ def single_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_state
     hidden_states = residual + gate.unsqueeze(1) * projected
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
-    return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+    return hidden_states[:, :text_seq_len], _add_residual(self, hidden_states[:, text_seq_len:])
 
 
 def gelu_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -96,21 +166,24 @@ def feed_forward_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> 
     return hidden_states
 
 
-def use_lean_forwards(model: nn.Module) -> int:
-    """Give every FLUX single block, every tanh-GELU activation and the feed-forwards that hold
-    one the forwards above. Returns how many modules changed. The blocks keep their classes
-    (regional compilation and LoRA targeting find them by class and name)."""
+def use_lean_forwards(model: nn.Module, block_residuals: bool = True) -> int:
+    """Give every FLUX block, every tanh-GELU activation and the feed-forwards that hold one the
+    forwards above, and a transformer the residual hand-over (with_block_residuals; not with
+    `block_residuals` off). Returns how many modules changed. The blocks keep their classes (regional compilation and LoRA
+    targeting find them by class and name)."""
     from diffusers.models.activations import GELU
     from diffusers.models.attention import FeedForward
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
     def tanh_gelu(module) -> bool:
         return isinstance(module, GELU) and module.approximate == "tanh"
 
-    changed = 0
+    changed = int(block_residuals and hasattr(model, "single_transformer_blocks") and with_block_residuals(model))
     for module in model.modules():
         if isinstance(module, FluxSingleTransformerBlock):
             module.forward = types.MethodType(single_block_forward, module)
+        elif isinstance(module, FluxTransformerBlock):
+            module.forward = types.MethodType(double_block_forward, module)
         elif tanh_gelu(module):
             module.forward = types.MethodType(gelu_forward, module)
         elif (isinstance(module, FeedForward) and len(module.net) >= 3 and tanh_gelu(module.net[0])

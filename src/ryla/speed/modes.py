@@ -203,8 +203,12 @@ def optimize_transformer(transformer, mode: str, compile: bool = True, compile_m
             info["attention"] = "flash_attention_3"
     from ryla.speed.blocks import use_lean_forwards
 
-    info["lean_forwards"] = use_lean_forwards(transformer)
     caching = mode == "turbo" and not controlnet
+    # ControlNet residuals added inside the blocks in exact mode only: there the adds join the
+    # blocks' kernels (identity on the H200: 34 ms less GPU time a request); in fast mode Inductor
+    # then fuses the blocks' fp8 quantisations worse (70 ms more, bench/results/README.md), and
+    # first-block caching (turbo) skips blocks through hooks.
+    info["lean_forwards"] = use_lean_forwards(transformer, block_residuals=mode == "exact")
     if caching:
         from diffusers.hooks import FirstBlockCacheConfig
 
