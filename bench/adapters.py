@@ -17,8 +17,10 @@ the text encoders' cache serves all arms alike. Per speed mode, one server:
 
   base_after  5 x /flux-dev again, after the other arms
 
-after warm-up (each LoRA once, so each is converted and cached, and the originals of every
-targeted layer saved). Reported: medians of the server's X-Generation-Time and of the wall
+after warm-up (each LoRA once and each stacked pair once, so each is converted and cached, the
+originals of every targeted layer saved, and each set's switch plan made: ryla.flux.lora
+SwitchPlan; a set's first request costs what a switch cost before plans, bench/lora_patch.py
+fp8_grouped). Reported: medians of the server's X-Generation-Time and of the wall
 time, their ratios to the mean of base's and base_after's medians (the clock drifts down as
 the GPU warms under its power cap; bracketing keeps that drift out of the ratios; the ratios
 to the first base alone are reported too), and cycling's to same: what switching itself costs. The GPU's SM
@@ -202,8 +204,10 @@ def measure(url: str, ids: list[str], request: dict, runs: dict, reference: str)
     stack = lambda i: ("/flux-lora", {**request, "lora_id": ids[i % 3],  # noqa: E731
                                       "loras": [{"id": ids[(i + 1) % 3], "strength": 0.8}]})
     identity = ("/flux-instantid", {**request, "reference_image": reference})
-    # warm-up: each LoRA converted and cached once, every targeted layer's original saved
-    for body in [("/flux-dev", request)] * 2 + [lora(i) for i in range(3)] + [stack(0)]:
+    # warm-up: each LoRA converted and cached once, every targeted layer's original saved, and
+    # each set of LoRAs the arms use met once (its switch plan made, as a studio's recurring
+    # characters have theirs)
+    for body in [("/flux-dev", request)] * 2 + [lora(i) for i in range(3)] + [stack(i) for i in range(3)]:
         post(url, *body)
     results = {"base": arm(url, [("/flux-dev", request)] * runs["base"]),
                "same": arm(url, [lora(0)] * runs["same"]),
