@@ -207,3 +207,12 @@ def test_serve_holds_its_port_while_loading_and_says_when_ready(cli_env, tmp_pat
     finally:
         first.terminate()
         first.wait(timeout=30)
+
+
+def test_serve_refuses_a_bad_lora_plan_memory_setting(cli_env, tmp_path):
+    """A bad RYLA_LORA_PLAN_MEMORY stops the server at start with the setting named, no traceback."""
+    from conftest import free_port
+
+    result = ryla(["serve", "--port", str(free_port())], {**cli_env, "RYLA_LORA_PLAN_MEMORY": "half"}, tmp_path)
+    assert result.returncode != 0
+    assert "RYLA_LORA_PLAN_MEMORY='half'" in result.stderr and "Traceback" not in result.stderr

@@ -905,6 +905,36 @@ def test_fast_mode_switch_plans_are_kept_and_give_the_same_bits():
         assert same(bits(), first_a) and len(patcher.plans) == 0 and len(stacks) > planned
 
 
+def test_plan_memory_setting(monkeypatch, speed_store):
+    """RYLA_LORA_PLAN_MEMORY: a share of the GPU's memory for kept switch plans, 0 keeping none
+    (every switch plans again, to the same bits); anything else than a number from 0 to 1 stops
+    the engine at construction with the setting named."""
+    import copy
+
+    from ryla.flux.lora import SWITCH_PLAN_MEMORY_SHARE, WeightPatcher, plan_memory_share
+    from ryla.speed.fp8 import Float8Linear
+
+    assert plan_memory_share(None) == plan_memory_share(" ") == SWITCH_PLAN_MEMORY_SHARE
+    assert plan_memory_share("0") == 0.0 and plan_memory_share("0.2") == 0.2
+    for bad in ("abc", "-0.1", "1.5", "nan", "5%"):
+        with pytest.raises(ValueError, match="RYLA_LORA_PLAN_MEMORY"):
+            plan_memory_share(bad)
+    monkeypatch.setenv("RYLA_LORA_PLAN_MEMORY", "lots")
+    with pytest.raises(ValueError, match="RYLA_LORA_PLAN_MEMORY='lots'"):
+        FluxEngine(speed_store)
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"0": Float8Linear(torch.nn.Linear(48, 32, dtype=torch.bfloat16))})
+    lora = {"0": (torch.randn(4, 48).half().float(), torch.randn(32, 4).half().float(), 0.5)}
+    kept, unkept = WeightPatcher(model), WeightPatcher(copy.deepcopy(model), 0.0)
+    for patcher in (kept, unkept):
+        patcher.apply(("a",), [(lora, 1.0)])
+        patcher.apply((), [])
+        patcher.apply(("a",), [(lora, 1.0)])
+    assert len(kept.plans) == 2 and len(unkept.plans) == 0
+    assert torch.equal(kept.module["0"].weight_fp8.view(torch.uint8), unkept.module["0"].weight_fp8.view(torch.uint8))
+
+
 def test_lru_cache_bounds_entries_by_count_and_by_bytes():
     from ryla.caches import LruCache
 

@@ -589,8 +589,13 @@ def cmd_eval_identity(args: argparse.Namespace) -> None:
 
 
 def _open_runtime(args, devices: list[str] | None = None):
+    from ryla.flux.lora import plan_memory_share
     from ryla.runtime import Runtime
 
+    try:
+        plan_memory_share(os.environ.get("RYLA_LORA_PLAN_MEMORY"))  # the engine checks it too, with a traceback
+    except ValueError as exc:
+        raise CliError(str(exc))
     try:
         return Runtime.open(args.models_dir, speed=args.speed, devices=devices)
     except FileNotFoundError as exc:
@@ -624,6 +629,7 @@ environment variables (an option given on the command line wins):
   RYLA_SPEED                   speed mode (--speed)
   RYLA_COMPILE_CACHE           compiled kernels [default: .compile-cache in the model store]
   RYLA_COMPILE_MODE            torch.compile mode for the compiled speed modes [default: Inductor's]
+  RYLA_LORA_PLAN_MEMORY        share of GPU memory for recent LoRA sets' switch plans, 0 keeps none [default: 0.05]
   RYLA_MAX_QUEUE               requests that may wait for the GPU (--max-queue)
   RYLA_REQUEST_TIMEOUT         seconds per request (--timeout)
   RYLA_MAX_BODY_BYTES          largest request body [default: 32 MiB]

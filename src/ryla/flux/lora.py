@@ -58,11 +58,28 @@ E4M3_VALUED_LAYERS = "ryla_e4m3_valued_layers"
 
 
 # What a module keeps of its recent switches (SwitchPlan): at most this many sets of LoRAs, and
-# at most this share of the GPU's memory for their fp8 factors (one rank-64 LoRA on all of
-# FLUX.1-dev's 494 block layers: ~0.7 GB in bf16; two stacked ~1.4 GB; 7 GB on an H200 holds
-# a studio's handful of characters).
+# at most a share of the GPU's memory for their fp8 factors (one rank-64 LoRA on all of
+# FLUX.1-dev's 494 block layers: ~0.7 GB in bf16; two stacked ~1.4 GB; the default 5 % of an
+# H200, 7 GB, holds a studio's handful of characters). RYLA_LORA_PLAN_MEMORY sets the share
+# (0 keeps no plans: every switch works its plan out again, as the first one does).
 SWITCH_PLANS = 8
 SWITCH_PLAN_MEMORY_SHARE = 0.05
+PLAN_MEMORY_SETTING = "RYLA_LORA_PLAN_MEMORY"
+
+
+def plan_memory_share(value: str | None) -> float:
+    """RYLA_LORA_PLAN_MEMORY's value as a share of the GPU's memory (unset or empty: the
+    default); a ValueError naming the setting for anything but a number from 0 to 1."""
+    if value is None or not value.strip():
+        return SWITCH_PLAN_MEMORY_SHARE
+    try:
+        share = float(value)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:  # NaN fails too
+        raise ValueError(f"{PLAN_MEMORY_SETTING}={value!r}: a share of the GPU's memory from 0 to 1 (default "
+                         f"{SWITCH_PLAN_MEMORY_SHARE}) for the LoRA switch plans kept; 0 keeps none")
+    return share
 
 
 class SwitchPlan:
@@ -83,7 +100,7 @@ class SwitchPlan:
 class WeightPatcher:
     """Applies a set of (LoraWeights, strength) to one module's layers, restoring exactly."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, plan_memory_share: float = SWITCH_PLAN_MEMORY_SHARE):
         self.module = module
         self.originals: dict[str, object] = {}
         self.applied_key: tuple = ()
@@ -92,7 +109,7 @@ class WeightPatcher:
         # name -> views of fast mode's fp8 rows and scales that a patch writes into: the same on
         # every switch (patches write in place), so made once
         self.fp8_row_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.plans = LruCache(SWITCH_PLANS, _plan_memory(module))
+        self.plans = LruCache(SWITCH_PLANS, _plan_memory(module, plan_memory_share))
 
     def _on_e4m3_grid(self, name: str, layer: torch.nn.Module) -> bool:
         """Whether `name`'s patched weights go back onto the e4m3 grid: plain layers whose
@@ -198,13 +215,15 @@ class WeightPatcher:
         self.applied_key = ()
 
 
-def _plan_memory(module: torch.nn.Module) -> int | None:
-    """SWITCH_PLAN_MEMORY_SHARE of the module's GPU, in bytes; no bound off the GPU (the CPU
-    path keeps no fp8 stacks worth counting: the tiny models)."""
+def _plan_memory(module: torch.nn.Module, share: float) -> int | None:
+    """`share` of the module's GPU, in bytes; no bound off the GPU (the CPU path keeps no fp8
+    stacks worth counting: the tiny models) unless the share is 0, which keeps no plan anywhere."""
+    if share == 0:
+        return 0
     parameter = next(module.parameters(), None)
     if parameter is None or parameter.device.type != "cuda":
         return None
-    return int(torch.cuda.get_device_properties(parameter.device).total_memory * SWITCH_PLAN_MEMORY_SHARE)
+    return int(torch.cuda.get_device_properties(parameter.device).total_memory * share)
 
 
 class _exact_tf32:
