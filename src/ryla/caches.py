@@ -35,7 +35,7 @@ class LruCache:
     def put(self, key: Hashable, value: Any, nbytes: int = 0) -> None:
         with self._lock:
             self._drop(key)
-            if self.max_bytes is not None and (nbytes > self.max_bytes or self.max_bytes == 0):
+            if self.max_bytes is not None and nbytes > self.max_bytes:
                 return
             self._entries[key] = value
             self._sizes[key] = nbytes

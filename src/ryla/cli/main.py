@@ -589,16 +589,12 @@ def cmd_eval_identity(args: argparse.Namespace) -> None:
 
 
 def _open_runtime(args, devices: list[str] | None = None):
-    from ryla.flux.lora import plan_memory_share
+    from ryla.flux.lora import PlanMemorySettingError
     from ryla.runtime import Runtime
 
     try:
-        plan_memory_share(os.environ.get("RYLA_LORA_PLAN_MEMORY"))  # the engine checks it too, with a traceback
-    except ValueError as exc:
-        raise CliError(str(exc))
-    try:
         return Runtime.open(args.models_dir, speed=args.speed, devices=devices)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, PlanMemorySettingError) as exc:
         raise CliError(str(exc))
 
 

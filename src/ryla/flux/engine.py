@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from ryla import imaging
 from ryla.caches import LruCache
 from ryla.flux import loading, samplers, sampling
 from ryla.flux.components import Cond, Conditioning, ControlHint, ControlNet, FluxModel, LoraPatch, TextEncoder, Vae
-from ryla.flux.lora import WeightPatcher, linear_shapes, plan_memory_share
+from ryla.flux.lora import WeightPatcher, linear_shapes, plan_memory_share_from_environment
 from ryla.speed.modulation import ModulationPlan
 from ryla.speed.modes import check_speed_mode, optimize_transformer, optimize_vae
 from ryla.models import formats, gguf_files, tensor_files
@@ -136,7 +135,7 @@ class FluxEngine:
         self._use_lock = threading.RLock()
         self._patchers: dict[int, WeightPatcher] = {}
         # checked here, so a bad value stops the server at start rather than a request later
-        self._plan_memory_share = plan_memory_share(os.environ.get("RYLA_LORA_PLAN_MEMORY"))
+        self._plan_memory_share = plan_memory_share_from_environment()
         self._loras = LruCache(8)  # (file, version, model) -> LoraWeights
         # encode_control_image's latents: (VAE, width, height, picture digest) -> (VAE ref, latents)
         self._control_latents = LruCache(CONTROL_LATENT_CACHE_SIZE)

@@ -24,6 +24,7 @@ bits are not.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import zlib
 
@@ -64,12 +65,19 @@ E4M3_VALUED_LAYERS = "ryla_e4m3_valued_layers"
 # (0 keeps no plans: every switch works its plan out again, as the first one does).
 SWITCH_PLANS = 8
 SWITCH_PLAN_MEMORY_SHARE = 0.05
-PLAN_MEMORY_SETTING = "RYLA_LORA_PLAN_MEMORY"
+
+
+class PlanMemorySettingError(ValueError):
+    """RYLA_LORA_PLAN_MEMORY holds something other than a share from 0 to 1."""
+
+
+def plan_memory_share_from_environment() -> float:
+    return plan_memory_share(os.environ.get("RYLA_LORA_PLAN_MEMORY"))
 
 
 def plan_memory_share(value: str | None) -> float:
     """RYLA_LORA_PLAN_MEMORY's value as a share of the GPU's memory (unset or empty: the
-    default); a ValueError naming the setting for anything but a number from 0 to 1."""
+    default); a PlanMemorySettingError naming the setting for anything but a number from 0 to 1."""
     if value is None or not value.strip():
         return SWITCH_PLAN_MEMORY_SHARE
     try:
@@ -77,7 +85,7 @@ def plan_memory_share(value: str | None) -> float:
     except ValueError:
         share = float("nan")
     if not 0.0 <= share <= 1.0:  # NaN fails too
-        raise ValueError(f"{PLAN_MEMORY_SETTING}={value!r}: a share of the GPU's memory from 0 to 1 (default "
+        raise PlanMemorySettingError(f"RYLA_LORA_PLAN_MEMORY={value!r}: a share of the GPU's memory from 0 to 1 (default "
                          f"{SWITCH_PLAN_MEMORY_SHARE}) for the LoRA switch plans kept; 0 keeps none")
     return share
 
@@ -109,7 +117,7 @@ class WeightPatcher:
         # name -> views of fast mode's fp8 rows and scales that a patch writes into: the same on
         # every switch (patches write in place), so made once
         self.fp8_row_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.plans = LruCache(SWITCH_PLANS, _plan_memory(module, plan_memory_share))
+        self.plans = LruCache(SWITCH_PLANS if plan_memory_share else 0, _plan_memory(module, plan_memory_share))
 
     def _on_e4m3_grid(self, name: str, layer: torch.nn.Module) -> bool:
         """Whether `name`'s patched weights go back onto the e4m3 grid: plain layers whose
@@ -217,9 +225,7 @@ class WeightPatcher:
 
 def _plan_memory(module: torch.nn.Module, share: float) -> int | None:
     """`share` of the module's GPU, in bytes; no bound off the GPU (the CPU path keeps no fp8
-    stacks worth counting: the tiny models) unless the share is 0, which keeps no plan anywhere."""
-    if share == 0:
-        return 0
+    stacks worth counting: the tiny models)."""
     parameter = next(module.parameters(), None)
     if parameter is None or parameter.device.type != "cuda":
         return None

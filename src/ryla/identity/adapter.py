@@ -162,7 +162,9 @@ class InfuseNetSteps:
         self.adapter = adapter
         model = adapter.controlnet
         self.direct = model.input_hint_block is not None or getattr(model, "union", False)
-        self.fixed: dict[tuple, tuple] = {}  # (size, batch, control) -> the step-invariant parts
+        # (latent shape, control, positions, pooled shape) -> the step-invariant parts, with the
+        # control and position tensors themselves, so their ids stay theirs while kept
+        self.fixed: dict[tuple, tuple] = {}
 
     def __call__(self, hidden_states, control, timestep, img_ids, guidance, pooled, batch) -> dict:
         adapter, model = self.adapter, self.adapter.controlnet

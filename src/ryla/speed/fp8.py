@@ -119,7 +119,7 @@ class Float8Linear(nn.Module):
 
     def rows_view(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' fp8 values and scales, as views a LoRA patch writes into
-        (ryla.flux.lora.patch_fp8_rows)."""
+        (ryla.flux.lora.plan_fp8_rows)."""
         return self.weight_fp8[rows], self.weight_scale[rows]
 
 
