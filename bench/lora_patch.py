@@ -312,14 +312,18 @@ def main() -> None:
             dequantize_add_quantize_rows(w0, sc0, delta, 1.0, w, sc)
         torch.backends.cuda.matmul.allow_tf32 = False
 
-    def fp8_grouped(stacked: bool = False):  # ryla's now: ryla.flux.lora.patch_fp8_rows
-        from ryla.flux.lora import patch_fp8_rows
-
+    def fp8_jobs(stacked: bool) -> list:
+        """The layers as ryla.flux.lora.plan_fp8_rows takes them: (original, storage, terms)."""
         jobs = []
         for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
             terms = [(down, up, scale)] + ([(down2, up2, 0.8)] if stacked else [])
             jobs.append((fp8_originals[(n, s.start)], fp8_storage[(n, s.start)], terms))
-        patch_fp8_rows(jobs)
+        return jobs
+
+    def fp8_grouped(stacked: bool = False):  # ryla's for a set of LoRAs met the first time
+        from ryla.flux.lora import patch_fp8_rows
+
+        patch_fp8_rows(fp8_jobs(stacked))
 
     planned = {}
 
@@ -327,11 +331,7 @@ def main() -> None:
         from ryla.flux.lora import plan_fp8_rows, run_fp8_rows
 
         if stacked not in planned:  # made by the first (untimed) call, as by a set's first request
-            jobs = []
-            for (n, s, up, down, scale), (down2, up2) in zip(targets, second):
-                terms = [(down, up, scale)] + ([(down2, up2, 0.8)] if stacked else [])
-                jobs.append((fp8_originals[(n, s.start)], fp8_storage[(n, s.start)], terms))
-            planned[stacked] = plan_fp8_rows(jobs)
+            planned[stacked] = plan_fp8_rows(fp8_jobs(stacked))
         run_fp8_rows(planned[stacked])
 
     def differences_from_reference() -> dict:
