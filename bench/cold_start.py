@@ -242,7 +242,12 @@ def main() -> None:
     parser.add_argument("--profile-imports", action="store_true",
                         help="one more warm start under python -X importtime (not in the median): where "
                              "the import time goes, by package")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for every server started (repeatable)")
+    parser.add_argument("--tag", default="", help="appended to the output files' names (cold_start_exact_TAG.json)")
     args = parser.parse_args()
+    server_env = dict(item.split("=", 1) for item in args.server_env)
+    suffix = f"_{args.tag}" if args.tag else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp())
@@ -263,7 +268,7 @@ def main() -> None:
         results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "speed": speed,
                    "request": REQUEST, "write_store_s": write_store_s, "checkpoint_gb": size / 1e9,
                    "transformer_read_s": reads, "environment": args.environment,
-                   "left_out_of_environment": environment["left_out"]}
+                   "left_out_of_environment": environment["left_out"], "server_env": server_env}
         print(json.dumps(results), flush=True)
         runs = {}
         # Repeated warm starts: on a shared machine one start's CPU-bound phases (imports,
@@ -272,8 +277,8 @@ def main() -> None:
         if args.profile_imports:
             labels.append("import_profile")
         for label in labels:
-            log = out / f"serve_{speed}_{label}.log"
-            extra_env = {"PYTHONPROFILEIMPORTTIME": "1"} if label == "import_profile" else None
+            log = out / f"serve_{speed}{suffix}_{label}.log"
+            extra_env = {**server_env, **({"PYTHONPROFILEIMPORTTIME": "1"} if label == "import_profile" else {})}
             # Wall-clock launch time, to line up with the server log's timestamps.
             launched = time.time()
             stats, proc = cold_start(environment["python"], store, cache, 8101, speed, log, extra_env)
@@ -290,12 +295,12 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=60)
             # written after every start: a run cut short keeps what it measured
-            (out / f"cold_start_{speed}.json").write_text(json.dumps({**results, "cold_start": runs}, indent=2))
+            (out / f"cold_start_{speed}{suffix}.json").write_text(json.dumps({**results, "cold_start": runs}, indent=2))
         warm = sorted(run["first_image_s"] for label, run in runs.items() if label.startswith("warm_cache"))
         # (the import-profiled start runs slower under the profiler: not in the median)
         runs["warm_cache_median_first_image_s"] = warm[len(warm) // 2]
         results["cold_start"] = runs
-        (out / f"cold_start_{speed}.json").write_text(json.dumps(results, indent=2))
+        (out / f"cold_start_{speed}{suffix}.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))
 
 

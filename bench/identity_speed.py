@@ -7,6 +7,12 @@ same embeddings and noise, median of 3 after warm-up, in the engine's exact mode
 
     python bench/identity_speed.py --out bench/results        # target: identity <= 1.35x
     python bench/identity_speed.py --tiny --out /tmp/x        # CPU dry run of the script
+    python bench/identity_speed.py --speed fast --graphs --out /tmp/g  # steps from CUDA graphs
+
+With --graphs (ryla.speed.graphs): every arm measured with the steps launched from Python and
+then replayed from CUDA graphs, in one process (`step_graphs.json`), and both kinds of step
+checked bit for bit against eager launches on a second request (other identity tokens, other
+text, other noise) after the graphs were captured on the first.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one plain and one identity run (identity_profile.json): GPU time by "
                              "kernel, both runs' kernel time against their wall time")
+    parser.add_argument("--graphs", action="store_true",
+                        help="measure with steps launched from Python and replayed from CUDA graphs, and check the "
+                             "replays bit for bit (step_graphs.json)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +100,10 @@ def main() -> None:
 
         return engine.decode(Vae("ae", vae), engine.sample(model, (cond,), None, latent, noise, sigmas, 1.0))
 
+    if args.graphs:
+        graphs_report(engine, run, plain, identity, out, IdentityAdapter, resampler, controlnet, vae, cond, latent,
+                      sigmas, device, dtype)
+        return
     with torch.inference_mode():
         base, _ = measure(lambda: run(plain))
         ident, _ = measure(lambda: run(identity))
@@ -119,6 +132,47 @@ def main() -> None:
                           if k in ("plain", "identity")}))
     print(json.dumps({k: results[k] for k in ("gpu", "infusenet_parameters_b", "ratio", "plain_after_identity_ratio")}),
           statistics.median(base["runs_s"]), statistics.median(ident["runs_s"]))
+
+
+def graphs_report(engine, run, plain, identity, out: Path, IdentityAdapter, resampler, controlnet, vae, cond, latent,
+                  sigmas, device, dtype) -> None:
+    """Plain and identity sampling with eager launches, then from step graphs; then a second
+    request's latents from replayed graphs against eager launches, bit for bit."""
+    from dataclasses import replace
+
+    from ryla.flux import sampling
+    from ryla.flux.components import Cond
+
+    report: dict = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+                    "speed": engine.speed_info}
+    with torch.inference_mode():
+        for graphs in (False, True):
+            engine.step_graphs = graphs
+            arm = "graphs" if graphs else "eager"
+            report[arm] = {"flux_dev": measure(lambda: run(plain))[0], "flux_instantid": measure(lambda: run(identity))[0]}
+            report[arm]["ratio"] = report[arm]["flux_instantid"]["median_s"] / report[arm]["flux_dev"]["median_s"]
+        graphs = plain.transformer._ryla_step_graphs
+        report["graphs"]["captures"], report["graphs"]["replays"] = graphs.captures, graphs.replays
+        report["graphs_vs_eager"] = {name: report["graphs"][name]["median_s"] / report["eager"][name]["median_s"]
+                                     for name in ("flux_dev", "flux_instantid")}
+        # a second request: other identity tokens, text, pooled vector and noise
+        generator = torch.Generator(device="cpu").manual_seed(2)
+        tokens = resampler(torch.randn(1, 1, 512, generator=generator).to(device, dtype))
+        other_identity = replace(identity, identity=IdentityAdapter(controlnet, tokens, None, vae, 0.8, 0.0, 1.0))
+        other_cond = Cond(t5=cond.t5.flip(1), pooled=cond.pooled * 0.5, guidance=3.5)
+        noise = sampling.prepare_noise(tuple(latent.shape), 7)
+        checks = {}
+        for name, model in (("flux_dev", plain), ("flux_instantid", other_identity)):
+            latents = []
+            for graphs in (True, False):
+                engine.step_graphs = graphs
+                latents.append(engine.sample(model, (other_cond,), None, latent, noise, sigmas, 1.0))
+            checks[name] = {"bit_equal": bool(torch.equal(*latents)),
+                            "max_abs_difference": float((latents[0] - latents[1]).abs().max())}
+        report["replay_vs_eager_second_request"] = checks
+    (out / "step_graphs.json").write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps({"ratio_eager": report["eager"]["ratio"], "ratio_graphs": report["graphs"]["ratio"],
+                      "graphs_vs_eager": report["graphs_vs_eager"], "checks": checks}))
 
 
 def profile_run(fn) -> dict:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 FOX = ["generate", "--prompt", "a red fox in the snow", "--width", "256", "--height", "256", "--steps", "4"]
@@ -209,10 +210,11 @@ def test_serve_holds_its_port_while_loading_and_says_when_ready(cli_env, tmp_pat
         first.wait(timeout=30)
 
 
-def test_serve_refuses_a_bad_lora_plan_memory_setting(cli_env, tmp_path):
-    """A bad RYLA_LORA_PLAN_MEMORY stops the server at start with the setting named, no traceback."""
+@pytest.mark.parametrize("setting,value", [("RYLA_LORA_PLAN_MEMORY", "half"), ("RYLA_CUDA_GRAPHS", "yes")])
+def test_serve_refuses_a_bad_engine_setting(cli_env, tmp_path, setting, value):
+    """A bad engine setting stops the server at start with the setting named, no traceback."""
     from conftest import free_port
 
-    result = ryla(["serve", "--port", str(free_port())], {**cli_env, "RYLA_LORA_PLAN_MEMORY": "half"}, tmp_path)
+    result = ryla(["serve", "--port", str(free_port())], {**cli_env, setting: value}, tmp_path)
     assert result.returncode != 0
-    assert "RYLA_LORA_PLAN_MEMORY='half'" in result.stderr and "Traceback" not in result.stderr
+    assert f"{setting}={value!r}" in result.stderr and "Traceback" not in result.stderr

@@ -589,12 +589,12 @@ def cmd_eval_identity(args: argparse.Namespace) -> None:
 
 
 def _open_runtime(args, devices: list[str] | None = None):
-    from ryla.flux.lora import PlanMemorySettingError
+    from ryla.flux.engine import SETTING_ERRORS
     from ryla.runtime import Runtime
 
     try:
         return Runtime.open(args.models_dir, speed=args.speed, devices=devices)
-    except (FileNotFoundError, PlanMemorySettingError) as exc:
+    except (FileNotFoundError, *SETTING_ERRORS) as exc:
         raise CliError(str(exc))
 
 
@@ -626,6 +626,7 @@ environment variables (an option given on the command line wins):
   RYLA_COMPILE_CACHE           compiled kernels [default: .compile-cache in the model store]
   RYLA_COMPILE_MODE            torch.compile mode for the compiled speed modes [default: Inductor's]
   RYLA_LORA_PLAN_MEMORY        share of GPU memory for recent LoRA sets' switch plans, 0 keeps none [default: 0.05]
+  RYLA_CUDA_GRAPHS             1: fast mode replays each step from a CUDA graph, 0: launches from Python [default: 1]
   RYLA_MAX_QUEUE               requests that may wait for the GPU (--max-queue)
   RYLA_REQUEST_TIMEOUT         seconds per request (--timeout)
   RYLA_MAX_BODY_BYTES          largest request body [default: 32 MiB]

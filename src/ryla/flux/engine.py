@@ -19,7 +19,9 @@ from ryla import imaging
 from ryla.caches import LruCache
 from ryla.flux import loading, samplers, sampling
 from ryla.flux.components import Cond, Conditioning, ControlHint, ControlNet, FluxModel, LoraPatch, TextEncoder, Vae
-from ryla.flux.lora import WeightPatcher, linear_shapes, plan_memory_share_from_environment
+from ryla.flux.lora import PlanMemorySettingError, WeightPatcher, linear_shapes, plan_memory_share_from_environment
+from ryla.speed.graphs import (StepGraphs, StepGraphsSettingError, capture_cuda_graph, step_graphs_wanted,
+                               storage_fingerprint)
 from ryla.speed.modulation import ModulationPlan
 from ryla.speed.modes import check_speed_mode, optimize_transformer, optimize_vae
 from ryla.models import formats, gguf_files, tensor_files
@@ -33,6 +35,9 @@ T5_MAX_LENGTH = 512  # diffusers' FluxPipeline default for FLUX.1-dev
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 
 ProgressCallback = Callable[[int, int], None]
+
+# A bad value in one of the engine's environment settings: FluxEngine() raises it, naming the setting.
+SETTING_ERRORS = (PlanMemorySettingError, StepGraphsSettingError)
 
 
 class Cancelled(Exception):
@@ -140,6 +145,9 @@ class FluxEngine:
         # encode_control_image's latents: (VAE, width, height, picture digest) -> (VAE ref, latents)
         self._control_latents = LruCache(CONTROL_LATENT_CACHE_SIZE)
         self._target_shapes: tuple[dict, dict] | None = None
+        # whole transformer steps replayed from CUDA graphs (ryla.speed.graphs): fast mode on one GPU
+        self.step_graphs = step_graphs_wanted(speed, self.device, context_parallel is not None)
+        self.step_graph_capture = capture_cuda_graph
 
     # ------------------------------------------------------------------ loading
 
@@ -268,9 +276,12 @@ class FluxEngine:
         cond = Cond(t5=torch.zeros(1, T5_MAX_LENGTH, config.joint_attention_dim, dtype=self.dtype),
                     pooled=torch.zeros(1, config.pooled_projection_dim, dtype=self.dtype))
         latent = torch.zeros(1, latent_channels(model.transformer), height // 8, width // 8)
-        self.sample(model, (cond,), None, latent, latent, torch.tensor([1.0, 0.0]), 1.0)
+        # With step graphs, a second step captures the step's graph (a key's first call runs
+        # eagerly), so the first request replays it from its first step.
+        sigmas = torch.tensor([1.0, 0.5, 0.0] if self.step_graphs else [1.0, 0.0])
+        self.sample(model, (cond,), None, latent, latent, sigmas, 1.0)
         elapsed = time.perf_counter() - start
-        log.info("compiled the transformer for %dx%d in %.2fs", width, height, elapsed)
+        log.info("compiled the transformer for %dx%d in %.2fs (%s)", width, height, elapsed, _compile_phases())
         return elapsed
 
     def warm_up_text_and_vae(self, text_encoder: TextEncoder, vae: Vae, width: int = 1024, height: int = 1024) -> float:
@@ -687,6 +698,12 @@ class FluxEngine:
         if identity is not None:
             control = self.encode_control_image(identity.vae, identity.control_image, (w + w % 2) * 8, (h + h % 2) * 8)
             identity_steps = identity.steps()  # InfuseNet's step-invariant inputs computed once a run
+        # CUDA graphs of whole steps (fast mode): keyed on where the weights lie (ryla.speed.graphs)
+        graphs = self._step_graphs(transformer)
+        fingerprints = None
+        if graphs is not None:
+            fingerprints = (storage_fingerprint(transformer),
+                            None if identity is None else storage_fingerprint(identity.controlnet))
         concats: dict[int, torch.Tensor | None] = {}
         hint_inputs: dict[tuple[int, int, int], torch.Tensor] = {}
         references: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -758,10 +775,15 @@ class FluxEngine:
             # ControlNetApplyAdvanced's hints act on the whole latent only (not on an area's part)
             hints = [hint for hint in (cond.option("controls", ()) if whole else ())
                      if _hint_active(hint, sigma, shift)]
+            # ControlNets see the latent alone, and their residuals land on the image tokens
+            latent_tokens = None if not (use_identity or hints) else (
+                packed if extra is None else sampling.pack_latents(sampling.pad_to_patches(x)).to(self.device, self.dtype))
+            if graphs is not None and plan is None and not hints and refs is None:
+                out = self._graphed_step(graphs, transformer, kwargs, identity_steps if use_identity else None,
+                                         latent_tokens, control, ids[(padded_h, padded_w)], pooled, batch, fingerprints)
+                if out is not None:
+                    return sampling.unpack_latents(out[:, :image_tokens].float(), padded_h, padded_w)[:, :, :part_h, :part_w]
             if use_identity or hints:
-                # ControlNets see the latent alone, and their residuals land on the image tokens
-                latent_tokens = (packed if extra is None else
-                                 sampling.pack_latents(sampling.pad_to_patches(x)).to(self.device, self.dtype))
                 parts = []
                 if use_identity:
                     parts.append((identity_steps(latent_tokens, control, timestep, ids[(padded_h, padded_w)],
@@ -815,6 +837,33 @@ class FluxEngine:
             return torch.where(covered, total_v / torch.where(covered, weights, torch.ones_like(weights)), x / sigma)
 
         return predict
+
+    def _step_graphs(self, transformer) -> StepGraphs | None:
+        """The transformer's captured steps, where this engine replays steps from CUDA graphs."""
+        if not self.step_graphs:
+            return None
+        graphs = getattr(transformer, "_ryla_step_graphs", None)
+        if graphs is None:
+            graphs = transformer._ryla_step_graphs = StepGraphs(capture=self.step_graph_capture)
+        return None if graphs.disabled else graphs
+
+    def _graphed_step(self, graphs: StepGraphs, transformer, kwargs: dict, identity_steps, latent_tokens, control,
+                      img_ids, pooled, batch: int, fingerprints: tuple) -> torch.Tensor | None:
+        """The transformer's output for one call, from a CUDA graph where one is kept (or kept
+        from this call on); None where this call's kind is not graphed (a ControlNet that its
+        forward treats otherwise)."""
+        inputs = {name: kwargs[name] for name in STEP_INPUTS}
+        if identity_steps is None:
+            return graphs.run(("plain", fingerprints[0]), _plain_step(transformer), inputs)
+        fixed = identity_steps.prepared(latent_tokens, control, img_ids, pooled, batch)
+        if fixed is None:
+            return None
+        if latent_tokens is not kwargs["hidden_states"]:
+            inputs["latent_tokens"] = latent_tokens
+        inputs.update(fixed)
+        controlnet, strength = identity_steps.adapter.controlnet, identity_steps.adapter.strength
+        key = ("identity", fingerprints[0], id(controlnet), fingerprints[1], strength)
+        return graphs.run(key, _identity_step(transformer, identity_steps.step_residuals, controlnet, strength), inputs)
 
     # ------------------------------------------------------------------ decoding
 
@@ -984,6 +1033,48 @@ def _control_residuals(hint: ControlHint, control_input: torch.Tensor, latent_to
             return_dict=False,
         )
     return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": single}
+
+
+def _compile_phases(top: int = 6) -> str:
+    """torch.compile's own timings so far (torch._dynamo.utils.compile_times, seconds summed per
+    timed function, the longest first): where a start's compiling went. They nest (Dynamo's
+    whole compile holds Inductor's), so they do not add up."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return "no timings"
+    totals = sorted(((sum(values), name) for name, values in compilation_time_metrics.items()), reverse=True)
+    return ", ".join(f"{name} {seconds:.2f}s" for seconds, name in totals[:top]) or "nothing compiled"
+
+
+# The transformer call's tensor arguments that a graphed step copies in (ryla.speed.graphs)
+STEP_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+               "guidance")
+
+
+def _plain_step(transformer):
+    """A transformer call as a function of its tensors alone."""
+    def step(**inputs):
+        return transformer(**inputs, return_dict=False)[0]
+    return step
+
+
+def _identity_step(transformer, step_residuals, controlnet, strength: float):
+    """InfuseNet's residuals (ryla.identity.adapter.InfuseNetSteps.step_residuals) and the
+    transformer call that adds them, as a function of their tensors alone."""
+    doubles, singles = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+
+    def step(latent_tokens=None, *, infusenet_control, infusenet_context, infusenet_rotary_cos, infusenet_rotary_sin,
+             infusenet_pooled, **inputs):
+        residuals = step_residuals(
+            controlnet, strength, inputs["hidden_states"] if latent_tokens is None else latent_tokens,
+            inputs["timestep"], inputs["guidance"], inputs["pooled_projections"].dtype,
+            infusenet_control=infusenet_control, infusenet_context=infusenet_context,
+            infusenet_rotary_cos=infusenet_rotary_cos, infusenet_rotary_sin=infusenet_rotary_sin,
+            infusenet_pooled=infusenet_pooled)
+        merged = _merge_residuals([(residuals, formats.CONTROLNET_INSTANTX)], doubles, singles)
+        return transformer(**inputs, **_pad_residuals(merged, inputs["hidden_states"].shape[1]), return_dict=False)[0]
+    return step
 
 
 def _merge_residuals(parts: list[tuple[dict, str]], double: int, single: int) -> dict:

@@ -167,26 +167,46 @@ class InfuseNetSteps:
         self.fixed: dict[tuple, tuple] = {}
 
     def __call__(self, hidden_states, control, timestep, img_ids, guidance, pooled, batch) -> dict:
-        adapter, model = self.adapter, self.adapter.controlnet
+        fixed = self.prepared(hidden_states, control, img_ids, pooled, batch)
+        if fixed is None:
+            return self.adapter.residuals(hidden_states, control, timestep, img_ids, guidance, pooled, batch)
+        return self.step_residuals(self.adapter.controlnet, self.adapter.strength, hidden_states, timestep, guidance,
+                                   pooled.dtype, **fixed)
+
+    def prepared(self, hidden_states, control, img_ids, pooled, batch) -> dict[str, torch.Tensor] | None:
+        """The step-invariant tensors for step_residuals, by name, computed once per latent shape,
+        control and positions; None for a model that forward treats otherwise (called as it is)."""
         if self.direct:
-            return adapter.residuals(hidden_states, control, timestep, img_ids, guidance, pooled, batch)
+            return None
+        model = self.adapter.controlnet
         device, dtype = hidden_states.device, hidden_states.dtype
         # the same tensors every step of a run (the engine keeps them per latent size)
         key = (tuple(hidden_states.shape), id(control), id(img_ids), tuple(pooled.shape))
         fixed = self.fixed.get(key)
         if fixed is None:
-            tokens = adapter.id_tokens.to(device, dtype).expand(batch, -1, -1)
-            control_embedding = model.controlnet_x_embedder(control.to(device, dtype).expand(batch, -1, -1))
-            context = model.context_embedder(tokens)
+            tokens = self.adapter.id_tokens.to(device, dtype).expand(batch, -1, -1)
             txt_ids = torch.zeros(tokens.shape[1], 3, device=device, dtype=dtype)
-            rotary = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
-            pooled_embedding = model.time_text_embed.text_embedder(torch.zeros_like(pooled))
-            fixed = self.fixed[key] = (control, img_ids, control_embedding, context, rotary, pooled_embedding)
-        _, _, control_embedding, context, rotary, pooled_embedding = fixed
-        hidden_states = model.x_embedder(hidden_states) + control_embedding
-        temb = self._time_embedding(model, timestep, guidance, pooled_embedding, dtype, pooled.dtype)
+            cos, sin = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+            # control and img_ids are kept with them, so their ids stay theirs while kept
+            fixed = self.fixed[key] = (control, img_ids, dict(
+                infusenet_control=model.controlnet_x_embedder(control.to(device, dtype).expand(batch, -1, -1)),
+                infusenet_context=model.context_embedder(tokens),
+                infusenet_rotary_cos=cos, infusenet_rotary_sin=sin,
+                infusenet_pooled=model.time_text_embed.text_embedder(torch.zeros_like(pooled))))
+        return fixed[2]
+
+    @classmethod
+    def step_residuals(cls, model, strength: float, hidden_states, timestep, guidance, pooled_dtype, *,
+                       infusenet_control, infusenet_context, infusenet_rotary_cos, infusenet_rotary_sin,
+                       infusenet_pooled) -> dict:
+        """One step's residuals from `prepared`'s tensors: a function of its tensor arguments,
+        the model's weights and `strength` alone (ryla.speed.graphs replays it so)."""
+        dtype = hidden_states.dtype
+        rotary = (infusenet_rotary_cos, infusenet_rotary_sin)
+        hidden_states = model.x_embedder(hidden_states) + infusenet_control
+        temb = cls._time_embedding(model, timestep, guidance, infusenet_pooled, dtype, pooled_dtype)
         block_samples = []
-        encoder_hidden_states = context
+        encoder_hidden_states = infusenet_context
         for block in model.transformer_blocks:
             encoder_hidden_states, hidden_states = block(hidden_states=hidden_states,
                                                          encoder_hidden_states=encoder_hidden_states, temb=temb,
@@ -200,9 +220,9 @@ class InfuseNetSteps:
             single_samples.append(hidden_states)
         blocks = [projection(sample) for sample, projection in zip(block_samples, model.controlnet_blocks)]
         single = [projection(sample) for sample, projection in zip(single_samples, model.controlnet_single_blocks)]
-        if adapter.strength != 1.0:
-            blocks = [sample * adapter.strength for sample in blocks]
-            single = [sample * adapter.strength for sample in single]
+        if strength != 1.0:
+            blocks = [sample * strength for sample in blocks]
+            single = [sample * strength for sample in single]
         return {"controlnet_block_samples": blocks or None, "controlnet_single_block_samples": single or None}
 
     @staticmethod
