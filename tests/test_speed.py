@@ -167,6 +167,36 @@ def test_lean_block_forwards_compute_what_diffusers_blocks_do(fp8):
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("speed", ["exact", "fast"])
+def test_the_speed_modes_blocks_trace_whole_under_the_pinned_torch(speed):
+    """torch.compile traces each block of a speed mode as one graph (fullgraph, as the GPU modes
+    compile them), with the torch and diffusers pinned, and the traced blocks compute what the
+    blocks compute. (diffusers marks its block classes allow_in_graph; under torch 2.13 a lean
+    forward that reached diffusers' forward through the block's class broke the trace.)"""
+    from diffusers import FluxTransformer2DModel
+
+    from ryla.speed.modes import optimize_transformer
+
+    torch.manual_seed(0)
+    lean = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=64,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
+                                  guidance_embeds=True, axes_dims_rope=(16, 24, 24)).eval()
+    for module in lean.modules():
+        if isinstance(module, torch.nn.RMSNorm) and module.weight is not None:
+            module.weight.data.uniform_(0.5, 2.0)
+    optimize_transformer(lean, speed, compile=False)
+    image, text, temb = torch.randn(1, 32, 128), torch.randn(1, 8, 128), torch.randn(1, 128)
+    positions = torch.randn(40, 32).cumsum(0).repeat_interleave(2, dim=-1)
+    rotary = (positions.cos(), positions.sin())
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for block in (*lean.transformer_blocks, *lean.single_transformer_blocks):
+            traced = torch.compile(block, fullgraph=True, backend="aot_eager")
+            for got, want in zip(traced(image, text, temb, image_rotary_emb=rotary),
+                                 block(image, text, temb, image_rotary_emb=rotary)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("repeat", [False, True])
 def test_blocks_add_controlnet_residuals_as_diffusers_loop_does(repeat):
     """A transformer whose blocks add their ControlNet residuals themselves

@@ -1040,11 +1040,15 @@ def _compile_phases(top: int = 6) -> str:
     timed function, the longest first): where a start's compiling went. They nest (Dynamo's
     whole compile holds Inductor's), so they do not add up."""
     try:
-        from torch._dynamo.utils import compilation_time_metrics
+        from torch._dynamo.utils import compilation_time_metrics, counters
     except ImportError:
         return "no timings"
     totals = sorted(((sum(values), name) for name, values in compilation_time_metrics.items()), reverse=True)
-    return ", ".join(f"{name} {seconds:.2f}s" for seconds, name in totals[:top]) or "nothing compiled"
+    timings = ", ".join(f"{name} {seconds:.2f}s" for seconds, name in totals[:top]) or "nothing compiled"
+    # hits, misses and bypasses of AOTAutograd's and Inductor's on-disk caches
+    caches = {name: count for group in ("aot_autograd", "inductor") for name, count in counters[group].items()
+              if "cache" in name}
+    return f"{timings}; caches {caches}"
 
 
 # The transformer call's tensor arguments that a graphed step copies in (ryla.speed.graphs)

@@ -66,11 +66,18 @@ def _add_residual(block, hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states if residual is None else hidden_states + residual
 
 
+# diffusers' own FluxTransformerBlock.forward, kept by use_lean_forwards. A compiled lean forward
+# must not reach it through the class: diffusers marks its block classes allow_in_graph
+# (diffusers/utils/torch_utils.py maybe_allow_in_graph), and Dynamo in torch 2.13 then treats
+# the class as one opaque callable and refuses to call an attribute of it.
+_diffusers_double_forward = None
+
+
 def double_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                          image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
                          joint_attention_kwargs: dict[str, Any] | None = None):
     """diffusers' FluxTransformerBlock.forward, then the block's ControlNet residual added."""
-    encoder_hidden_states, hidden_states = type(self).forward(
+    encoder_hidden_states, hidden_states = _diffusers_double_forward(
         self, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
         image_rotary_emb=image_rotary_emb, joint_attention_kwargs=joint_attention_kwargs)
     return encoder_hidden_states, _add_residual(self, hidden_states)
@@ -174,6 +181,9 @@ def use_lean_forwards(model: nn.Module, block_residuals: bool = True) -> int:
     from diffusers.models.activations import GELU
     from diffusers.models.attention import FeedForward
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    global _diffusers_double_forward
+    _diffusers_double_forward = FluxTransformerBlock.forward
 
     def tanh_gelu(module) -> bool:
         return isinstance(module, GELU) and module.approximate == "tanh"
